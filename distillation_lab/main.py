@@ -1,0 +1,144 @@
+"""distill-lab command line: train-teacher, train-student, evaluate, prepare-data, pipeline.
+
+Every training option comes from one Config (pruning_lab.config): built-in defaults, then a YAML
+recipe (`--config`, or the lab recipe of `--model` when no config is given), then flags.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from pruning_lab.config import Config, add_config_arguments, config_from_args
+from pruning_lab.errors import UserError
+from pruning_lab.models import MODELS
+from pruning_lab.train import TrainingInterrupted, train
+from pruning_lab.train.loop import INTERRUPTED_EXIT_CODE
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# The lab plan's recipe for each model, used when no --config is given.
+MODEL_RECIPES = {"resnet18": "cnn_teacher", "resnet8": "cnn_student", "vit_tiny": "vit_teacher",
+                 "vit_student": "vit_student"}
+DEFAULT_MODEL = {"teacher": "resnet18", "student": "resnet8"}
+
+
+def resolve_config(args: argparse.Namespace, role: str) -> Config:
+    """Config for a training subcommand: recipe or --config, then flags; the role comes from the subcommand."""
+    yaml_path = args.config
+    if yaml_path is None:
+        model = getattr(args, "model", None) or DEFAULT_MODEL[role]
+        recipe = MODEL_RECIPES.get(model)
+        yaml_path = str(CONFIG_DIR / f"{recipe}.yaml") if recipe else None
+        if yaml_path:
+            print(f"config: lab recipe {Path(yaml_path).relative_to(CONFIG_DIR.parent.parent)} (override with flags or --config)")
+    return config_from_args(args, yaml_path, defaults={"model": DEFAULT_MODEL[role], "role": role})
+
+
+def cmd_train(args: argparse.Namespace, role: str) -> int:
+    """train-teacher / train-student: one run of the training loop."""
+    cfg = resolve_config(args, role)
+    summary = train(cfg)
+    print_summary([summary])
+    return 0
+
+
+def print_summary(rows: list[dict]) -> None:
+    """A small table of finished runs."""
+    print(f"\n{'run':<22}{'model':<14}{'params':>10}{'best epoch':>12}{'val acc':>10}{'test acc':>10}")
+    for r in rows:
+        val = f"{r['val_acc']:.4f}" if r["val_acc"] >= 0 else "-"
+        print(f"{r['name']:<22}{r['model']:<14}{r['params']:>10,}{r['best_epoch']:>12}{val:>10}{r['test_acc']:>10.4f}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """evaluate CHECKPOINT: test accuracy and loss, parameters, FLOPs/MACs, latency."""
+    from pruning_lab.inference.checkpoint_eval import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, expect_model=args.model, data_dir=args.data_dir,
+                                 device=args.device, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            print(f"{key:<16}{value}")
+    return 0
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    """prepare-data: download (where the internet is reachable) and check a dataset."""
+    from pruning_lab.data import download, load_splits
+
+    if args.download:
+        download(args.dataset, args.data_dir)
+    spec, train_split, val_split, test_split = load_splits(args.dataset, args.data_dir, args.val_size)
+    print(f"{spec.name} in {args.data_dir}: {len(train_split)} train, {len(val_split)} validation, "
+          f"{len(test_split)} test images; {spec.channels}x{spec.image_size}x{spec.image_size}, {spec.num_classes} classes")
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    """pipeline: the whole local chain of a preset (teacher, student, evaluation, summary)."""
+    from .pipeline import run_pipeline
+
+    overrides = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
+    rows = run_pipeline(args.preset, overrides)
+    print_summary(rows)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree; every option has its help text."""
+    parser = argparse.ArgumentParser(prog="python main.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for role in ("teacher", "student"):
+        p = sub.add_parser(f"train-{role}", help=f"train a {role} model (default {DEFAULT_MODEL[role]})",
+                           description=f"Train a {role}. Models: {', '.join(sorted(MODELS))}. Without --config "
+                                       "the lab recipe of --model is used (configs/ in distillation_lab).")
+        p.add_argument("--config", help="YAML config file (keys as the flags below, with underscores)")
+        add_config_arguments(p, skip=("role",))
+        p.set_defaults(func=lambda a, r=role: cmd_train(a, r))
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on the test split")
+    p.add_argument("checkpoint", help="path to a .pth written by this tool")
+    p.add_argument("--model", help="fail unless the checkpoint holds this architecture")
+    p.add_argument("--data-dir", help="dataset directory (default: the one recorded in the checkpoint)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("prepare-data", help="download (--download) and check a dataset")
+    p.add_argument("--dataset", default="cifar10", choices=("cifar10", "mnist", "mnist_embedded", "imagefolder"),
+                   help="dataset")
+    p.add_argument("--data-dir", default="data", help="where to put or find it")
+    p.add_argument("--val-size", type=int, default=None, help="validation images held out of train")
+    p.add_argument("--download", action="store_true", help="fetch it (needs the internet: a cluster login node)")
+    p.set_defaults(func=cmd_prepare_data)
+
+    p = sub.add_parser("pipeline", help="run the local chain of a preset and print a summary",
+                       description="Train the preset's teacher and student, evaluate them on the test "
+                                   "split and print a summary. Config flags apply to every job.")
+    p.add_argument("--preset", default="demo", help="demo (embedded MNIST, CPU, minutes) or cifar10 (a GPU)")
+    add_config_arguments(p, skip=("model", "model_args", "name", "role", "resume"))
+    p.set_defaults(func=cmd_pipeline)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point: run a subcommand; user errors are one line on stderr and exit status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

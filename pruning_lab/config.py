@@ -1,0 +1,204 @@
+"""One config dataclass, loaded from YAML and overridden from the command line.
+
+Order of precedence: dataclass defaults < YAML file (``--config``) < command-line flags.
+Unknown keys and values of the wrong type are errors that name the key and what is allowed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import UserError
+
+
+def _opt(default: Any, help: str, choices: Optional[tuple] = None, **kw: Any) -> Any:
+    """A dataclass field carrying its --help text (and allowed values for strings)."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: json.loads(json.dumps(default)), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class Config:
+    """Everything one training run needs; saved resolved inside every checkpoint."""
+
+    # --- what to train
+    model: str = _opt("resnet8", "registered model name (listed in the description above)")
+    model_args: dict = _opt({}, "extra model constructor arguments, e.g. {width: 16} (YAML or JSON)")
+    name: str = _opt("", "run name: checkpoints are OUT_DIR/NAME.pth (best) and NAME_last.pth; default: the model name")
+    role: str = _opt("model", "what the run produces, recorded in the checkpoint", ("teacher", "student", "model"))
+    # --- data
+    dataset: str = _opt("cifar10", "dataset", ("cifar10", "mnist", "mnist_embedded", "imagefolder"))
+    data_dir: str = _opt("data", "where prepare-data put the dataset (imagefolder: the folder with train/ and test/)")
+    val_size: Optional[int] = _opt(None, "images held out of the training set for validation (default per dataset)")
+    train_subset: Optional[int] = _opt(None, "use a fixed class-balanced subset of N training images (smoke runs)")
+    augment: bool = _opt(True, "random crop (and horizontal flip where the dataset allows it)")
+    # --- optimisation
+    epochs: int = _opt(200, "number of epochs")
+    batch_size: int = _opt(128, "batch size")
+    optimizer: str = _opt("sgd", "optimizer", ("sgd", "adamw", "adam"))
+    lr: float = _opt(0.1, "peak learning rate")
+    momentum: float = _opt(0.9, "SGD momentum")
+    weight_decay: float = _opt(5e-4, "weight decay")
+    scheduler: str = _opt("multistep", "learning-rate schedule", ("multistep", "cosine", "constant"))
+    milestones: list = _opt([100, 150, 180], "epochs at which multistep multiplies the lr by gamma")
+    gamma: float = _opt(0.1, "multistep decay factor")
+    warmup_epochs: float = _opt(0.0, "linear warm-up from 0 over this many epochs")
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy")
+    max_steps_per_epoch: Optional[int] = _opt(None, "cap the steps of each epoch (smoke runs)")
+    # --- run
+    seed: int = _opt(0, "seed for initialisation, data order and augmentation")
+    device: str = _opt("auto", "device", ("auto", "cpu", "cuda"))
+    precision: str = _opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", ("auto", "fp32", "bf16", "fp16"))
+    out_dir: str = _opt("models_saved", "where checkpoints and logs go")
+    resume: bool = _opt(False, "continue from OUT_DIR/NAME_last.pth if it exists")
+    progress: bool = _opt(True, "show a progress bar per epoch")
+
+    def run_name(self) -> str:
+        """The name checkpoints and logs are written under."""
+        return self.name or self.model
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _type_name(tp: Any) -> str:
+    """Human name of a field type for error messages."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args:
+        return f"{_type_name(args[0])} or null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
+            list: "a list of integers", dict: "a mapping"}.get(tp, str(tp))
+
+
+def _field_type(name: str) -> Any:
+    hints = typing.get_type_hints(Config)
+    return hints[name]
+
+
+def check_value(name: str, value: Any, source: str) -> Any:
+    """Return `value` converted to field `name`'s type, or raise UserError naming the key."""
+    if name not in FIELDS:
+        allowed = ", ".join(sorted(FIELDS))
+        raise UserError(f"unknown config key '{name}' in {source}; allowed keys: {allowed}")
+    tp = _field_type(name)
+    optional = type(None) in typing.get_args(tp)
+    base = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+    bad = UserError(f"config key '{name}' in {source} must be {_type_name(tp)}, got {value!r}")
+    if value is None:
+        if optional:
+            return None
+        raise bad
+    if base is bool:
+        if not isinstance(value, bool):
+            raise bad
+    elif base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        value = float(value)
+    elif base is str:
+        if not isinstance(value, str):
+            raise bad
+        choices = FIELDS[name].metadata.get("choices")
+        if choices and value not in choices:
+            raise UserError(f"config key '{name}' in {source} must be one of {', '.join(choices)}; got '{value}'")
+    elif base is list:
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise bad
+    elif base is dict:
+        if not isinstance(value, dict):
+            raise bad
+    return value
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML config file into a dict of checked values (plain data only: safe_load)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping of keys to values")
+    return {k: check_value(k, v, str(path)) for k, v in data.items()}
+
+
+def make_config(values: dict, source: str = "overrides", base: Optional[Config] = None) -> Config:
+    """A Config from `base` (or the defaults) with `values` applied after checking them."""
+    checked = {k: check_value(k, v, source) for k, v in values.items()}
+    return dataclasses.replace(base or Config(), **checked)
+
+
+# ---------------------------------------------------------------- command line
+def _parse_cli_value(name: str, text: str) -> Any:
+    """Parse one command-line string into a value for field `name` (YAML syntax for lists/dicts)."""
+    base = next((a for a in typing.get_args(_field_type(name)) if a is not type(None)), _field_type(name))
+    if text.lower() in ("none", "null") and type(None) in typing.get_args(_field_type(name)):
+        return None
+    if base is str:
+        return text
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    if base is float and isinstance(value, str):  # YAML reads "5e-4" as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple = ()) -> None:
+    """Add one --flag per Config field (its help text, default and allowed values)."""
+    group = parser.add_argument_group("config (override the YAML; defaults shown)")
+    for f in dataclasses.fields(Config):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata["help"] + f" [default: {default}]"
+        if f.metadata.get("choices"):
+            help_text += f" (one of: {', '.join(f.metadata['choices'])})"
+        if _field_type(f.name) is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+        elif _field_type(f.name) is list:
+            group.add_argument(flag, dest=f.name, nargs="+", type=int, default=argparse.SUPPRESS,
+                               metavar="N", help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar="VALUE",
+                               type=lambda t, n=f.name: _parse_cli_value(n, t), help=help_text)
+
+
+def config_from_args(args: argparse.Namespace, yaml_path: Optional[str], defaults: Optional[dict] = None) -> Config:
+    """Resolve defaults < `defaults` < YAML < command line into one checked Config."""
+    cfg = make_config(defaults or {}, "built-in defaults")
+    if yaml_path:
+        cfg = dataclasses.replace(cfg, **load_yaml(yaml_path))
+    overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
+    return make_config(overrides, "command line", base=cfg)
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as plain data (what checkpoints store)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, source: str) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. from a checkpoint)."""
+    return make_config(data, source)

@@ -1,0 +1,66 @@
+"""Accuracy, loss, parameter count, FLOPs and latency of a model."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..runtime import autocast
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, precision: str = "fp32") -> dict:
+    """Mean cross-entropy and top-1 accuracy of `model` over every batch of `loader`."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, n, device = 0.0, 0.0, 0, None
+    for x, y in loader:
+        device = x.device
+        with autocast(precision, x.device):
+            logits, _ = model(x)
+        loss_sum = loss_sum + F.cross_entropy(logits.float(), y, reduction="sum")
+        correct = correct + (logits.argmax(1) == y).sum()
+        n += len(y)
+    model.train(was_training)
+    if n == 0:
+        return {"loss": float("nan"), "acc": float("nan"), "n": 0}
+    return {"loss": float(loss_sum) / n, "acc": float(correct) / n, "n": n}
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, input_shape: tuple, device: torch.device | str = "cpu") -> int:
+    """Forward FLOPs for one input of `input_shape` (C, H, W), counted by torch's FlopCounterMode (MACs = FLOPs / 2)."""
+    model.eval()
+    x = torch.zeros(1, *input_shape, device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    return int(counter.get_total_flops())
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, input_shape: tuple, device: torch.device | str = "cpu",
+                    batch_size: int = 1, repeats: int = 20, warmup: int = 3) -> float:
+    """Median forward latency in milliseconds for a batch of `batch_size`."""
+    model.eval()
+    x = torch.zeros(batch_size, *input_shape, device=device)
+    times = []
+    for i in range(warmup + repeats):
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(x)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)

@@ -1,0 +1,30 @@
+"""A plain dict of model constructors, filled by a decorator (as timm does)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn as nn
+
+from ..errors import UserError
+
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register `fn(num_classes, in_chans, image_size, **kwargs)` under its function name."""
+    MODELS[fn.__name__] = fn
+    return fn
+
+
+def create_model(name: str, num_classes: int = 10, in_chans: int = 3, image_size: int = 32, **kwargs) -> nn.Module:
+    """Build a registered model adapted to the dataset's classes, channels and image size."""
+    if name not in MODELS:
+        raise UserError(f"unknown model '{name}'; registered models: {', '.join(sorted(MODELS))}")
+    try:
+        model = MODELS[name](num_classes=num_classes, in_chans=in_chans, image_size=image_size, **kwargs)
+    except TypeError as e:
+        raise UserError(f"bad model_args for '{name}': {e}") from None
+    # Recorded so that a checkpoint can rebuild exactly this model.
+    model.arch = {"name": name, "num_classes": num_classes, "in_chans": in_chans,
+                  "image_size": getattr(model, "image_size", image_size), "kwargs": dict(kwargs)}
+    return model

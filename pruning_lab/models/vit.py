@@ -1,0 +1,52 @@
+"""Vision transformers from timm: ViT-Tiny (teacher) and a 6-layer ViT (student)."""
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+
+from .registry import register_model
+
+
+class ViT(nn.Module):
+    """A timm VisionTransformer returning (logits, features): patch tokens [B, N, D] of 4 spread-out blocks."""
+
+    def __init__(self, vit: VisionTransformer, image_size: int) -> None:
+        super().__init__()
+        self.vit = vit
+        self.image_size = image_size
+        depth = len(vit.blocks)
+        self.feature_blocks = sorted({max(0, round((i + 1) * depth / 4) - 1) for i in range(4)})
+        self.feature_widths = [vit.embed_dim] * len(self.feature_blocks)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        final, features = self.vit.forward_intermediates(x, indices=self.feature_blocks, output_fmt="NLC")
+        return self.vit.forward_head(final), features
+
+
+def _vit(depth: int, num_classes: int, in_chans: int, image_size: int, patch_size: int, embed_dim: int,
+         num_heads: int, drop_path_rate: float) -> ViT:
+    vit = VisionTransformer(img_size=image_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+                            embed_dim=embed_dim, depth=depth, num_heads=num_heads, drop_path_rate=drop_path_rate)
+    return ViT(vit, image_size)
+
+
+@register_model
+def vit_tiny(num_classes: int = 10, in_chans: int = 3, image_size: int = 32, patch_size: int = 4,
+             embed_dim: int = 192, depth: int = 12, num_heads: int = 3, drop_path_rate: float = 0.1,
+             pretrained: bool = False) -> ViT:
+    """ViT-Tiny: 12 layers, 192 dim, 3 heads; patch 4 on 32x32, or timm's ImageNet weights at 224."""
+    if pretrained:
+        # Needs the weights from the Hugging Face hub (a cluster login node); inputs are resized to 224.
+        vit = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=num_classes,
+                                in_chans=in_chans, drop_path_rate=drop_path_rate)
+        return ViT(vit, 224)
+    return _vit(depth, num_classes, in_chans, image_size, patch_size, embed_dim, num_heads, drop_path_rate)
+
+
+@register_model
+def vit_student(num_classes: int = 10, in_chans: int = 3, image_size: int = 32, patch_size: int = 4,
+                embed_dim: int = 192, depth: int = 6, num_heads: int = 3, drop_path_rate: float = 0.0) -> ViT:
+    """The ViT student: 6 layers, 192 dim, 3 heads, patch 4."""
+    return _vit(depth, num_classes, in_chans, image_size, patch_size, embed_dim, num_heads, drop_path_rate)

@@ -1,0 +1,91 @@
+"""Checkpoints: plain dicts of tensors and values, written atomically, read with weights_only=True.
+
+A checkpoint is data, never code: loading refuses anything that needs unpickling of Python objects.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..errors import UserError
+from ..models import create_model
+
+FORMAT = "distill-lab-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unreadable, refused, or not what was expected."""
+
+
+def save_checkpoint(payload: dict, path: str | Path) -> Path:
+    """Write `payload` to `path` via a temporary file and a rename, so a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint written by `save_checkpoint`, or raise a CheckpointError saying why not."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint path is not a file: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(f"refused {path}: it contains pickled Python objects, which could run code; "
+                                  "a checkpoint must hold only tensors and plain values (nothing was executed)") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt): {str(e).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt): {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a distill-lab checkpoint (no '{FORMAT}' marker); "
+                              "it may be a bare state_dict or another tool's file")
+    return data
+
+
+def build_model(ckpt: dict, expect_model: Optional[str] = None, source: str = "checkpoint") -> nn.Module:
+    """Rebuild the model a checkpoint describes and load its weights; check the architecture if asked."""
+    arch = ckpt["arch"]
+    if expect_model is not None and arch["name"] != expect_model:
+        raise CheckpointError(f"{source} holds a '{arch['name']}' model, but '{expect_model}' was expected")
+    model = create_model(arch["name"], arch["num_classes"], arch["in_chans"], arch["image_size"], **arch["kwargs"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{source}: weights do not fit '{arch['name']}': {str(e).splitlines()[0]}") from None
+    return model
+
+
+def code_revision() -> str:
+    """The git commit of the code (with '-dirty' for local changes), or 'unknown' outside a checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"

@@ -1,0 +1,27 @@
+"""Shared test helpers: offline, few threads, tiny configs on the embedded data."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a download path in tests
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from pruning_lab.config import Config, make_config  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def tiny_config(out_dir, **overrides) -> Config:
+    """A seconds-long run on the embedded MNIST digits."""
+    values = dict(model="resnet8", model_args={"width": 4}, dataset="mnist_embedded", epochs=2, batch_size=32,
+                  train_subset=256, val_size=200, optimizer="sgd", lr=0.05, scheduler="cosine",
+                  out_dir=str(out_dir), progress=False, name="tiny")
+    values.update(overrides)
+    return make_config(values, "test")
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Factory for tiny configs writing under a fresh temporary directory."""
+    return lambda **kw: tiny_config(tmp_path / "models", **kw)
