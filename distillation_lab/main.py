@@ -46,10 +46,11 @@ def cmd_train(args: argparse.Namespace, role: str) -> int:
 
 def print_summary(rows: list[dict]) -> None:
     """A small table of finished runs."""
-    print(f"\n{'run':<22}{'model':<14}{'params':>10}{'best epoch':>12}{'val acc':>10}{'test acc':>10}")
+    print(f"\n{'run':<18}{'model':<12}{'params':>10}{'MACs':>14}{'best epoch':>12}{'val acc':>9}{'test acc':>10}")
     for r in rows:
         val = f"{r['val_acc']:.4f}" if r["val_acc"] >= 0 else "-"
-        print(f"{r['name']:<22}{r['model']:<14}{r['params']:>10,}{r['best_epoch']:>12}{val:>10}{r['test_acc']:>10.4f}")
+        macs = f"{r['macs']:,}" if "macs" in r else "-"
+        print(f"{r['name']:<18}{r['model']:<12}{r['params']:>10,}{macs:>14}{r['best_epoch']:>12}{val:>9}{r['test_acc']:>10.4f}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -39,6 +39,7 @@ class Config:
     # --- data
     dataset: str = _opt("cifar10", "dataset", ("cifar10", "mnist", "mnist_embedded", "imagefolder"))
     data_dir: str = _opt("data", "where prepare-data put the dataset (imagefolder: the folder with train/ and test/)")
+    image_size: Optional[int] = _opt(None, "imagefolder: square size images are resized to when read (default 32)")
     val_size: Optional[int] = _opt(None, "images held out of the training set for validation (default per dataset)")
     train_subset: Optional[int] = _opt(None, "use a fixed class-balanced subset of N training images (smoke runs)")
     augment: bool = _opt(True, "random crop (and horizontal flip where the dataset allows it)")
@@ -61,7 +62,7 @@ class Config:
     precision: str = _opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", ("auto", "fp32", "bf16", "fp16"))
     out_dir: str = _opt("models_saved", "where checkpoints and logs go")
     resume: bool = _opt(False, "continue from OUT_DIR/NAME_last.pth if it exists")
-    progress: bool = _opt(True, "show a progress bar per epoch")
+    progress: bool = _opt(True, "show a progress bar per epoch (only on a terminal: SLURM logs get one line per epoch)")
 
     def run_name(self) -> str:
         """The name checkpoints and logs are written under."""

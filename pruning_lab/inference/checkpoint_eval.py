@@ -19,7 +19,8 @@ def evaluate_checkpoint(path: str, expect_model: Optional[str] = None, data_dir:
     model = build_model(ckpt, expect_model, source=str(path))
     cfg = ckpt["config"]
     dev = resolve_device(device)
-    spec, _, _, test = load_splits(cfg["dataset"], data_dir or cfg["data_dir"], cfg["val_size"])
+    spec, _, _, test = load_splits(cfg["dataset"], data_dir or cfg["data_dir"], cfg["val_size"],
+                               image_size=cfg["image_size"])
     arch = ckpt["arch"]
     if (spec.num_classes, spec.channels) != (arch["num_classes"], arch["in_chans"]):
         raise UserError(f"{path} was trained for {arch['num_classes']} classes and {arch['in_chans']} channels, "

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import pickle
 import subprocess
-import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -56,8 +55,8 @@ def load_checkpoint(path: str | Path) -> dict:
             raise CheckpointError(f"refused {path}: it contains pickled Python objects, which could run code; "
                                   "a checkpoint must hold only tensors and plain values (nothing was executed)") from None
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt): {str(e).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt): {str(e).splitlines()[0]}") from None
+    except Exception as e:  # torch raises many types on damaged files (EOFError, KeyError, RuntimeError...)
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt): {(str(e) or type(e).__name__).splitlines()[0]}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a distill-lab checkpoint (no '{FORMAT}' marker); "
                               "it may be a bare state_dict or another tool's file")

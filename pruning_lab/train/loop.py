@@ -104,7 +104,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.spec, train_split, val_split, self.test_split = load_splits(
-            cfg.dataset, cfg.data_dir, cfg.val_size, cfg.train_subset)
+            cfg.dataset, cfg.data_dir, cfg.val_size, cfg.train_subset, cfg.image_size)
         torch.manual_seed(cfg.seed)
         self.model = create_model(cfg.model, self.spec.num_classes, self.spec.channels, self.spec.image_size,
                                   **cfg.model_args).to(self.device)
@@ -167,7 +167,7 @@ class Trainer:
         self.model.train()
         self.criterion.train()
         sums = self.state.sums
-        bar = tqdm(total=len(self.train_loader), initial=self.state.step, disable=not self.cfg.progress,
+        bar = tqdm(total=len(self.train_loader), initial=self.state.step, disable=None if self.cfg.progress else True,
                    desc=f"{self.cfg.run_name()} epoch {epoch + 1}/{self.cfg.epochs}", leave=False, dynamic_ncols=True)
         for x, y in self.train_loader.epoch(epoch, self.state.step):
             with autocast(self.precision, self.device):
