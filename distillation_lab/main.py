@@ -6,6 +6,7 @@ recipe (`--config`, or the lab recipe of `--model` when no config is given), the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -14,43 +15,49 @@ from typing import Optional
 from pruning_lab.config import Config, add_config_arguments, config_from_args
 from pruning_lab.errors import UserError
 from pruning_lab.models import MODELS
-from pruning_lab.train import TrainingInterrupted, train
+from pruning_lab.train import TrainingInterrupted
 from pruning_lab.train.loop import INTERRUPTED_EXIT_CODE
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # The lab plan's recipe for each model, used when no --config is given.
-MODEL_RECIPES = {"resnet18": "cnn_teacher", "resnet8": "cnn_student", "vit_tiny": "vit_teacher",
-                 "vit_student": "vit_student"}
-DEFAULT_MODEL = {"teacher": "resnet18", "student": "resnet8"}
+RECIPES = {"teacher": {"resnet18": "cnn_teacher", "vit_tiny": "vit_teacher"},
+           "student": {"resnet8": "cnn_student", "vit_student": "vit_student"},
+           "distill": {"resnet8": "distill_cnn", "vit_student": "distill_vit"}}
+DEFAULT_MODEL = {"teacher": "resnet18", "student": "resnet8", "distill": "resnet8"}
 
 
-def resolve_config(args: argparse.Namespace, role: str) -> Config:
-    """Config for a training subcommand: recipe or --config, then flags; the role comes from the subcommand."""
+def resolve_config(args: argparse.Namespace, job: str) -> Config:
+    """Config for a training subcommand (job: teacher, student, distill): recipe or --config, then flags."""
     yaml_path = args.config
     if yaml_path is None:
-        model = getattr(args, "model", None) or DEFAULT_MODEL[role]
-        recipe = MODEL_RECIPES.get(model)
+        model = getattr(args, "model", None) or DEFAULT_MODEL[job]
+        recipe = RECIPES[job].get(model)
         yaml_path = str(CONFIG_DIR / f"{recipe}.yaml") if recipe else None
         if yaml_path:
             print(f"config: lab recipe {Path(yaml_path).relative_to(CONFIG_DIR.parent.parent)} (override with flags or --config)")
-    return config_from_args(args, yaml_path, defaults={"model": DEFAULT_MODEL[role], "role": role})
+    cfg = config_from_args(args, yaml_path, defaults={"model": DEFAULT_MODEL[job]})
+    return dataclasses.replace(cfg, role="student" if job == "distill" else job)  # the subcommand decides
 
 
-def cmd_train(args: argparse.Namespace, role: str) -> int:
-    """train-teacher / train-student: one run of the training loop."""
-    cfg = resolve_config(args, role)
-    summary = train(cfg)
+def cmd_train(args: argparse.Namespace, job: str) -> int:
+    """train-teacher / train-student / distill: one run of the training loop."""
+    from .distill import run_training
+
+    summary = run_training(resolve_config(args, job), distilling=job == "distill")
     print_summary([summary])
+    if "teacher_agreement" in summary:
+        print(f"\nagreement with the teacher on the test split: {summary['teacher_agreement']:.4f}, "
+              f"mean KL(teacher || student): {summary['teacher_kl']:.4f}")
     return 0
 
 
 def print_summary(rows: list[dict]) -> None:
     """A small table of finished runs."""
-    print(f"\n{'run':<18}{'model':<12}{'params':>10}{'MACs':>14}{'best epoch':>12}{'val acc':>9}{'test acc':>10}")
+    print(f"\n{'run':<24}{'model':<13}{'params':>10}{'best epoch':>12}{'val acc':>9}{'test acc':>10}")
     for r in rows:
         val = f"{r['val_acc']:.4f}" if r["val_acc"] >= 0 else "-"
-        macs = f"{r['macs']:,}" if "macs" in r else "-"
-        print(f"{r['name']:<18}{r['model']:<12}{r['params']:>10,}{macs:>14}{r['best_epoch']:>12}{val:>9}{r['test_acc']:>10.4f}")
+        test = f"{r['test_acc']:.4f}" if r["test_acc"] is not None else "-"
+        print(f"{r['name']:<24}{r['model']:<13}{r['params']:>10,}{r['best_epoch']:>12}{val:>9}{test:>10}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -64,6 +71,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         for key, value in result.items():
             print(f"{key:<16}{value}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """report: re-evaluate checkpoints and write the report files."""
+    from .report import write_report
+
+    report = write_report(args.models_dir, args.output, device=args.device, data_dir=args.data_dir)
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -84,8 +100,10 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from .pipeline import run_pipeline
 
     overrides = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
-    rows = run_pipeline(args.preset, overrides)
+    rows, report_path = run_pipeline(args.preset, overrides, args.seeds)
     print_summary(rows)
+    print(f"\n{report_path.with_suffix('.md').read_text()}")
+    print(f"report: {report_path} (+ {report_path.stem}_details.json, .md, .png beside it)")
     return 0
 
 
@@ -101,6 +119,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML config file (keys as the flags below, with underscores)")
         add_config_arguments(p, skip=("role",))
         p.set_defaults(func=lambda a, r=role: cmd_train(a, r))
+
+    p = sub.add_parser("distill", help="distill a student from a frozen teacher checkpoint",
+                       description="Train a student with a loss that also sees a frozen teacher: "
+                                   "alpha * CE + (1 - alpha) * T^2 * KL by default, or the named terms of `loss` "
+                                   "(ce, kd, dkd, feature, at). Without --config the lab recipe of the "
+                                   "student is used (distill_cnn.yaml, distill_vit.yaml).")
+    p.add_argument("--config", help="YAML config file (keys as the flags below, with underscores)")
+    p.add_argument("--student", dest="model", default=argparse.SUPPRESS, help="the student architecture (same as --model)")
+    add_config_arguments(p, skip=("role",))
+    p.set_defaults(func=lambda a: cmd_train(a, "distill"))
+
+    p = sub.add_parser("report", help="re-evaluate every checkpoint and write report.json, .md and .png",
+                       description="Re-evaluate the teachers and students in --models-dir on the test split; "
+                                   "write report.json (the lab plan's keys), report_details.json, report.md "
+                                   "and report.png.")
+    p.add_argument("--models-dir", default="models_saved", help="where the checkpoints are")
+    p.add_argument("--output", default="report.json", help="report.json path; the other files go beside it")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device")
+    p.add_argument("--data-dir", help="dataset directory (default: the one recorded in each checkpoint)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on the test split")
     p.add_argument("checkpoint", help="path to a .pth written by this tool")
@@ -119,11 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="fetch it (needs the internet: a cluster login node)")
     p.set_defaults(func=cmd_prepare_data)
 
-    p = sub.add_parser("pipeline", help="run the local chain of a preset and print a summary",
-                       description="Train the preset's teacher and student, evaluate them on the test "
-                                   "split and print a summary. Config flags apply to every job.")
+    p = sub.add_parser("pipeline", help="run the whole local chain of a preset and write the report",
+                       description="Train the preset's teachers, then per seed the student baselines and the "
+                                   "distilled students, then write the report (report.json in the repository "
+                                   "for models_saved/, else beside the checkpoints). Config flags apply to every job.")
     p.add_argument("--preset", default="demo", help="demo (embedded MNIST, CPU, minutes) or cifar10 (a GPU)")
-    add_config_arguments(p, skip=("model", "model_args", "name", "role", "resume"))
+    p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: 0 1 2 for demo, 0 for cifar10)")
+    add_config_arguments(p, skip=("model", "model_args", "name", "role", "resume", "seed", "teacher",
+                                  "teacher_checkpoint", "loss", "labelled_subset"))
     p.set_defaults(func=cmd_pipeline)
     return parser
 

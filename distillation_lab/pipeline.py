@@ -1,40 +1,51 @@
-"""The local chain of a preset: train each job in order, then evaluate every result on the test split."""
+"""The local chain of a preset: teachers, student baselines, distillation (per seed), then the report."""
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Sequence
 
-from pruning_lab.config import load_yaml, make_config
+from pruning_lab.config import Config, load_yaml, make_config
 from pruning_lab.errors import UserError
-from pruning_lab.inference.checkpoint_eval import evaluate_checkpoint
-from pruning_lab.train import train
+
+from .distill import run_training
+from .report import write_report
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# Each preset: the teacher jobs, then the student jobs (run once per seed).
 PRESETS = {
-    "demo": ["demo_teacher", "demo_student"],  # embedded MNIST, minutes on 2 CPU cores
-    "cifar10": ["cnn_teacher", "cnn_student", "vit_teacher", "vit_student"],  # the lab plan, on a GPU
+    "demo": (["demo_teacher"], ["demo_student", "demo_distill"], [0, 1, 2]),  # embedded MNIST, CPU, minutes
+    "cifar10": (["cnn_teacher", "vit_teacher"], ["cnn_student", "distill_cnn", "vit_student", "distill_vit"], [0]),
 }
 
 
-def preset_configs(preset: str, overrides: dict) -> list:
-    """The configs of a preset's jobs, each with the same overrides applied."""
+def job_config(job: str, overrides: dict) -> Config:
+    """A preset job's YAML with the pipeline's overrides applied."""
+    path = CONFIG_DIR / f"{job}.yaml"
+    return make_config(overrides, "command line", base=make_config(load_yaml(path), str(path)))
+
+
+def student_config(cfg: Config, teacher_dir: str, seed: int, several_seeds: bool) -> Config:
+    """A student job for one seed: NAME_seedS when there are several, teacher read from the same out_dir."""
+    name = f"{cfg.run_name()}_seed{seed}" if several_seeds else cfg.run_name()
+    teacher = str(Path(cfg.out_dir) / Path(cfg.teacher_checkpoint).name) if cfg.teacher_checkpoint else ""
+    return dataclasses.replace(cfg, seed=seed, name=name, teacher_checkpoint=teacher)
+
+
+def run_pipeline(preset: str, overrides: dict, seeds: Sequence[int] | None = None) -> tuple[list[dict], Path]:
+    """Train a preset's teachers, then each student job per seed, then write the report; return rows and report path."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
-    configs = []
-    for job in PRESETS[preset]:
-        path = CONFIG_DIR / f"{job}.yaml"
-        cfg = make_config(load_yaml(path), str(path))
-        configs.append(make_config(overrides, "command line", base=cfg))
-    return configs
-
-
-def run_pipeline(preset: str, overrides: dict) -> list[dict]:
-    """Train every job of `preset` in order and return one summary row per job."""
+    teachers, students, default_seeds = PRESETS[preset]
+    seeds = list(seeds or default_seeds)
+    configs = [job_config(job, overrides) for job in teachers]
+    configs += [student_config(job_config(job, overrides), "", seed, len(seeds) > 1)
+                for seed in seeds for job in students]
     rows = []
-    for cfg in preset_configs(preset, overrides):
-        print(f"\n=== {cfg.run_name()}: {cfg.model} on {cfg.dataset}, {cfg.epochs} epochs", flush=True)
-        summary = train(cfg)
-        card = evaluate_checkpoint(summary["checkpoint"], device=cfg.device)
-        rows.append({**summary, "macs": card["macs"], "latency_ms_batch1": card["latency_ms_batch1"],
-                     "config": dataclasses.asdict(cfg)})
-    return rows
+    for cfg in configs:
+        print(f"\n=== {cfg.run_name()}: {cfg.model} on {cfg.dataset}, {cfg.epochs} epochs, seed {cfg.seed}", flush=True)
+        rows.append(run_training(cfg, distilling=bool(cfg.teacher_checkpoint)))
+    out_dir = Path(configs[0].out_dir)
+    report_path = out_dir / "report.json" if out_dir != Path("models_saved") else Path("report.json")
+    write_report(str(out_dir), str(report_path), device=configs[0].device)
+    return rows, report_path

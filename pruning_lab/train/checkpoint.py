@@ -41,6 +41,13 @@ def save_checkpoint(payload: dict, path: str | Path) -> Path:
     return path
 
 
+def update_checkpoint(path: str | Path, **fields) -> None:
+    """Add or replace top-level entries of an existing checkpoint (atomically)."""
+    data = load_checkpoint(path)
+    data.update(fields)
+    save_checkpoint({k: v for k, v in data.items() if k not in ("format", "version")}, path)
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint written by `save_checkpoint`, or raise a CheckpointError saying why not."""
     path = Path(path)

@@ -26,7 +26,7 @@ from ..data import BatchLoader, load_splits
 from ..errors import UserError
 from ..inference.evaluate import count_parameters, evaluate
 from ..models import create_model
-from .checkpoint import code_revision, load_checkpoint, save_checkpoint
+from .checkpoint import code_revision, load_checkpoint, save_checkpoint, update_checkpoint
 from .optim import build_optimizer, build_scheduler
 from ..runtime import autocast, resolve_device, resolve_precision
 
@@ -272,8 +272,8 @@ class Trainer:
         self.model.load_state_dict(best["state_dict"])
         test = {"acc": None, "loss": None}
         if self.parts.test_loader is not None:
-            test = best["test"] = evaluate(self.model, self.parts.test_loader, self.precision)
-            save_checkpoint({k: v for k, v in best.items() if k not in ("format", "version")}, self.paths.best)
+            test = evaluate(self.model, self.parts.test_loader, self.precision)
+            update_checkpoint(self.paths.best, test=test)
         return {"name": self.cfg.run_name(), "model": self.model.arch["name"], "role": self.cfg.role,
                 "seed": self.cfg.seed, "best_epoch": self.state.best_epoch, "val_acc": self.state.best_val_acc,
                 "test_acc": test["acc"], "test_loss": test["loss"], "params": count_parameters(self.model),

@@ -1,0 +1,50 @@
+"""A frozen teacher: loaded from its checkpoint, checked against the student's data, run under no_grad."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pruning_lab.errors import UserError
+from pruning_lab.train import build_model, load_checkpoint
+
+
+class FrozenTeacher:
+    """Wraps a teacher model: eval mode, no gradients, bf16 weights on CUDA, inputs resized to its size.
+
+    Deliberately not an nn.Module, so that its weights never join the student's optimizer,
+    checkpoints or train()/eval() switches.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.model.to(self.dtype)
+        self.image_size = model.arch["image_size"] if hasattr(model, "arch") else None
+        self.feature_widths = model.feature_widths
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(logits, features) in float32 for a batch of the student's (normalised) images."""
+        x = images
+        if self.image_size and x.ndim == 4 and x.shape[-1] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        logits, features = self.model(x.to(self.dtype))
+        return logits.float(), [f.float() for f in features]
+
+
+def load_teacher(path: str, expect_model: str, data: dict, device: torch.device) -> FrozenTeacher:
+    """Load the teacher checkpoint at `path` and check it fits the student's data (classes, channels, size)."""
+    if not path:
+        raise UserError("distill needs a teacher checkpoint: --teacher-checkpoint models_saved/cnn_teacher.pth "
+                        "(written by train-teacher)")
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt, expect_model or None, source=path)
+    t = ckpt.get("data", {})
+    want = (data["num_classes"], data["channels"], data["image_size"])
+    have = (t.get("num_classes"), t.get("channels"), t.get("image_size"))
+    if want != have:
+        raise UserError(f"teacher {path} was trained on {t.get('dataset')} with {have[0]} classes and "
+                        f"{have[1]}x{have[2]}x{have[2]} images, but the student's data ({data['dataset']}) has "
+                        f"{want[0]} classes and {want[1]}x{want[2]}x{want[2]} images; teacher and student must agree")
+    return FrozenTeacher(model, device)
