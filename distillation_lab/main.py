@@ -41,7 +41,7 @@ def resolve_config(args: argparse.Namespace, job: str) -> Config:
 
 def cmd_train(args: argparse.Namespace, job: str) -> int:
     """train-teacher / train-student / distill: one run of the training loop."""
-    from .distill import run_training
+    from .runs import run_training
 
     summary = run_training(resolve_config(args, job), distilling=job == "distill")
     print_summary([summary])

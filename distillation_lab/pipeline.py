@@ -8,7 +8,7 @@ from typing import Sequence
 from pruning_lab.config import Config, load_yaml, make_config
 from pruning_lab.errors import UserError
 
-from .distill import run_training
+from .runs import run_training
 from .report import write_report
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"

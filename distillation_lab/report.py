@@ -150,7 +150,7 @@ def table(details: dict) -> pd.DataFrame:
 
 def markdown(details: dict, frame: pd.DataFrame) -> str:
     """report.md: the table plus the paired KD differences."""
-    shown = frame.drop(columns=[c for c in ("acc", "std", "n_params") if c in frame.columns]).fillna("")
+    shown = frame.drop(columns=[c for c in ("acc", "std", "n_params") if c in frame.columns]).astype(object).fillna("")
     lines = ["# distill-lab report", "", "Test accuracy on each checkpoint's test split (mean ± sample std over seeds).",
              "", shown.to_markdown(index=False), ""]
     for family, entry in details.items():

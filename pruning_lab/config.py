@@ -37,7 +37,8 @@ class Config:
     name: str = _opt("", "run name: checkpoints are OUT_DIR/NAME.pth (best) and NAME_last.pth; default: the model name")
     role: str = _opt("model", "what the run produces, recorded in the checkpoint", ("teacher", "student", "model"))
     # --- data
-    dataset: str = _opt("cifar10", "dataset", ("cifar10", "mnist", "mnist_embedded", "imagefolder"))
+    dataset: str = _opt("cifar10", "dataset (custom: your own loaders, Python API)",
+                        ("cifar10", "mnist", "mnist_embedded", "imagefolder", "custom"))
     data_dir: str = _opt("data", "where prepare-data put the dataset (imagefolder: the folder with train/ and test/)")
     image_size: Optional[int] = _opt(None, "imagefolder: square size images are resized to when read (default 32)")
     val_size: Optional[int] = _opt(None, "images held out of the training set for validation (default per dataset)")

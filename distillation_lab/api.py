@@ -1,0 +1,123 @@
+"""Python API: distill your own nn.Modules with your own data loaders, through the same training loop.
+
+    result = distill(teacher, student, train_loader, {"val": val_loader},
+                     loss_weights={"ce": 0.5, "kd": 0.5}, epochs=10, checkpoint_dir="runs/kd")
+
+Models may return plain logits (or a Hugging Face output with `.logits`, or `(logits, features)`);
+intermediate features for feature losses then come from forward hooks on the named modules.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from pruning_lab.config import make_config
+from pruning_lab.runtime import resolve_device
+from pruning_lab.train.loop import RunParts, Trainer
+
+from .criterion import DistillationCriterion
+from .teacher import FrozenTeacher
+
+
+class HookedModel(nn.Module):
+    """Makes any module return (logits, features), the features captured by hooks on named submodules."""
+
+    def __init__(self, module: nn.Module, feature_layers: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.module = module
+        self.feature_layers = list(feature_layers)
+        self.feature_widths: list[int] = []
+        self._captured: dict[str, torch.Tensor] = {}
+        for name in self.feature_layers:
+            module.get_submodule(name).register_forward_hook(self._capture(name))
+        self.arch = {"name": f"custom:{type(module).__name__}", "num_classes": None, "in_chans": None,
+                     "image_size": None, "kwargs": {}}
+
+    def _capture(self, name: str) -> Callable:
+        def hook(mod: nn.Module, inputs: tuple, output) -> None:
+            self._captured[name] = output[0] if isinstance(output, (tuple, list)) else output
+        return hook
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        self._captured = {}
+        out = self.module(x)
+        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], (list, tuple)):
+            return out[0], list(out[1])
+        logits = getattr(out, "logits", out)
+        return logits, [self._captured[name] for name in self.feature_layers]
+
+    @torch.no_grad()
+    def infer_feature_widths(self, x: torch.Tensor) -> list[int]:
+        """Channel widths of the features, from one forward pass (channels: dim 1 of maps, last dim of tokens)."""
+        was_training = self.training
+        self.eval()
+        _, features = self(x)
+        self.train(was_training)
+        self.feature_widths = [f.shape[-1] if f.ndim == 3 else f.shape[1] for f in features]
+        return self.feature_widths
+
+
+class DeviceLoader:
+    """Adapts any iterable of (inputs, labels) batches to the loop: moves them to the device, restarts mid-epoch."""
+
+    def __init__(self, loader: Iterable, device: torch.device) -> None:
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int = 0, start_step: int = 0):
+        """One pass; a resumed epoch skips the batches already trained on (exact for unshuffled or seeded loaders)."""
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        for step, (x, y) in enumerate(self.loader):
+            if step >= start_step:
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def __iter__(self):
+        return self.epoch(0)
+
+
+def distill(teacher: Optional[nn.Module], student: nn.Module, train_loader: Iterable, val_loaders: dict[str, Iterable], *,
+            eval_fn: Optional[Callable[[nn.Module], dict]] = None, loss_weights: Optional[dict] = None,
+            temperature: float = 4.0, feature_kind: str = "mse",
+            student_layers: Sequence[str] = (), teacher_layers: Sequence[str] = (),
+            optimizer: str = "sgd", lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 5e-4,
+            scheduler: str = "cosine", warmup_epochs: float = 0.0, epochs: int = 10, precision: str = "auto",
+            device: str = "auto", checkpoint_dir: str = "models_saved", name: str = "student",
+            resume: bool = False, progress: bool = True, seed: int = 0) -> dict:
+    """Distill `teacher` into `student` (teacher None: plain training); returns the summary and history.
+
+    loss_weights: weights by term name: ce, kd (temperature), dkd, feature (feature_kind; needs
+    student_layers/teacher_layers), at. Default {"ce": 0.5, "kd": 0.5}. val_loaders: named loaders
+    evaluated every epoch; the first one's accuracy picks the best checkpoint. eval_fn(student) may
+    return more named metrics per epoch. Checkpoints: checkpoint_dir/NAME.pth (best) and NAME_last.pth.
+    """
+    torch.manual_seed(seed)
+    dev = resolve_device(device)
+    weights = loss_weights or {"ce": 0.5, "kd": 0.5}
+    params = {"kd": {"temperature": temperature}, "dkd": {"temperature": temperature},
+              "feature": {"kind": feature_kind}}
+    spec = {term: {"weight": float(w), **params.get(term, {})} for term, w in weights.items()}
+    cfg = make_config({"name": name, "out_dir": checkpoint_dir, "epochs": epochs, "optimizer": optimizer, "lr": lr,
+                       "momentum": momentum, "weight_decay": weight_decay, "scheduler": scheduler,
+                       "warmup_epochs": float(warmup_epochs), "precision": precision, "device": str(dev.type),
+                       "resume": resume, "progress": progress, "seed": seed, "dataset": "custom",
+                       "model": f"custom:{type(student).__name__}", "role": "student", "loss": spec}, "distill()")
+    sample = next(iter(DeviceLoader(train_loader, dev)))[0]
+    s_model = HookedModel(student, student_layers).to(dev)
+    s_model.infer_feature_widths(sample)
+    frozen = None
+    if teacher is not None:
+        t_model = HookedModel(teacher, teacher_layers).to(dev)
+        t_model.infer_feature_widths(sample)
+        frozen = FrozenTeacher(t_model, dev)
+    parts = RunParts(s_model, DeviceLoader(train_loader, dev),
+                     {k: DeviceLoader(v, dev) for k, v in val_loaders.items()}, None, {"dataset": "custom"}, dev)
+    criterion = DistillationCriterion(spec, s_model.feature_widths, frozen)
+    trainer = Trainer(cfg, parts, criterion, eval_fn=(lambda m: eval_fn(student)) if eval_fn else None)
+    summary = trainer.fit()
+    return {**summary, "history": trainer.state.history}
