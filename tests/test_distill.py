@@ -138,3 +138,22 @@ def test_pipeline_smoke_with_seeds(tmp_path, capsys):
         sum(r["test_accuracy"] for r in kd["runs"]) / 2)
     assert details["cnn"]["kd_minus_baseline"]["seeds"] == 2
     assert "paired by seed" in capsys.readouterr().out
+
+
+def test_cifar10_preset_end_to_end_on_tiny_files(tmp_path, monkeypatch):
+    """The GPU preset's whole chain (full-size ResNets and ViTs) on a tiny CIFAR-10 in the real format."""
+    import torchvision.datasets.cifar as cifar
+
+    from test_data import write_fake_cifar10
+
+    monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: __import__("os").path.isfile(path))
+    write_fake_cifar10(tmp_path / "data", n_per_batch=8)
+    out = tmp_path / "models"
+    assert main(["pipeline", "--preset", "cifar10", "--data-dir", str(tmp_path / "data"), "--val-size", "8",
+                 "--epochs", "1", "--max-steps-per-epoch", "1", "--batch-size", "8", "--out-dir", str(out),
+                 "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert all(v is not None for family in report.values() for v in family.values())
+    details = json.loads((out / "report_details.json").read_text())
+    assert details["vit"]["student_accuracy_with_kd"]["runs"][0]["model"] == "vit_student"
+    assert details["cnn"]["teacher_accuracy"]["runs"][0]["parameters"] > 11_000_000
