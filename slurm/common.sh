@@ -1,0 +1,152 @@
+# Shared prologue of every distill-lab batch job; sourced by slurm/*.slurm, never run on its own.
+#
+# It loads the cluster modules, activates the venv in $HOME (never copied), stages the code and the
+# job's inputs into a per-job scratch directory under $TMPDIR, runs one main.py subcommand there,
+# and copies checkpoints and logs back to models_saved/ when the job ends for any reason (success,
+# failure, time limit, preemption), then removes the scratch directory. A training job stopped by
+# SIGUSR1/SIGTERM saves its last checkpoint, and the job requeues itself to resume from it.
+# Without SLURM (`bash slurm/distill_cnn.slurm` on a workstation) the same script runs locally.
+#
+# Settings (environment variables, all optional):
+#   DL_REPO        the repository (default: the submit directory, or the script's parent)
+#   DL_MODULES     modules to load (default: "Python/3.11.3-GCCcore-12.3.0 CUDA/12.1.1"; "" for none)
+#   DL_VENV        the venv to activate (default: $HOME/.venvs/edl, else the repo's .venv)
+#   DL_DATA_DIR    datasets to stage (default: $DL_REPO/data)
+#   DL_MODELS_DIR  where checkpoints live (default: $DL_REPO/models_saved)
+#   DL_SMOKE=1     the smoke preset: embedded data, tiny models, a few steps, CPU (tests, dry runs)
+#   DL_EXTRA_ARGS  more main.py flags for every job
+set -euo pipefail
+
+dl_log() { echo "[distill-lab $(date +%H:%M:%S)] $*" >&2; }
+
+if [[ -n "${SLURM_JOB_ID:-}" ]]; then
+    DL_REPO=${DL_REPO:-${SLURM_SUBMIT_DIR}}
+else
+    DL_REPO=${DL_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+fi
+DL_DATA_DIR=${DL_DATA_DIR:-$DL_REPO/data}
+DL_MODELS_DIR=${DL_MODELS_DIR:-$DL_REPO/models_saved}
+DL_MODULES=${DL_MODULES-Python/3.11.3-GCCcore-12.3.0 CUDA/12.1.1}
+[[ -f "$DL_REPO/main.py" ]] || { dl_log "error: $DL_REPO is not the distill-lab repository (set DL_REPO)"; exit 2; }
+
+dl_load_modules() {
+    [[ -z "$DL_MODULES" ]] && return 0
+    if ! type module >/dev/null 2>&1; then
+        dl_log "warning: 'module' is not available here; not loading $DL_MODULES"
+        return 0
+    fi
+    # shellcheck disable=SC2086  # a list of module names
+    module load $DL_MODULES
+}
+
+dl_activate_venv() {
+    local venv=${DL_VENV:-$HOME/.venvs/edl}
+    if [[ ! -f "$venv/bin/activate" && -z "${DL_VENV:-}" && -f "$DL_REPO/.venv/bin/activate" ]]; then
+        venv=$DL_REPO/.venv
+    fi
+    if [[ -f "$venv/bin/activate" ]]; then
+        # shellcheck disable=SC1091
+        source "$venv/bin/activate"
+    else
+        dl_log "warning: no venv at $venv (set DL_VENV); using $(command -v python3)"
+    fi
+    DL_PYTHON=$(command -v python || command -v python3)
+}
+
+dl_make_scratch() {
+    DL_SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/distill-lab.${SLURM_JOB_ID:-local}.XXXXXX")
+    mkdir -p "$DL_SCRATCH/repo/models_saved"
+    cp -r "$DL_REPO/main.py" "$DL_REPO/pruning_lab" "$DL_REPO/distillation_lab" "$DL_SCRATCH/repo/"
+    if [[ -d "$DL_DATA_DIR" ]]; then
+        cp -r "$DL_DATA_DIR" "$DL_SCRATCH/repo/data"
+    fi
+    dl_log "job ${SLURM_JOB_ID:-local} on $(hostname -s): scratch $DL_SCRATCH"
+}
+
+dl_copy_back() {
+    [[ -n "${DL_SCRATCH:-}" && -d "$DL_SCRATCH/repo/models_saved" ]] || return 0
+    mkdir -p "$DL_MODELS_DIR"
+    local f
+    for f in "$DL_SCRATCH/repo/models_saved"/*; do
+        [[ -e "$f" ]] || continue
+        # Staged inputs come back only if the job changed them.
+        if [[ ! -e "$DL_MODELS_DIR/$(basename "$f")" ]] || ! cmp -s "$f" "$DL_MODELS_DIR/$(basename "$f")"; then
+            cp "$f" "$DL_MODELS_DIR/.$(basename "$f").part" && mv "$DL_MODELS_DIR/.$(basename "$f").part" "$DL_MODELS_DIR/$(basename "$f")"
+        fi
+    done
+    for f in "$DL_SCRATCH/repo"/report.json "$DL_SCRATCH/repo"/report_details.json "$DL_SCRATCH/repo"/report.md \
+             "$DL_SCRATCH/repo"/report.png; do
+        [[ -e "$f" ]] && cp "$f" "$DL_REPO/"
+    done
+    return 0
+}
+
+dl_cleanup() {
+    local status=$?
+    dl_copy_back || dl_log "warning: copying results back failed"
+    [[ -n "${DL_SCRATCH:-}" ]] && rm -rf "$DL_SCRATCH"
+    exit "$status"
+}
+
+dl_forward_signal() {
+    dl_log "received $1: asking the run to save and stop"
+    if [[ -n "${DL_CHILD:-}" ]]; then kill -s "$1" "$DL_CHILD" 2>/dev/null || true; fi
+}
+
+# dl_stage FILE...: copy these files of models_saved/ into the scratch copy (teacher checkpoints,
+# the last checkpoint to resume from). Missing ones are skipped.
+dl_stage() {
+    local name
+    for name in "$@"; do
+        if [[ -f "$DL_MODELS_DIR/$name" ]]; then
+            cp "$DL_MODELS_DIR/$name" "$DL_SCRATCH/repo/models_saved/$name"
+        fi
+    done
+}
+
+# dl_stage_best_checkpoints: copy every best checkpoint (not the *_last.pth resume states).
+dl_stage_best_checkpoints() {
+    local f
+    for f in "$DL_MODELS_DIR"/*.pth; do
+        [[ -e "$f" && "$f" != *_last.pth ]] && cp "$f" "$DL_SCRATCH/repo/models_saved/"
+    done
+    return 0
+}
+
+# dl_run SUBCOMMAND ARGS...: run main.py in the scratch copy; a stopped training run requeues the job.
+dl_run() {
+    local args=("$@") model_args=${DL_SMOKE_MODEL_ARGS:-}
+    if [[ "${DL_SMOKE:-0}" == 1 && "$1" != report ]]; then
+        [[ -n "$model_args" ]] || model_args='{width: 4}'
+        args+=(--dataset mnist_embedded --epochs "${DL_SMOKE_EPOCHS:-1}" --max-steps-per-epoch 2 --batch-size 32
+               --val-size 100 --device cpu --no-progress --model-args "$model_args")
+    fi
+    # shellcheck disable=SC2206  # a user's list of flags
+    [[ -n "${DL_EXTRA_ARGS:-}" ]] && args+=($DL_EXTRA_ARGS)
+    cd "$DL_SCRATCH/repo"
+    dl_log "python main.py ${args[*]}"
+    set +e
+    "$DL_PYTHON" main.py "${args[@]}" &
+    DL_CHILD=$!
+    local status
+    while kill -0 "$DL_CHILD" 2>/dev/null; do  # a trapped signal ends `wait` early: wait for the save
+        wait "$DL_CHILD"
+    done
+    wait "$DL_CHILD"  # bash keeps the exit status of a finished child
+    status=$?
+    set -e
+    DL_CHILD=
+    if [[ $status -eq 3 && -n "${SLURM_JOB_ID:-}" ]]; then
+        dl_copy_back
+        dl_log "run saved its state; requeueing job $SLURM_JOB_ID to resume"
+        scontrol requeue "$SLURM_JOB_ID" || dl_log "warning: scontrol requeue failed; resubmit to resume"
+    fi
+    return "$status"
+}
+
+trap dl_cleanup EXIT
+trap 'dl_forward_signal USR1' USR1
+trap 'dl_forward_signal TERM' TERM
+dl_load_modules
+dl_activate_venv
+dl_make_scratch

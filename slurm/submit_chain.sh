@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Submit the whole lab chain: both teachers; each baseline and distillation after its teacher
+# (afterok); the report after all of them. With --kill-on-invalid-dep=yes a failed teacher cancels
+# its dependants instead of leaving them pending forever.
+#
+#   bash slurm/submit_chain.sh [--smoke] [--dry-run] [extra sbatch args...]
+#
+# --smoke: the smoke preset (embedded data, tiny models, a few steps, CPU): the chain in minutes.
+# --dry-run: print the sbatch commands (with placeholder job ids) instead of submitting.
+# Every job goes through submit_best_gpu.sh. Run it from the repository root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+dry=()
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --smoke) export DL_SMOKE=1; shift ;;
+        --dry-run) dry=(--dry-run); shift ;;
+        *) break ;;
+    esac
+done
+submit() {  # submit SCRIPT [sbatch args...] -> prints the job id (a placeholder in a dry run)
+    if (( ${#dry[@]} )); then
+        bash submit_best_gpu.sh --dry-run "$@" >&2
+        echo "<$(basename "$1" .slurm)>"
+    else
+        bash submit_best_gpu.sh "$@"
+    fi
+}
+
+after() { echo "--dependency=afterok:$1" --kill-on-invalid-dep=yes; }
+
+cnn_teacher=$(submit slurm/train_cnn_teacher.slurm "$@")
+vit_teacher=$(submit slurm/train_vit_teacher.slurm "$@")
+# shellcheck disable=SC2046  # after() yields two words on purpose
+{
+    cnn_student=$(submit slurm/train_cnn_student_baseline.slurm $(after "$cnn_teacher") "$@")
+    cnn_kd=$(submit slurm/distill_cnn.slurm $(after "$cnn_teacher") "$@")
+    vit_student=$(submit slurm/train_vit_student_baseline.slurm $(after "$vit_teacher") "$@")
+    vit_kd=$(submit slurm/distill_vit.slurm $(after "$vit_teacher") "$@")
+    report=$(submit slurm/report.slurm $(after "$cnn_teacher:$vit_teacher:$cnn_student:$cnn_kd:$vit_student:$vit_kd") "$@")
+}
+echo "submitted: cnn_teacher=$cnn_teacher vit_teacher=$vit_teacher cnn_student=$cnn_student cnn_student_kd=$cnn_kd" \
+     "vit_student=$vit_student vit_student_kd=$vit_kd report=$report"
