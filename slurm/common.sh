@@ -56,6 +56,7 @@ dl_activate_venv() {
 dl_make_scratch() {
     DL_SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/distill-lab.${SLURM_JOB_ID:-local}.XXXXXX")
     mkdir -p "$DL_SCRATCH/repo/models_saved"
+    export TORCHINDUCTOR_CACHE_DIR="$DL_SCRATCH/torchinductor"  # keep torch's caches inside the scratch too
     cp -r "$DL_REPO/main.py" "$DL_REPO/pruning_lab" "$DL_REPO/distillation_lab" "$DL_SCRATCH/repo/"
     if [[ -d "$DL_DATA_DIR" ]]; then
         cp -r "$DL_DATA_DIR" "$DL_SCRATCH/repo/data"

@@ -1,4 +1,7 @@
 """Shared test helpers: offline, few threads, tiny configs on the embedded data."""
+import sys
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/slurm_cluster.py
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a download path in tests

@@ -1,0 +1,179 @@
+"""The batch scripts, submit_best_gpu.sh and the chain, on a real one-node SLURM cluster (CPU, smoke preset)."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import LocalSlurm, available
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = sorted((ROOT / "slurm").glob("*.slurm"))
+VENV = Path(sys.prefix)  # the venv the tests run in; jobs activate it (never copied)
+
+
+def test_every_script_parses():
+    for script in [*SCRIPTS, ROOT / "slurm/common.sh", ROOT / "slurm/submit_chain.sh", ROOT / "submit_best_gpu.sh"]:
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
+    if shutil.which("shellcheck"):
+        proc = subprocess.run(["shellcheck", "-x", "-s", "bash", *map(str, SCRIPTS), str(ROOT / "slurm/common.sh"),
+                               str(ROOT / "slurm/submit_chain.sh"), str(ROOT / "submit_best_gpu.sh")],
+                              capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout
+
+
+def test_sbatch_headers_come_first_and_name_the_lab_resources():
+    names = {s.stem for s in SCRIPTS}
+    assert names == {"train_cnn_teacher", "train_vit_teacher", "train_cnn_student_baseline",
+                     "train_vit_student_baseline", "distill_cnn", "distill_vit", "report"}
+    for script in SCRIPTS:
+        lines = [l for l in script.read_text().splitlines()[1:] if l.strip() and not l.startswith("# ")]
+        headers = [l for l in lines if l.startswith("#SBATCH")]
+        assert lines[: len(headers)] == headers, f"{script.name}: #SBATCH lines must precede commands"
+        text = "\n".join(headers)
+        for flag in ("--partition=markov_gpu", "--gres=gpu:1", "--time=", "--cpus-per-task=", "--mem=",
+                     "--job-name=", "--output=slurm/logs/"):
+            assert flag in text, (script.name, flag)
+    assert "--time=24:00:00" in (ROOT / "slurm/train_cnn_teacher.slurm").read_text()
+    assert "--signal=B:USR1@" in (ROOT / "slurm/distill_cnn.slurm").read_text()
+
+
+def copy_repo(dest: Path) -> Path:
+    """The code and scripts (not the venv, data or checkpoints) in a directory whose path has spaces."""
+    dest.mkdir(parents=True)
+    for name in ("main.py", "submit_best_gpu.sh"):
+        shutil.copy(ROOT / name, dest / name)
+    for name in ("pruning_lab", "distillation_lab", "slurm"):
+        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.out"))
+    (dest / "models_saved").mkdir()
+    return dest
+
+
+def job_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "DL_"))}
+    env.update(DL_VENV=str(VENV), HF_HUB_OFFLINE="1", **extra)
+    return env
+
+
+def test_local_run_without_slurm_in_a_path_with_spaces(tmp_path):
+    repo = copy_repo(tmp_path / "my repo")
+    scratch = tmp_path / "tmp dir"
+    scratch.mkdir()
+    proc = subprocess.run(["bash", str(repo / "slurm/train_cnn_teacher.slurm")], capture_output=True, text=True,
+                          env=job_env(DL_SMOKE="1", TMPDIR=str(scratch)), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: 'module' is not available" in proc.stderr
+    assert (repo / "models_saved/cnn_teacher.pth").exists() and (repo / "models_saved/cnn_teacher_last.pth").exists()
+    assert list(scratch.iterdir()) == []  # the per-job scratch directory is gone
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if not available():
+        if os.environ.get("CI"):
+            pytest.fail("SLURM is not installed: .ci/run must apt-get install it")
+        pytest.skip("SLURM packages not installed (see .ci/run)")
+    slurm = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    try:
+        yield slurm.start()
+    finally:
+        slurm.stop()
+
+
+def sacct_times(cluster, job):
+    start, end = cluster.run(["sacct", "-n", "-X", "-P", "-j", job, "-o", "Start,End"]).stdout.strip().split("|")
+    return start, end
+
+
+def test_chain_runs_in_dependency_order_and_writes_the_report(cluster, tmp_path):
+    repo = copy_repo(tmp_path / "lab repo")
+    proc = cluster.run(["bash", "slurm/submit_chain.sh", "--smoke"], cwd=repo, env=job_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    jobs = dict(re.findall(r"(\w+)=(\d+)", proc.stdout.splitlines()[-1]))
+    assert set(jobs) == {"cnn_teacher", "vit_teacher", "cnn_student", "cnn_student_kd", "vit_student",
+                         "vit_student_kd", "report"}
+    states = cluster.wait_all(list(jobs.values()), timeout=900)
+    logs = "\n".join(p.read_text() for p in (repo / "slurm/logs").glob("*.out"))
+    assert set(states.values()) == {"COMPLETED"}, (states, logs[-3000:])
+    times = {name: sacct_times(cluster, job) for name, job in jobs.items()}
+    for student, teacher in [("cnn_student", "cnn_teacher"), ("cnn_student_kd", "cnn_teacher"),
+                             ("vit_student", "vit_teacher"), ("vit_student_kd", "vit_teacher")]:
+        assert times[student][0] >= times[teacher][1], (student, times)
+    assert all(times["report"][0] >= end for _, end in times.values() if end != times["report"][1])
+    for name in ("cnn_teacher", "vit_teacher", "cnn_student", "cnn_student_kd", "vit_student", "vit_student_kd"):
+        assert (repo / "models_saved" / f"{name}.pth").exists() and (repo / "models_saved" / f"{name}_log.csv").exists()
+    import json
+
+    report = json.loads((repo / "report.json").read_text())
+    assert all(v is not None for family in report.values() for v in family.values())
+    assert (repo / "report.md").exists() and (repo / "report.png").exists()
+    leftovers = [p for p in (cluster.dir / "jobtmp").rglob("distill-lab.*")]
+    assert leftovers == []  # every job removed its scratch directory
+    assert "warning: 'module' is not available" in logs
+
+
+def test_failed_teacher_cancels_its_dependants(cluster, tmp_path):
+    repo = copy_repo(tmp_path / "fail repo")
+    env = job_env(DL_SMOKE="1")
+    bad = cluster.run(["bash", "submit_best_gpu.sh", "slurm/train_cnn_teacher.slurm"], cwd=repo,
+                      env={**env, "DL_EXTRA_ARGS": "--lr not-a-number"})
+    teacher = bad.stdout.strip()
+    dependants = [cluster.run(["bash", "submit_best_gpu.sh", script, f"--dependency=afterok:{teacher}",
+                               "--kill-on-invalid-dep=yes"], cwd=repo, env=env).stdout.strip()
+                  for script in ("slurm/distill_cnn.slurm", "slurm/train_cnn_student_baseline.slurm")]
+    states = cluster.wait_all([teacher, *dependants], timeout=300)
+    assert states[teacher] == "FAILED"
+    assert [states[d] for d in dependants] == ["CANCELLED", "CANCELLED"]
+    assert not (repo / "models_saved/cnn_student_kd.pth").exists()
+
+
+def test_sigterm_requeues_and_the_job_resumes(cluster, tmp_path):
+    repo = copy_repo(tmp_path / "requeue repo")
+    env = job_env(DL_SMOKE="1", DL_SMOKE_EPOCHS="60")
+    job = cluster.run(["bash", "submit_best_gpu.sh", "slurm/train_cnn_student_baseline.slurm"], cwd=repo,
+                      env=env).stdout.strip()
+    log = repo / "slurm/logs" / f"cnn_student-{job}.out"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (log.exists() and "epoch 3/60" in log.read_text()):
+        time.sleep(0.5)
+    assert cluster.run(["scancel", "--signal=TERM", "--batch", job]).returncode == 0
+    # SLURM holds a requeued job back for a while before it may start again; skip that wait here.
+    deadline, info = time.time() + 120, ""
+    while time.time() < deadline and not ("Restarts=1" in info and "JobState=PENDING" in info):
+        time.sleep(0.5)
+        info = cluster.run(["scontrol", "show", "job", job]).stdout
+    assert "Restarts=1" in info, info
+    cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+    states = cluster.wait_all([job], timeout=600)
+    text = log.read_text()
+    assert states[job] == "COMPLETED", text[-3000:]
+    assert "requeueing job" in text and "resuming" in text
+    import torch
+
+    history = torch.load(repo / "models_saved/cnn_student_last.pth", weights_only=True)["history"]
+    assert [row["epoch"] for row in history] == list(range(1, 61))
+    assert list((cluster.dir / "jobtmp").rglob("distill-lab.*")) == []
+
+
+def test_submit_best_gpu_prefers_a_declared_type_and_falls_back(cluster, tmp_path):
+    repo = copy_repo(tmp_path / "gpu repo")
+    env = job_env(DL_SMOKE="1", DL_GPU_PREFERENCE="h100 a100")  # the test node declares gpu,a100
+    proc = cluster.run(["bash", "submit_best_gpu.sh", "slurm/report.slurm", "--hold"], cwd=repo, env=env)
+    assert proc.returncode == 0 and "choosing a100" in proc.stderr, proc.stderr
+    job = proc.stdout.strip()
+    assert "Features=a100" in cluster.run(["scontrol", "show", "job", job]).stdout
+    proc = cluster.run(["bash", "submit_best_gpu.sh", "slurm/report.slurm", "--hold"], cwd=repo,
+                       env={**env, "DL_GPU_PREFERENCE": "h100 v100"})
+    assert proc.returncode == 0 and "submitting without a GPU type" in proc.stderr
+    plain = proc.stdout.strip()
+    assert "Features=(null)" in cluster.run(["scontrol", "show", "job", plain]).stdout
+    # What it avoids: asking for a feature the cluster does not declare is refused at submit.
+    refused = cluster.run(["sbatch", "-C", "h100", str(repo / "slurm/report.slurm")], cwd=repo, env=env)
+    assert refused.returncode != 0 and "Invalid feature" in refused.stderr
+    dry = cluster.run(["bash", "submit_best_gpu.sh", "--dry-run", "slurm/report.slurm"], cwd=repo, env=env)
+    assert dry.stdout.startswith("sbatch --parsable --partition=markov_gpu -C a100")
+    cluster.run(["scancel", job, plain])
