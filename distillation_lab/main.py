@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -44,6 +45,8 @@ def cmd_train(args: argparse.Namespace, job: str) -> int:
     from .runs import run_training
 
     summary = run_training(resolve_config(args, job), distilling=job == "distill")
+    if os.environ.get("RANK", "0") != "0":  # data-parallel: rank 0 reports
+        return 0
     print_summary([summary])
     if "teacher_agreement" in summary:
         print(f"\nagreement with the teacher on the test split: {summary['teacher_agreement']:.4f}, "
@@ -80,6 +83,21 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     report = write_report(args.models_dir, args.output, device=args.device, data_dir=args.data_dir)
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """submit: the lab chain through submitit (SLURM, or --cluster local)."""
+    from .submit import submit_chain
+
+    overrides = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
+    jobs = submit_chain(args.folder, smoke=args.smoke, partition=args.partition, gpus=args.gpus,
+                        timeout_min=args.timeout_min, overrides=overrides, cluster=args.cluster)
+    print("submitted: " + " ".join(f"{name}={job.job_id}" for name, job in jobs.items()), flush=True)
+    if args.wait:
+        for name, job in jobs.items():
+            job.result()  # raises submitit's FailedJobError with the job's traceback
+            print(f"{name}: done", flush=True)
     return 0
 
 
@@ -148,6 +166,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("submit", help="submit the whole lab chain through submitit",
+                       description="Submit both teachers, the baselines and distillations after their teacher "
+                                   "(afterok, kill_on_invalid_dep) and the report after all, through submitit. "
+                                   "Jobs run in this directory. The batch scripts (slurm/submit_chain.sh) do the "
+                                   "same with scratch staging.")
+    p.add_argument("--folder", default="slurm/submitit", help="submitit's folder for job files and logs")
+    p.add_argument("--smoke", action="store_true", help="embedded data, tiny models, a few steps, CPU")
+    p.add_argument("--partition", default="markov_gpu", help="SLURM partition")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per job (more than 1: data-parallel)")
+    p.add_argument("--timeout-min", type=int, default=24 * 60, help="time limit of each job in minutes")
+    p.add_argument("--cluster", choices=("slurm", "local"), help="force submitit's executor (default: detect)")
+    p.add_argument("--wait", action="store_true", help="wait for every job and fail if one fails")
+    add_config_arguments(p, skip=("model", "model_args", "name", "role", "resume", "teacher", "teacher_checkpoint"))
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("prepare-data", help="download (--download) and check a dataset")
     p.add_argument("--dataset", default="cifar10", choices=("cifar10", "mnist", "mnist_embedded", "imagefolder"),

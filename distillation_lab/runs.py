@@ -23,5 +23,6 @@ def run_training(cfg: Config, distilling: bool) -> dict:
         return summary
     precision = resolve_precision(cfg.precision, parts.device)
     alignment = soft_target_alignment(trainer.model, teacher, parts.test_loader, precision)
-    update_checkpoint(trainer.paths.best, alignment=alignment)
+    if trainer.dist.is_main:
+        update_checkpoint(trainer.paths.best, alignment=alignment)
     return {**summary, "teacher_agreement": alignment["agreement"], "teacher_kl": alignment["kl"]}

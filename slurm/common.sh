@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared prologue of every distill-lab batch job; sourced by slurm/*.slurm, never run on its own.
 #
 # It loads the cluster modules, activates the venv in $HOME (never copied), stages the code and the
@@ -15,6 +16,8 @@
 #   DL_MODELS_DIR  where checkpoints live (default: $DL_REPO/models_saved)
 #   DL_SMOKE=1     the smoke preset: embedded data, tiny models, a few steps, CPU (tests, dry runs)
 #   DL_EXTRA_ARGS  more main.py flags for every job
+#   DL_NPROC       data-parallel processes on the node (default: the GPUs allocated, else 1); above 1
+#                  the run is launched with torchrun (one process per GPU; gloo on CPU)
 set -euo pipefail
 
 dl_log() { echo "[distill-lab $(date +%H:%M:%S)] $*" >&2; }
@@ -91,7 +94,13 @@ dl_cleanup() {
 
 dl_forward_signal() {
     dl_log "received $1: asking the run to save and stop"
-    if [[ -n "${DL_CHILD:-}" ]]; then kill -s "$1" "$DL_CHILD" 2>/dev/null || true; fi
+    DL_SIGNALLED=1
+    [[ -n "${DL_CHILD:-}" ]] || return 0
+    if (( DL_NPROC > 1 )); then  # the training processes are torchrun's children
+        pkill -"$1" -P "$DL_CHILD" 2>/dev/null || true
+    else
+        kill -s "$1" "$DL_CHILD" 2>/dev/null || true
+    fi
 }
 
 # dl_stage FILE...: copy these files of models_saved/ into the scratch copy (teacher checkpoints,
@@ -127,7 +136,12 @@ dl_run() {
     cd "$DL_SCRATCH/repo"
     dl_log "python main.py ${args[*]}"
     set +e
-    "$DL_PYTHON" main.py "${args[@]}" &
+    if (( DL_NPROC > 1 )); then
+        dl_log "data-parallel: $DL_NPROC processes with torchrun"
+        "$DL_PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$DL_NPROC" main.py "${args[@]}" &
+    else
+        "$DL_PYTHON" main.py "${args[@]}" &
+    fi
     DL_CHILD=$!
     local status
     while kill -0 "$DL_CHILD" 2>/dev/null; do  # a trapped signal ends `wait` early: wait for the save
@@ -137,7 +151,8 @@ dl_run() {
     status=$?
     set -e
     DL_CHILD=
-    if [[ $status -eq 3 && -n "${SLURM_JOB_ID:-}" ]]; then
+    # Exit status 3: the run saved its state after a stop signal (torchrun reports it as a failure).
+    if [[ -n "${SLURM_JOB_ID:-}" && ( $status -eq 3 || ( $status -ne 0 && -n "${DL_SIGNALLED:-}" ) ) ]]; then
         dl_copy_back
         dl_log "run saved its state; requeueing job $SLURM_JOB_ID to resume"
         scontrol requeue "$SLURM_JOB_ID" || dl_log "warning: scontrol requeue failed; resubmit to resume"
@@ -145,6 +160,7 @@ dl_run() {
     return "$status"
 }
 
+DL_NPROC=${DL_NPROC:-${SLURM_GPUS_ON_NODE:-1}}
 trap dl_cleanup EXIT
 trap 'dl_forward_signal USR1' USR1
 trap 'dl_forward_signal TERM' TERM

@@ -6,6 +6,7 @@ started by its PID.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
@@ -139,7 +140,10 @@ class LocalSlurm:
         subprocess.run(["mariadb", f"--socket={sock}", "-e", sql], check=True, env=self.env)
 
     def start(self) -> "LocalSlurm":
-        """Bring the cluster up and wait until the node is idle."""
+        """Bring the cluster up and wait until the node is idle (one cluster per machine at a time)."""
+        # Daemons use fixed ports, /run/munge and /run/mysqld: a second test session waits its turn.
+        self._lock = open("/tmp/distill-lab-slurm.lock", "w")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
         self._write_config()
         Path("/run/munge").mkdir(exist_ok=True)
         shutil.chown("/run/munge", "munge", "munge")
@@ -166,6 +170,10 @@ class LocalSlurm:
                     proc.kill()
                     proc.wait()
         self.procs.clear()
+        if getattr(self, "_lock", None):
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
 
     # ------------------------------------------------------------ use
     def run(self, args: list[str], **kw) -> subprocess.CompletedProcess:

@@ -177,3 +177,29 @@ def test_submit_best_gpu_prefers_a_declared_type_and_falls_back(cluster, tmp_pat
     dry = cluster.run(["bash", "submit_best_gpu.sh", "--dry-run", "slurm/report.slurm"], cwd=repo, env=env)
     assert dry.stdout.startswith("sbatch --parsable --partition=markov_gpu -C a100")
     cluster.run(["scancel", job, plain])
+
+
+def test_data_parallel_job_under_slurm(cluster, tmp_path):
+    """DL_NPROC=2: the batch script launches torchrun with two processes (gloo on CPU)."""
+    repo = copy_repo(tmp_path / "ddp repo")
+    env = job_env(DL_SMOKE="1", DL_NPROC="2", DL_SMOKE_MODEL_ARGS="{width: 4}")
+    job = cluster.run(["bash", "submit_best_gpu.sh", "slurm/train_cnn_teacher.slurm"], cwd=repo, env=env).stdout.strip()
+    states = cluster.wait_all([job], timeout=300)
+    log = (repo / "slurm/logs" / f"cnn_teacher-{job}.out").read_text()
+    assert states[job] == "COMPLETED", log[-3000:]
+    assert "data-parallel: 2 processes with torchrun" in log and log.count("test acc") == 1
+    assert (repo / "models_saved/cnn_teacher.pth").exists()
+
+
+def test_submitit_chain(cluster, tmp_path):
+    repo = copy_repo(tmp_path / "submitit repo")
+    proc = subprocess.run([sys.executable, "main.py", "submit", "--smoke", "--folder", str(tmp_path / "sub"),
+                           "--wait"], cwd=repo, env={**cluster.env, **job_env()}, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    jobs = dict(re.findall(r"(\w+)=(\d+)", proc.stdout.splitlines()[0]))
+    assert len(jobs) == 7 and all(cluster.state(j) == "COMPLETED" for j in jobs.values())
+    import json
+
+    report = json.loads((repo / "report.json").read_text())
+    assert all(v is not None for family in report.values() for v in family.values())

@@ -95,3 +95,29 @@ def test_lr_schedules(tiny):
     cos = make_config({"scheduler": "cosine", "warmup_epochs": 0.0}, base=cfg)
     assert lr_factor(0, 10, cos) == 1.0 and lr_factor(50, 10, cos) == pytest.approx(0.5)
     assert lr_factor(100, 10, cos) == pytest.approx(0.0)
+
+
+def test_two_process_data_parallel_matches_one_process(tmp_path):
+    """torchrun with 2 gloo processes on CPU, global batch 64, equals 1 process at batch 64."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    args = ["train-student", "--model", "mnist_mlp", "--model-args", "{hidden: [32, 16]}", "--dataset",
+            "mnist_embedded", "--epochs", "2", "--train-subset", "512", "--val-size", "100", "--batch-size", "64",
+            "--lr", "0.05", "--no-progress", "--name", "m"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "main.py", *args, "--out-dir", str(tmp_path / "one")], cwd=root,
+                         capture_output=True, text=True, env=env)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "main.py", *args, "--out-dir", str(tmp_path / "two")], cwd=root, capture_output=True,
+                         text=True, env=env)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("test acc") == 1  # rank 0 reports
+    a = load_checkpoint(tmp_path / "one/m_last.pth")
+    b = load_checkpoint(tmp_path / "two/m_last.pth")
+    for key in a["state_dict"]:
+        assert torch.allclose(a["state_dict"][key], b["state_dict"][key], atol=1e-5), key
+    assert a["history"][-1]["train_loss"] == pytest.approx(b["history"][-1]["train_loss"], rel=1e-5)
+    assert a["history"][-1]["val_acc"] == b["history"][-1]["val_acc"]

@@ -27,11 +27,14 @@ def random_crop(x: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch.Tenso
 
 
 class BatchLoader:
-    """Yields (normalised float images, int64 labels) batches of one split."""
+    """Yields (normalised float images, int64 labels) batches of one split.
+
+    `batch_size` is the global batch; with `shard=(rank, world_size)` this process yields its share.
+    """
 
     def __init__(self, split: Split, spec: DataSpec, batch_size: int, device: torch.device | str = "cpu",
                  train: bool = False, augment: bool = False, seed: int = 0, image_size: Optional[int] = None,
-                 channels_last: bool = False, max_steps: Optional[int] = None) -> None:
+                 channels_last: bool = False, max_steps: Optional[int] = None, shard: tuple = (0, 1)) -> None:
         self.device = torch.device(device)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)
@@ -39,6 +42,7 @@ class BatchLoader:
         self.augment = augment and train
         self.image_size = image_size or spec.image_size
         self.channels_last = channels_last
+        self.rank, self.world_size = shard  # data-parallel: this process takes every world_size-th image
         self.mean = torch.tensor(spec.mean, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(spec.std, device=self.device).view(1, -1, 1, 1)
         n = len(self.labels)
@@ -64,7 +68,7 @@ class BatchLoader:
         """Batches of epoch `epoch`, beginning at step `start_step` (for a mid-epoch resume)."""
         order, offsets, flips = self._epoch_randomness(epoch)
         for step in range(start_step, self.steps):
-            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size][self.rank::self.world_size]
             x = self.images[idx]
             if self.augment and self.spec.crop_padding:
                 x = random_crop(x, offsets[idx], self.spec.crop_padding)

@@ -26,6 +26,7 @@ from ..data import BatchLoader, load_splits
 from ..errors import UserError
 from ..inference.evaluate import count_parameters, evaluate
 from ..models import create_model
+from . import distributed
 from .checkpoint import code_revision, load_checkpoint, save_checkpoint, update_checkpoint
 from .optim import build_optimizer, build_scheduler
 from ..runtime import autocast, resolve_device, resolve_precision
@@ -124,7 +125,10 @@ class RunParts:
 
 def build_parts(cfg: Config) -> RunParts:
     """Data splits and the model that `cfg` describes, on the device it asks for."""
+    info = distributed.setup()
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and info.enabled:
+        device = torch.device("cuda", info.local_rank)
     spec, train_split, val_split, test_split = load_splits(
         cfg.dataset, cfg.data_dir, cfg.val_size, cfg.train_subset, cfg.image_size, cfg.labelled_subset)
     torch.manual_seed(cfg.seed)
@@ -136,7 +140,8 @@ def build_parts(cfg: Config) -> RunParts:
     def loader(split, train: bool = False) -> BatchLoader:
         return BatchLoader(split, spec, cfg.batch_size, device, train=train, augment=cfg.augment, seed=cfg.seed,
                            image_size=model.arch["image_size"], channels_last=channels_last,
-                           max_steps=cfg.max_steps_per_epoch if train else None)
+                           max_steps=cfg.max_steps_per_epoch if train else None,
+                           shard=(info.rank, info.world_size) if train else (0, 1))
 
     data = {"dataset": cfg.dataset, **vars(spec), "mean": list(spec.mean), "std": list(spec.std)}
     return RunParts(model, loader(train_split, train=True), {"val": loader(val_split)} if len(val_split) else {},
@@ -157,6 +162,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.select = f"{next(iter(parts.val_loaders))}_acc" if parts.val_loaders else None
         self.state = TrainState()
+        self.dist = distributed.setup()
+        self.step_module = distributed.wrap(self.model, self.criterion, self.dist, self.device)
 
     # ------------------------------------------------------------ checkpoints
     def payload(self, with_resume_state: bool) -> dict:
@@ -173,6 +180,12 @@ class Trainer:
                         rng={"torch": torch.get_rng_state(),
                              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
         return data
+
+    def save(self, path: Path, with_resume_state: bool) -> None:
+        """Write a checkpoint from rank 0 only; every process waits until it is on disk."""
+        if self.dist.is_main:
+            save_checkpoint(self.payload(with_resume_state), path)
+        distributed.barrier(self.dist)
 
     def restore(self, ckpt: dict) -> None:
         """Continue from a last checkpoint of the same model."""
@@ -202,8 +215,7 @@ class Trainer:
                    desc=f"{self.cfg.run_name()} epoch {epoch + 1}/{self.cfg.epochs}", leave=False, dynamic_ncols=True)
         for x, y in self.train_loader.epoch(epoch, self.state.step):
             with autocast(self.precision, self.device):
-                logits, features = self.model(x)
-                terms = self.criterion(logits, features, y, x)
+                logits, terms = self.step_module(x, y)
                 loss = sum(terms.values())
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -220,6 +232,9 @@ class Trainer:
             sums["n"] = sums.get("n", 0.0) + n
             self.state.step += 1
             bar.update()
+            if self.dist.enabled and self.state.step % 10 == 0:  # every process must stop at the same step
+                stop.requested = stop.requested or ("SIGTERM" if distributed.any_rank(bool(stop.requested), self.dist)
+                                                    else None)
             if stop.requested and self.state.step < len(self.train_loader):  # at the last step, finish the epoch
                 bar.close()
                 return False
@@ -228,7 +243,7 @@ class Trainer:
 
     def end_epoch(self, epoch: int, seconds: float) -> dict:
         """Validate, log the epoch, and write the last (and maybe best) checkpoint."""
-        sums = {k: v.item() for k, v in self.state.sums.items()}
+        sums = {k: float(v) for k, v in distributed.all_reduce_sums(self.state.sums, self.dist).items()}
         row = {"epoch": epoch + 1, **{f"train_{k}": v / sums["n"] for k, v in sums.items() if k.startswith("loss")},
                "train_acc": sums["correct"] / max(sums["labelled"], 1.0), "lr": self.optimizer.param_groups[0]["lr"]}
         for name, loader in self.parts.val_loaders.items():
@@ -242,25 +257,28 @@ class Trainer:
         score = row[self.select] if self.select else 0.0  # without validation every epoch ties: the last is kept
         if score >= self.state.best_val_acc:
             self.state.best_val_acc, self.state.best_epoch = score, epoch + 1
-            save_checkpoint(self.payload(with_resume_state=False), self.paths.best)
-        save_checkpoint(self.payload(with_resume_state=True), self.paths.last)
-        write_log(pd.DataFrame(self.state.history), self.paths.log)
+            self.save(self.paths.best, with_resume_state=False)
+        self.save(self.paths.last, with_resume_state=True)
+        if self.dist.is_main:
+            write_log(pd.DataFrame(self.state.history), self.paths.log)
         return row
 
     def fit(self) -> dict:
         """Train all remaining epochs, then evaluate the best checkpoint on the test split."""
         if self.cfg.resume and self.paths.last.exists():
             self.restore(load_checkpoint(self.paths.last))
-            print(f"resuming {self.paths.last} at epoch {self.state.epoch + 1}, step {self.state.step}")
+            if self.dist.is_main:
+                print(f"resuming {self.paths.last} at epoch {self.state.epoch + 1}, step {self.state.step}")
         with StopSignals() as stop:
             for epoch in range(self.state.epoch, self.cfg.epochs):
                 start = time.perf_counter()
                 if not self.train_steps(epoch, stop):
-                    save_checkpoint(self.payload(with_resume_state=True), self.paths.last)
+                    self.save(self.paths.last, with_resume_state=True)
                     raise TrainingInterrupted(f"{stop.requested} received: saved {self.paths.last} at epoch "
                                               f"{epoch + 1} step {self.state.step}; rerun with --resume to continue")
                 row = self.end_epoch(epoch, time.perf_counter() - start)
-                print(format_row(self.cfg.run_name(), row, self.cfg.epochs), flush=True)
+                if self.dist.is_main:
+                    print(format_row(self.cfg.run_name(), row, self.cfg.epochs), flush=True)
                 if stop.requested:
                     raise TrainingInterrupted(f"{stop.requested} received: saved {self.paths.last} after epoch "
                                               f"{epoch + 1}; rerun with --resume to continue")
@@ -268,12 +286,14 @@ class Trainer:
 
     def finish(self) -> dict:
         """Evaluate the best checkpoint on the test split and record the result in it."""
+        distributed.barrier(self.dist)
         best = load_checkpoint(self.paths.best)
         self.model.load_state_dict(best["state_dict"])
         test = {"acc": None, "loss": None}
         if self.parts.test_loader is not None:
             test = evaluate(self.model, self.parts.test_loader, self.precision)
-            update_checkpoint(self.paths.best, test=test)
+            if self.dist.is_main:
+                update_checkpoint(self.paths.best, test=test)
         return {"name": self.cfg.run_name(), "model": self.model.arch["name"], "role": self.cfg.role,
                 "seed": self.cfg.seed, "best_epoch": self.state.best_epoch, "val_acc": self.state.best_val_acc,
                 "test_acc": test["acc"], "test_loss": test["loss"], "params": count_parameters(self.model),
