@@ -101,6 +101,26 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_clos_convert(args: argparse.Namespace) -> int:
+    """clos-convert: replace linear layers by fitted Clos layers; optional KD fine-tuning."""
+    from .clos_convert import clos_convert
+
+    summary = clos_convert(args.checkpoint, args.layers, args.multiplier, args.fit, args.fit_steps,
+                           args.als_iterations, args.calibration_images, args.finetune_epochs, args.output,
+                           args.device)
+    for layer in summary["layers"]:
+        fit = layer.get("data_aware", layer["weight_space"])
+        err = fit.get("relative_error_heldout", fit.get("identity_probe_relative_error"))
+        print(f"{layer['layer']}: {layer['dense_parameters']:,} -> {layer['clos_parameters']:,} parameters, "
+              f"relative output error {err:.4f}")
+    print(f"parameters {summary['parameters_before']:,} -> {summary['parameters_after']:,} "
+          f"({summary['compression']:.2f}x); test accuracy {summary['test_accuracy_before']:.4f} -> "
+          f"{summary['test_accuracy_after']:.4f}"
+          + (f" -> {summary['test_accuracy_finetuned']:.4f} after KD fine-tuning" if "test_accuracy_finetuned" in summary else ""))
+    print(f"saved {summary['output']}")
+    return 0
+
+
 def cmd_prepare_data(args: argparse.Namespace) -> int:
     """prepare-data: download (where the internet is reachable) and check a dataset."""
     from pruning_lab.data import download, load_splits
@@ -181,6 +201,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="wait for every job and fail if one fails")
     add_config_arguments(p, skip=("model", "model_args", "name", "role", "resume", "teacher", "teacher_checkpoint"))
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("clos-convert", help="replace linear layers by Clos layers fitted to them",
+                       description="Replace the linear layers matching --layers (glob, comma-separated) by Clos "
+                                   "layers, layer by layer: weight-space fit (ALS), then a data-aware fit on the "
+                                   "layer's real inputs; evaluate; save a checkpoint recording the conversion; "
+                                   "optionally fine-tune with KD from the original model.")
+    p.add_argument("--checkpoint", required=True, help="the trained model (.pth)")
+    p.add_argument("--layers", required=True, help="e.g. fc1 (MLP) or 'vit.blocks.*.attn.qkv,vit.blocks.*.mlp.fc*'")
+    p.add_argument("--multiplier", type=int, default=4, help="middle-stage multiplier m (b2 = m * bin)")
+    p.add_argument("--fit", choices=("data", "weights"), default="data", help="data-aware (default) or weight-space only")
+    p.add_argument("--fit-steps", type=int, default=1000, help="gradient steps of the data-aware fit")
+    p.add_argument("--als-iterations", type=int, default=50, help="iterations of the weight-space ALS fit")
+    p.add_argument("--calibration-images", type=int, default=4096, help="training images whose layer inputs are fitted")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="KD fine-tuning epochs with the original as teacher")
+    p.add_argument("--output", help="converted checkpoint path (default: CHECKPOINT_clos_mM.pth beside it)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device")
+    p.set_defaults(func=cmd_clos_convert)
 
     p = sub.add_parser("prepare-data", help="download (--download) and check a dataset")
     p.add_argument("--dataset", default="cifar10", choices=("cifar10", "mnist", "mnist_embedded", "imagefolder"),

@@ -34,6 +34,7 @@ class Config:
     # --- what to train
     model: str = _opt("resnet8", "registered model name (listed in the description above)")
     model_args: dict = _opt({}, "extra model constructor arguments, e.g. {width: 16} (YAML or JSON)")
+    init_checkpoint: str = _opt("", "start from this checkpoint's weights (and recorded layer surgery)")
     name: str = _opt("", "run name: checkpoints are OUT_DIR/NAME.pth (best) and NAME_last.pth; default: the model name")
     role: str = _opt("model", "what the run produces, recorded in the checkpoint", ("teacher", "student", "model"))
     # --- data

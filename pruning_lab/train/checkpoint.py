@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from ..clos.surgery import apply_surgery
 from ..models import create_model
 
 FORMAT = "distill-lab-checkpoint"
@@ -76,6 +77,7 @@ def build_model(ckpt: dict, expect_model: Optional[str] = None, source: str = "c
     if expect_model is not None and arch["name"] != expect_model:
         raise CheckpointError(f"{source} holds a '{arch['name']}' model, but '{expect_model}' was expected")
     model = create_model(arch["name"], arch["num_classes"], arch["in_chans"], arch["image_size"], **arch["kwargs"])
+    apply_surgery(model, ckpt.get("surgery", []))  # e.g. Clos layers in place of dense ones
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:

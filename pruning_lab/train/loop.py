@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..inference.evaluate import count_parameters, evaluate
 from ..models import create_model
 from . import distributed
-from .checkpoint import code_revision, load_checkpoint, save_checkpoint, update_checkpoint
+from .checkpoint import build_model, code_revision, load_checkpoint, save_checkpoint, update_checkpoint
 from .optim import build_optimizer, build_scheduler
 from ..runtime import autocast, resolve_device, resolve_precision
 
@@ -132,7 +132,10 @@ def build_parts(cfg: Config) -> RunParts:
     spec, train_split, val_split, test_split = load_splits(
         cfg.dataset, cfg.data_dir, cfg.val_size, cfg.train_subset, cfg.image_size, cfg.labelled_subset)
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, spec.num_classes, spec.channels, spec.image_size, **cfg.model_args).to(device)
+    if cfg.init_checkpoint:  # start from saved weights (and their layer surgery), e.g. a converted model
+        model = build_model(load_checkpoint(cfg.init_checkpoint), cfg.model, source=cfg.init_checkpoint).to(device)
+    else:
+        model = create_model(cfg.model, spec.num_classes, spec.channels, spec.image_size, **cfg.model_args).to(device)
     channels_last = device.type == "cuda"  # faster convolutions on tensor cores
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -169,6 +172,7 @@ class Trainer:
     def payload(self, with_resume_state: bool) -> dict:
         """The checkpoint dict: weights, architecture, config, metrics (+ everything to resume)."""
         data = {"arch": self.model.arch, "state_dict": self.model.state_dict(), "role": self.cfg.role,
+                "surgery": getattr(self.model, "surgery", []),
                 "config": to_dict(self.cfg), "data": self.parts.data,
                 "history": self.state.history, "best_epoch": self.state.best_epoch,
                 "best_val_acc": self.state.best_val_acc, "code_revision": code_revision()}

@@ -1,0 +1,87 @@
+"""clos-convert: replace a trained model's linear layers by Clos layers fitted to them, then
+optionally fine-tune the converted model with knowledge distillation from the original."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from pruning_lab.clos import Clos
+from pruning_lab.clos.fit import fit_clos, fit_to_dense
+from pruning_lab.clos.surgery import matching_linears, replace_module
+from pruning_lab.config import from_dict
+from pruning_lab.data import BatchLoader, load_splits
+from pruning_lab.inference import count_parameters, evaluate
+from pruning_lab.train import build_model, load_checkpoint, save_checkpoint
+
+from .runs import run_training
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, layer: str, loader, limit: int) -> torch.Tensor:
+    """The inputs that `layer` receives on up to `limit` images, flattened to [rows, in_features]."""
+    rows: list[torch.Tensor] = []
+    hook = model.get_submodule(layer).register_forward_hook(
+        lambda mod, inputs, out: rows.append(inputs[0].reshape(-1, inputs[0].shape[-1]).float()))
+    seen = 0
+    model.eval()
+    for x, _ in loader:
+        model(x)
+        seen += len(x)
+        if seen >= limit:
+            break
+    hook.remove()
+    return torch.cat(rows)
+
+
+def convert_layer(model: nn.Module, name: str, multiplier: int, fit: str, calibration, held_out,
+                  fit_steps: int, als_iterations: int) -> dict:
+    """Fit a Clos layer to one linear layer (weight-space, then data-aware) and put it in its place."""
+    dense = model.get_submodule(name)
+    clos = Clos(dense.in_features, dense.out_features, multiplier).to(dense.weight.device)
+    result = {"layer": name, "dense_parameters": count_parameters(dense), "clos_parameters": count_parameters(clos)}
+    result["weight_space"] = fit_to_dense(clos, dense, als_iterations)
+    if fit == "data":
+        x, x_val = calibration(name), held_out(name)
+        with torch.no_grad():
+            y, y_val = dense(x), dense(x_val)
+        result["data_aware"] = fit_clos(clos, x, y, steps=fit_steps, x_val=x_val, y_val=y_val)
+    replace_module(model, name, clos)
+    model.surgery = [*getattr(model, "surgery", []), {"kind": "clos", "layer": name, "config": clos.config()}]
+    return result
+
+
+def clos_convert(checkpoint: str, layers: str, multiplier: int = 4, fit: str = "data", fit_steps: int = 1000,
+                 als_iterations: int = 50, calibration_images: int = 4096, finetune_epochs: int = 0,
+                 output: Optional[str] = None, device: str = "cpu") -> dict:
+    """Convert, evaluate, save (recording the surgery); optionally KD fine-tune; return the summary."""
+    ckpt = load_checkpoint(checkpoint)
+    cfg = from_dict(ckpt["config"], checkpoint)
+    model = build_model(ckpt, source=checkpoint).to(device)
+    spec, train, val, test = load_splits(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.train_subset, cfg.image_size)
+    size = model.arch["image_size"]
+    loader = lambda split: BatchLoader(split, spec, 256, device, image_size=size)  # noqa: E731
+    test_acc = lambda: evaluate(model, loader(test))["acc"]  # noqa: E731
+    summary = {"checkpoint": checkpoint, "multiplier": multiplier, "fit": fit,
+               "parameters_before": count_parameters(model), "test_accuracy_before": test_acc(), "layers": []}
+    for name in matching_linears(model, layers):  # layer by layer: later layers see converted inputs
+        summary["layers"].append(convert_layer(
+            model, name, multiplier, fit, lambda n: capture_inputs(model, n, loader(train), calibration_images),
+            lambda n: capture_inputs(model, n, loader(val), calibration_images), fit_steps, als_iterations))
+    summary.update(parameters_after=count_parameters(model), test_accuracy_after=test_acc())
+    summary["compression"] = summary["parameters_before"] / summary["parameters_after"]
+    out = Path(output or Path(checkpoint).with_name(Path(checkpoint).stem + f"_clos_m{multiplier}.pth"))
+    save_checkpoint({**{k: v for k, v in ckpt.items() if k not in ("format", "version", "test", "alignment")},
+                     "state_dict": model.state_dict(), "surgery": model.surgery, "clos": summary}, out)
+    summary["output"] = str(out)
+    if finetune_epochs:
+        tuned = dataclasses.replace(cfg, init_checkpoint=str(out), teacher_checkpoint=checkpoint, teacher=cfg.model,
+                                    name=out.stem + "_kd", out_dir=str(out.parent), epochs=finetune_epochs,
+                                    optimizer="adam", lr=1e-3, scheduler="cosine", warmup_epochs=0.0,
+                                    loss={}, alpha=0.5, temperature=4.0, resume=False, device=device)
+        result = run_training(tuned, distilling=True)
+        summary.update(finetuned_output=result["checkpoint"], test_accuracy_finetuned=result["test_acc"])
+    return summary

@@ -1,0 +1,91 @@
+"""A three-stage Clos layer: in = bin*b1 inputs -> out = bout*b3 outputs through small dense switches.
+
+Stage 1: b1 ingress switches, each bin -> b2 (weights [bin, b1, b2], bias [b1]).
+Stage 2: b2 middle switches, each b1 -> b3 (weights [b1, b2, b3], bias [b2]).
+Stage 3: b3 egress switches, each b2 -> bout (weights [b2, b3, bout], bias [b3]).
+b2 = m * bin, m the middle-stage multiplier. Every stage is one batched matrix product over its
+switches; every input reaches every output, and the map has full rank (a test checks it), unlike
+a shortcut that sums an index away early and is a low-rank layer in disguise.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..errors import UserError
+
+
+def largest_divisor_up_to_sqrt(n: int) -> int:
+    """The largest divisor of n that is at most sqrt(n) (1 for a prime)."""
+    return max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+
+
+def default_factors(in_features: int, out_features: int, bin_: Optional[int] = None,
+                    bout: Optional[int] = None) -> tuple[int, int, int, int]:
+    """(bin, b1, b3, bout): given factors are checked; missing ones are the largest divisor <= sqrt."""
+    for name, size in (("in_features", in_features), ("out_features", out_features)):
+        if size < 1:
+            raise UserError(f"Clos: {name} must be positive, got {size}")
+    bin_ = bin_ or largest_divisor_up_to_sqrt(in_features)
+    bout = bout or largest_divisor_up_to_sqrt(out_features)
+    for name, size, factor in (("in_features", in_features, bin_), ("out_features", out_features, bout)):
+        if size % factor:
+            raise UserError(f"Clos: {name}={size} is not divisible by the switch size {factor}")
+        if factor == 1 and size > 1:
+            warnings.warn(f"Clos: {name}={size} has no divisor in [2, sqrt]: the layer degenerates "
+                          "(switches of size 1)", stacklevel=3)
+    return bin_, in_features // bin_, out_features // bout, bout
+
+
+class Clos(nn.Module):
+    """Drop-in replacement for nn.Linear(in_features, out_features) with far fewer parameters."""
+
+    def __init__(self, in_features: int, out_features: int, multiplier: int = 4, bin_: Optional[int] = None,
+                 bout: Optional[int] = None) -> None:
+        super().__init__()
+        if not isinstance(multiplier, int) or multiplier < 1:
+            raise UserError(f"Clos: the middle-stage multiplier must be an integer >= 1, got {multiplier}")
+        self.in_features, self.out_features, self.multiplier = in_features, out_features, multiplier
+        self.bin, self.b1, self.b3, self.bout = default_factors(in_features, out_features, bin_, bout)
+        self.b2 = multiplier * self.bin
+        self.w1 = nn.Parameter(torch.empty(self.bin, self.b1, self.b2))
+        self.w2 = nn.Parameter(torch.empty(self.b1, self.b2, self.b3))
+        self.w3 = nn.Parameter(torch.empty(self.b2, self.b3, self.bout))
+        self.bias1 = nn.Parameter(torch.zeros(self.b1))
+        self.bias2 = nn.Parameter(torch.zeros(self.b2))
+        self.bias3 = nn.Parameter(torch.zeros(self.b3))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each stage scaled like a Linear of its fan-in, so the layer starts near unit gain."""
+        for w, fan_in in ((self.w1, self.bin), (self.w2, self.b1), (self.w3, self.b2)):
+            nn.init.uniform_(w, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+
+    def config(self) -> dict:
+        """Constructor arguments (recorded in checkpoints so that loading rebuilds the layer)."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "multiplier": self.multiplier,
+                "bin_": self.bin, "bout": self.bout}
+
+    def egress_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Stages 1 and 2: what each egress switch sees, [b3, N, b2] for x of shape [..., in]."""
+        n = math.prod(x.shape[:-1])
+        # Stage 1: [b1, N, bin] @ [b1, bin, b2] -> [b1, N, b2]
+        h = x.reshape(n, self.b1, self.bin).transpose(0, 1)
+        h = torch.bmm(h, self.w1.permute(1, 0, 2)) + self.bias1.view(-1, 1, 1)
+        # Stage 2 (middle switch k sees output k of every ingress switch): [b2, N, b1] @ [b2, b1, b3]
+        h = torch.bmm(h.permute(2, 1, 0), self.w2.permute(1, 0, 2)) + self.bias2.view(-1, 1, 1)
+        return h.permute(2, 1, 0)  # egress switch l sees output l of every middle switch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Stage 3: [b3, N, b2] @ [b3, b2, bout] -> [b3, N, bout]
+        h = torch.bmm(self.egress_inputs(x), self.w3.permute(1, 0, 2)) + self.bias3.view(-1, 1, 1)
+        return h.permute(1, 0, 2).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_features} -> {self.out_features}, multiplier={self.multiplier}, "
+                f"switches: {self.b1}x({self.bin}->{self.b2}), {self.b2}x({self.b1}->{self.b3}), "
+                f"{self.b3}x({self.b2}->{self.bout})")

@@ -1,0 +1,103 @@
+"""Clos layers: sizes, full rank, shapes, errors, exact recovery, and clos-convert with replay on load."""
+import warnings
+
+import pytest
+import torch
+
+from distillation_lab.main import main
+from pruning_lab.clos import Clos, fit_clos
+from pruning_lab.clos.fit import fit_bias, fit_to_dense, fit_weights_als, relative_error
+from pruning_lab.errors import UserError
+from pruning_lab.train import build_model, load_checkpoint
+
+
+def dense_map(layer, size):
+    with torch.no_grad():
+        zero = torch.zeros(1, size)
+        return (layer(torch.eye(size)) - layer(zero)).T, layer(zero)[0]
+
+
+def test_parameter_counts_and_factors():
+    c4, c2 = Clos(784, 784, 4), Clos(784, 784, 2)
+    assert (c4.bin, c4.b1, c4.b2, c4.b3, c4.bout) == (28, 28, 112, 28, 28)
+    assert sum(p.numel() for p in c4.parameters()) == 263_592
+    assert sum(p.numel() for p in c2.parameters()) == 131_824
+    assert (c4.w1.shape, c4.w2.shape, c4.w3.shape) == ((28, 28, 112), (28, 112, 28), (112, 28, 28))
+    assert sum(p.numel() for p in torch.nn.Linear(784, 784).parameters()) == 615_440
+    odd = Clos(784, 256, 2, bin_=16)
+    assert (odd.bin, odd.b1, odd.bout, odd.b3) == (16, 49, 16, 16)
+
+
+def test_map_has_full_rank():
+    torch.manual_seed(0)
+    weight, _ = dense_map(Clos(784, 784, 4), 784)
+    assert torch.linalg.matrix_rank(weight.double()) == 784
+
+
+def test_any_leading_dimensions():
+    c = Clos(64, 48, 2)
+    x = torch.randn(2, 3, 5, 64)
+    flat = c(x.reshape(-1, 64)).reshape(2, 3, 5, 48)
+    assert c(x).shape == (2, 3, 5, 48) and torch.allclose(c(x), flat, atol=1e-6)
+
+
+def test_invalid_shapes_are_clear_errors():
+    with pytest.raises(UserError, match="in_features=784 is not divisible by the switch size 30"):
+        Clos(784, 784, bin_=30)
+    with pytest.raises(UserError, match="multiplier must be an integer >= 1"):
+        Clos(784, 784, 0)
+    with pytest.warns(UserWarning, match="in_features=97 has no divisor"):
+        Clos(97, 64)
+
+
+def test_dense_layer_that_is_a_clos_map_is_recovered():
+    torch.manual_seed(0)
+    teacher = Clos(64, 64, 4)  # zero biases: per-switch biases depend on the gauge of the factors
+    weight, bias = dense_map(teacher, 64)
+    dense = torch.nn.Linear(64, 64)
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+        dense.bias.copy_(bias)
+    student = Clos(64, 64, 4)
+    result = fit_to_dense(student, dense, iterations=300)
+    assert result["weight_relative_error"] < 1e-5 and bias.abs().max() == 0 and result["bias_relative_error"] < 1e-5
+    x = torch.randn(100, 64)
+    assert relative_error(student(x), dense(x)) < 1e-5
+
+
+def test_data_aware_fit_lowers_the_output_error():
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(64, 32)
+    x = torch.randn(512, 64) @ torch.randn(64, 64) * 0.3  # correlated inputs, as real activations are
+    with torch.no_grad():
+        y = dense(x)
+    clos = Clos(64, 32, 2)
+    fit_to_dense(clos, dense, iterations=20)
+    with torch.no_grad():
+        before = relative_error(clos(x), y)
+    result = fit_clos(clos, x, y, steps=300, lr=3e-3)
+    assert result["relative_error"] < before
+
+
+def test_clos_convert_records_surgery_and_replays_it(tmp_path, capsys):
+    out = tmp_path / "models"
+    assert main(["train-teacher", "--model", "mnist_mlp", "--model-args", "{hidden: [784, 32]}", "--dataset",
+                 "mnist_embedded", "--epochs", "2", "--optimizer", "adam", "--lr", "1e-3", "--train-subset", "1024",
+                 "--val-size", "200", "--out-dir", str(out), "--name", "mlp", "--no-progress"]) == 0
+    assert main(["clos-convert", "--checkpoint", str(out / "mlp.pth"), "--layers", "fc1", "--multiplier", "2",
+                 "--fit-steps", "50", "--als-iterations", "5", "--calibration-images", "512",
+                 "--finetune-epochs", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "fc1: 615,440 -> 131,824 parameters" in text and "after KD fine-tuning" in text
+    ckpt = load_checkpoint(out / "mlp_clos_m2.pth")
+    assert ckpt["surgery"] == [{"kind": "clos", "layer": "fc1",
+                                "config": {"in_features": 784, "out_features": 784, "multiplier": 2, "bin_": 28, "bout": 28}}]
+    model = build_model(ckpt)
+    assert isinstance(model.fc1, Clos)
+    summary = ckpt["clos"]
+    assert summary["parameters_after"] == sum(p.numel() for p in model.parameters()) < summary["parameters_before"]
+    tuned = load_checkpoint(out / "mlp_clos_m2_kd.pth")
+    assert tuned["surgery"] == ckpt["surgery"] and isinstance(build_model(tuned).fc1, Clos)
+    # An unknown layer pattern names the layers there are.
+    assert main(["clos-convert", "--checkpoint", str(out / "mlp.pth"), "--layers", "attn.*"]) == 2
+    assert "the model's linear layers: fc1, fc2, fc3" in capsys.readouterr().err
