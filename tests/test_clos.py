@@ -101,3 +101,21 @@ def test_clos_convert_records_surgery_and_replays_it(tmp_path, capsys):
     # An unknown layer pattern names the layers there are.
     assert main(["clos-convert", "--checkpoint", str(out / "mlp.pth"), "--layers", "attn.*"]) == 2
     assert "the model's linear layers: fc1, fc2, fc3" in capsys.readouterr().err
+
+
+def test_clos_convert_vit_attention_and_mlp(tmp_path, capsys):
+    out = tmp_path / "models"
+    assert main(["train-student", "--model", "vit_student", "--model-args", "{depth: 1, embed_dim: 32, num_heads: 2}",
+                 "--dataset", "mnist_embedded", "--epochs", "1", "--optimizer", "adamw", "--lr", "1e-3",
+                 "--train-subset", "256", "--val-size", "100", "--out-dir", str(out), "--name", "vit",
+                 "--no-progress"]) == 0
+    assert main(["clos-convert", "--checkpoint", str(out / "vit.pth"), "--layers",
+                 "vit.blocks.*.attn.qkv,vit.blocks.*.attn.proj,vit.blocks.*.mlp.fc*", "--fit-steps", "20",
+                 "--als-iterations", "3", "--calibration-images", "64"]) == 0
+    ckpt = load_checkpoint(out / "vit_clos_m4.pth")
+    assert [s["layer"] for s in ckpt["surgery"]] == ["vit.blocks.0.attn.qkv", "vit.blocks.0.attn.proj",
+                                                      "vit.blocks.0.mlp.fc1", "vit.blocks.0.mlp.fc2"]
+    model = build_model(ckpt)
+    assert isinstance(model.vit.blocks[0].attn.qkv, Clos)
+    logits, _ = model(torch.randn(2, 1, 28, 28))
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
