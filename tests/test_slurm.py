@@ -147,6 +147,8 @@ def test_sigterm_requeues_and_the_job_resumes(cluster, tmp_path):
         time.sleep(0.5)
         info = cluster.run(["scontrol", "show", "job", job]).stdout
     assert "Restarts=1" in info, info
+    # slurmd refuses a credential made in the same second as the revoked one ("Job credential revoked").
+    time.sleep(3)
     cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
     states = cluster.wait_all([job], timeout=600)
     text = log.read_text()
