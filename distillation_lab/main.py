@@ -1,4 +1,4 @@
-"""distill-lab command line: train-teacher, train-student, evaluate, prepare-data, pipeline.
+"""distill-lab command line: train, distill, evaluate, report, run the chain, convert to Clos layers.
 
 Every training option comes from one Config (pruning_lab.config): built-in defaults, then a YAML
 recipe (`--config`, or the lab recipe of `--model` when no config is given), then flags.
