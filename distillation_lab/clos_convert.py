@@ -15,6 +15,7 @@ from pruning_lab.clos.surgery import matching_linears, replace_module
 from pruning_lab.config import from_dict
 from pruning_lab.data import BatchLoader, load_splits
 from pruning_lab.inference import count_parameters, evaluate
+from pruning_lab.runtime import resolve_device
 from pruning_lab.train import build_model, load_checkpoint, save_checkpoint
 
 from .runs import run_training
@@ -56,8 +57,9 @@ def convert_layer(model: nn.Module, name: str, multiplier: int, fit: str, calibr
 
 def clos_convert(checkpoint: str, layers: str, multiplier: int = 4, fit: str = "data", fit_steps: int = 1000,
                  als_iterations: int = 50, calibration_images: int = 4096, finetune_epochs: int = 0,
-                 output: Optional[str] = None, device: str = "cpu") -> dict:
+                 output: Optional[str] = None, device: str = "auto") -> dict:
     """Convert, evaluate, save (recording the surgery); optionally KD fine-tune; return the summary."""
+    device = str(resolve_device(device))
     ckpt = load_checkpoint(checkpoint)
     cfg = from_dict(ckpt["config"], checkpoint)
     model = build_model(ckpt, source=checkpoint).to(device)

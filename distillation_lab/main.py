@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-images", type=int, default=4096, help="training images whose layer inputs are fitted")
     p.add_argument("--finetune-epochs", type=int, default=0, help="KD fine-tuning epochs with the original as teacher")
     p.add_argument("--output", help="converted checkpoint path (default: CHECKPOINT_clos_mM.pth beside it)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device")
     p.set_defaults(func=cmd_clos_convert)
 
     p = sub.add_parser("prepare-data", help="download (--download) and check a dataset")

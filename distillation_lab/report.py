@@ -115,19 +115,40 @@ def build_details(models_dir: Path, device: str, data_dir: Optional[str]) -> dic
             entry[key] = summarise(name, found[name], student_teacher, device, data_dir)
         entry["kd_minus_baseline"] = paired_difference(entry[KEYS[2]], entry[KEYS[1]])
         details[family] = entry
+    details["converted"] = converted_models(found, device, data_dir)
     return details
+
+
+def converted_models(found: dict, device: str, data_dir: Optional[str]) -> list[dict]:
+    """Models with Clos layers (clos-convert outputs and their KD fine-tuned versions), re-evaluated."""
+    rows = []
+    for name, runs in sorted(found.items()):
+        if "_clos_m" not in name:
+            continue
+        for path in runs.values():
+            try:
+                card = evaluate_checkpoint(str(path), data_dir=data_dir, device=device)
+            except UserError as e:
+                rows.append({"run": name, "status": "unreadable", "errors": [str(e)]})
+                continue
+            surgery = load_checkpoint(path).get("surgery", [])
+            rows.append({"run": name, "status": "ok", "model": card["model"], "dataset": card["dataset"],
+                         "test_accuracy": card["test_accuracy"], "parameters": card["parameters"],
+                         "macs": card["macs"], "clos_layers": [s["layer"] for s in surgery]})
+    return rows
 
 
 def lab_report(details: dict) -> dict:
     """report.json: exactly the lab plan's keys; the mean test accuracy over seeds, or null."""
-    return {family: {key: (entry[key]["test_accuracy_mean"] if entry[key]["status"] == "ok" else None)
-                     for key in KEYS} for family, entry in details.items()}
+    return {family: {key: (details[family][key]["test_accuracy_mean"] if details[family][key]["status"] == "ok"
+                           else None) for key in KEYS} for family in FAMILIES}
 
 
 def table(details: dict) -> pd.DataFrame:
     """One row per evaluated run name, for report.md and report.png."""
     rows = []
-    for family, entry in details.items():
+    for family in FAMILIES:
+        entry = details[family]
         for key in KEYS:
             e = entry[key]
             row = {"family": family, "what": key.replace("_accuracy", "").replace("_", " "), "run": e["run"]}
@@ -153,8 +174,14 @@ def markdown(details: dict, frame: pd.DataFrame) -> str:
     shown = frame.drop(columns=[c for c in ("acc", "std", "n_params") if c in frame.columns]).astype(object).fillna("")
     lines = ["# distill-lab report", "", "Test accuracy on each checkpoint's test split (mean ± sample std over seeds).",
              "", shown.to_markdown(index=False), ""]
-    for family, entry in details.items():
-        d = entry["kd_minus_baseline"]
+    if details["converted"]:
+        converted = pd.DataFrame([{"run": r["run"], "model": r.get("model", ""), "Clos layers": len(r.get("clos_layers", [])),
+                                   "params": f"{r['parameters']:,}" if "parameters" in r else "",
+                                   "test accuracy": f"{r['test_accuracy']:.4f}" if "test_accuracy" in r else r["status"]}
+                                  for r in details["converted"]])
+        lines += ["Converted models (Clos layers):", "", converted.to_markdown(index=False), ""]
+    for family in FAMILIES:
+        d = details[family]["kd_minus_baseline"]
         if d:
             lines.append(f"- {family}: distilled minus baseline student, paired by seed: {d['mean'] * 100:+.2f} ± "
                          f"{d['std'] * 100:.2f} points; distillation better in {d['kd_better']} of {d['seeds']} seeds.")

@@ -126,7 +126,9 @@ dl_stage_best_checkpoints() {
 # dl_run SUBCOMMAND ARGS...: run main.py in the scratch copy; a stopped training run requeues the job.
 dl_run() {
     local args=("$@") model_args=${DL_SMOKE_MODEL_ARGS:-}
-    if [[ "${DL_SMOKE:-0}" == 1 && "$1" != report ]]; then
+    if [[ "${DL_SMOKE:-0}" == 1 && "$1" == clos-convert ]]; then
+        args+=(--fit-steps 20 --als-iterations 3 --calibration-images 64 --device cpu)
+    elif [[ "${DL_SMOKE:-0}" == 1 && "$1" != report ]]; then
         [[ -n "$model_args" ]] || model_args='{width: 4}'
         args+=(--dataset mnist_embedded --epochs "${DL_SMOKE_EPOCHS:-1}" --max-steps-per-epoch 2 --batch-size 32
                --val-size 100 --device cpu --no-progress --model-args "$model_args")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Submit the whole lab chain: both teachers; each baseline and distillation after its teacher
-# (afterok); the report after all of them. With --kill-on-invalid-dep=yes a failed teacher cancels
+# Submit the whole lab chain: both teachers; each baseline and distillation (and the Clos
+# conversion of the ViT teacher) after its teacher (afterok); the report after all of them. With --kill-on-invalid-dep=yes a failed teacher cancels
 # its dependants instead of leaving them pending forever.
 #
 #   bash slurm/submit_chain.sh [--smoke] [--dry-run] [extra sbatch args...]
@@ -38,7 +38,9 @@ vit_teacher=$(submit slurm/train_vit_teacher.slurm "$@")
     cnn_kd=$(submit slurm/distill_cnn.slurm $(after "$cnn_teacher") "$@")
     vit_student=$(submit slurm/train_vit_student_baseline.slurm $(after "$vit_teacher") "$@")
     vit_kd=$(submit slurm/distill_vit.slurm $(after "$vit_teacher") "$@")
-    report=$(submit slurm/report.slurm $(after "$cnn_teacher:$vit_teacher:$cnn_student:$cnn_kd:$vit_student:$vit_kd") "$@")
+    vit_clos=$(submit slurm/clos_convert_vit.slurm $(after "$vit_teacher") "$@")
+    report=$(submit slurm/report.slurm \
+             $(after "$cnn_teacher:$vit_teacher:$cnn_student:$cnn_kd:$vit_student:$vit_kd:$vit_clos") "$@")
 }
 echo "submitted: cnn_teacher=$cnn_teacher vit_teacher=$vit_teacher cnn_student=$cnn_student cnn_student_kd=$cnn_kd" \
-     "vit_student=$vit_student vit_student_kd=$vit_kd report=$report"
+     "vit_student=$vit_student vit_student_kd=$vit_kd vit_teacher_clos=$vit_clos report=$report"
