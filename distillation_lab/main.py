@@ -19,7 +19,8 @@ from pruning_lab.models import MODELS
 from pruning_lab.train import TrainingInterrupted
 from pruning_lab.train.loop import INTERRUPTED_EXIT_CODE
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+from .recipes import CONFIG_DIR, recipe_path
+
 # The lab plan's recipe for each model, used when no --config is given.
 RECIPES = {"teacher": {"resnet18": "cnn_teacher", "vit_tiny": "vit_teacher"},
            "student": {"resnet8": "cnn_student", "vit_student": "vit_student"},
@@ -33,11 +34,16 @@ def resolve_config(args: argparse.Namespace, job: str) -> Config:
     if yaml_path is None:
         model = getattr(args, "model", None) or DEFAULT_MODEL[job]
         recipe = RECIPES[job].get(model)
-        yaml_path = str(CONFIG_DIR / f"{recipe}.yaml") if recipe else None
+        yaml_path = str(recipe_path(recipe)) if recipe else None
         if yaml_path:
             print(f"config: lab recipe {Path(yaml_path).relative_to(CONFIG_DIR.parent.parent)} (override with flags or --config)")
     cfg = config_from_args(args, yaml_path, defaults={"model": DEFAULT_MODEL[job]})
     return dataclasses.replace(cfg, role="student" if job == "distill" else job)  # the subcommand decides
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    """The config flags given on the command line (applied to every job of a chain)."""
+    return {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
 
 
 def cmd_train(args: argparse.Namespace, job: str) -> int:
@@ -90,9 +96,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """submit: the lab chain through submitit (SLURM, or --cluster local)."""
     from .submit import submit_chain
 
-    overrides = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
     jobs = submit_chain(args.folder, smoke=args.smoke, partition=args.partition, gpus=args.gpus,
-                        timeout_min=args.timeout_min, overrides=overrides, cluster=args.cluster)
+                        timeout_min=args.timeout_min, overrides=config_overrides(args), cluster=args.cluster)
     print("submitted: " + " ".join(f"{name}={job.job_id}" for name, job in jobs.items()), flush=True)
     if args.wait:
         for name, job in jobs.items():
@@ -137,8 +142,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     """pipeline: the whole local chain of a preset (teacher, student, evaluation, summary)."""
     from .pipeline import run_pipeline
 
-    overrides = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
-    rows, report_path = run_pipeline(args.preset, overrides, args.seeds)
+    rows, report_path = run_pipeline(args.preset, config_overrides(args), args.seeds)
     print_summary(rows)
     print(f"\n{report_path.with_suffix('.md').read_text()}")
     print(f"report: {report_path} (+ {report_path.stem}_details.json, .md, .png beside it)")

@@ -5,13 +5,13 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence
 
-from pruning_lab.config import Config, load_yaml, make_config
+from pruning_lab.config import Config
 from pruning_lab.errors import UserError
 
 from .runs import run_training
+from .recipes import recipe_config
 from .report import write_report
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # Each preset: the teacher jobs, then the student jobs (run once per seed).
 PRESETS = {
     "demo": (["demo_teacher"], ["demo_student", "demo_distill"], [0, 1, 2]),  # embedded MNIST, CPU, minutes
@@ -19,13 +19,7 @@ PRESETS = {
 }
 
 
-def job_config(job: str, overrides: dict) -> Config:
-    """A preset job's YAML with the pipeline's overrides applied."""
-    path = CONFIG_DIR / f"{job}.yaml"
-    return make_config(overrides, "command line", base=make_config(load_yaml(path), str(path)))
-
-
-def student_config(cfg: Config, teacher_dir: str, seed: int, several_seeds: bool) -> Config:
+def student_config(cfg: Config, seed: int, several_seeds: bool) -> Config:
     """A student job for one seed: NAME_seedS when there are several, teacher read from the same out_dir."""
     name = f"{cfg.run_name()}_seed{seed}" if several_seeds else cfg.run_name()
     teacher = str(Path(cfg.out_dir) / Path(cfg.teacher_checkpoint).name) if cfg.teacher_checkpoint else ""
@@ -38,8 +32,8 @@ def run_pipeline(preset: str, overrides: dict, seeds: Sequence[int] | None = Non
         raise UserError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
     teachers, students, default_seeds = PRESETS[preset]
     seeds = list(seeds or default_seeds)
-    configs = [job_config(job, overrides) for job in teachers]
-    configs += [student_config(job_config(job, overrides), "", seed, len(seeds) > 1)
+    configs = [recipe_config(job, overrides) for job in teachers]
+    configs += [student_config(recipe_config(job, overrides), seed, len(seeds) > 1)
                 for seed in seeds for job in students]
     rows = []
     for cfg in configs:

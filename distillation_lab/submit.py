@@ -6,18 +6,17 @@ staging: use the batch scripts for that), with afterok dependencies and kill_on_
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Optional
 
 import submitit
 
-from pruning_lab.config import Config, load_yaml, make_config
+from pruning_lab.config import Config, make_config
 from pruning_lab.errors import UserError
 
+from .recipes import recipe_config
 from .report import write_report
 from .runs import run_training
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # name -> (config, distilling, the job it waits for)
 CHAIN = {
     "cnn_teacher": ("cnn_teacher", False, None),
@@ -36,10 +35,8 @@ def chain_configs(smoke: bool, overrides: dict) -> dict[str, Config]:
     """The resolved config of every training job of the chain."""
     configs = {}
     for name, (config, _, _) in CHAIN.items():
-        path = CONFIG_DIR / f"{config}.yaml"
-        cfg = make_config(load_yaml(path), str(path))
-        if smoke:
-            cfg = make_config({**SMOKE, "model_args": SMOKE_MODEL_ARGS[name[:3]]}, "smoke preset", base=cfg)
+        cfg = recipe_config(config, {**SMOKE, "model_args": SMOKE_MODEL_ARGS[name[:3]]}, "smoke preset") \
+            if smoke else recipe_config(config)
         configs[name] = make_config(overrides, "command line", base=cfg)
     return configs
 

@@ -1,12 +1,10 @@
 """Clos layers: sizes, full rank, shapes, errors, exact recovery, and clos-convert with replay on load."""
-import warnings
-
 import pytest
 import torch
 
 from distillation_lab.main import main
 from pruning_lab.clos import Clos, fit_clos
-from pruning_lab.clos.fit import fit_bias, fit_to_dense, fit_weights_als, relative_error
+from pruning_lab.clos.fit import fit_to_dense, relative_error
 from pruning_lab.errors import UserError
 from pruning_lab.train import build_model, load_checkpoint
 

@@ -86,7 +86,7 @@ def fit_weights_als(clos: Clos, weight: torch.Tensor, iterations: int = 100, rid
     least-squares problem when the other two are fixed, and splits into small independent solves.
     Returns the relative error after each iteration.
     """
-    b1, b2, b3, bin_, bout = clos.b1, clos.b2, clos.b3, clos.bin, clos.bout
+    b1, b3, bin_, bout = clos.b1, clos.b3, clos.bin, clos.bout
     w = weight.double().reshape(b3, bout, b1, bin_).permute(0, 2, 1, 3)  # [l, j, o, i]
     a = clos.w3.double().permute(1, 2, 0).clone()  # [l, o, k]
     b = clos.w1.double().permute(1, 2, 0).clone()  # [j, k, i]

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-
 from ..data import BatchLoader, load_splits
 from ..errors import UserError
 from ..runtime import resolve_device, resolve_precision

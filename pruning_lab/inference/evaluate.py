@@ -18,9 +18,8 @@ def evaluate(model: nn.Module, loader: Iterable, precision: str = "fp32") -> dic
     """Mean cross-entropy and top-1 accuracy of `model` over every batch of `loader`."""
     was_training = model.training
     model.eval()
-    loss_sum, correct, n, device = 0.0, 0.0, 0, None
+    loss_sum, correct, n = 0.0, 0.0, 0
     for x, y in loader:
-        device = x.device
         with autocast(precision, x.device):
             logits, _ = model(x)
         loss_sum = loss_sum + F.cross_entropy(logits.float(), y, reduction="sum")
