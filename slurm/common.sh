@@ -16,8 +16,12 @@
 #   DL_MODELS_DIR  where checkpoints live (default: $DL_REPO/models_saved)
 #   DL_SMOKE=1     the smoke preset: embedded data, tiny models, a few steps, CPU (tests, dry runs)
 #   DL_EXTRA_ARGS  more main.py flags for every job
-#   DL_NPROC       data-parallel processes on the node (default: the GPUs allocated, else 1); above 1
-#                  the run is launched with torchrun (one process per GPU; gloo on CPU)
+#   DL_NPROC       data-parallel processes per node (default: the GPUs allocated on the node, else 1);
+#                  above 1 the run is launched with torchrun (one process per GPU; gloo on CPU)
+#   DL_MASTER_PORT the rendezvous port of a multi-node run (default: 29500 + job id mod 1000)
+# Several nodes (sbatch --nodes=N): srun starts slurm/node_step.sh once per node; each node stages its
+# own scratch copy (TMPDIR is node-local) and runs torchrun with its node rank; rank 0, on the first
+# node, writes the checkpoints and copies them back.
 set -euo pipefail
 
 dl_log() { echo "[distill-lab $(date +%H:%M:%S)] $*" >&2; }
@@ -57,6 +61,9 @@ dl_activate_venv() {
 }
 
 dl_make_scratch() {
+    if (( DL_NNODES > 1 )) && [[ -z "${DL_NODE_STEP:-}" ]]; then
+        return 0  # a multi-node job's batch shell only starts the steps; each node stages its own copy
+    fi
     DL_SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/distill-lab.${SLURM_JOB_ID:-local}.XXXXXX")
     mkdir -p "$DL_SCRATCH/repo/models_saved"
     export TORCHINDUCTOR_CACHE_DIR="$DL_SCRATCH/torchinductor"  # keep torch's caches inside the scratch too
@@ -64,11 +71,14 @@ dl_make_scratch() {
     if [[ -d "$DL_DATA_DIR" ]]; then
         cp -r "$DL_DATA_DIR" "$DL_SCRATCH/repo/data"
     fi
-    dl_log "job ${SLURM_JOB_ID:-local} on $(hostname -s): scratch $DL_SCRATCH"
+    dl_log "job ${SLURM_JOB_ID:-local} on ${SLURMD_NODENAME:-$(hostname -s)}: scratch $DL_SCRATCH"
 }
 
 dl_copy_back() {
     [[ -n "${DL_SCRATCH:-}" && -d "$DL_SCRATCH/repo/models_saved" ]] || return 0
+    # Of a multi-node run only the first node's copy has results (rank 0 writes); the others hold
+    # nothing but staged inputs, by now stale, which must not overwrite them.
+    [[ -n "${DL_NODE_STEP:-}" && "${SLURM_NODEID:-0}" != 0 ]] && return 0
     mkdir -p "$DL_MODELS_DIR"
     local f
     for f in "$DL_SCRATCH/repo/models_saved"/*; do
@@ -96,7 +106,7 @@ dl_forward_signal() {
     dl_log "received $1: asking the run to save and stop"
     DL_SIGNALLED=1
     [[ -n "${DL_CHILD:-}" ]] || return 0
-    if (( DL_NPROC > 1 )); then  # the training processes are torchrun's children
+    if [[ "${DL_LAUNCHER:-}" == torchrun ]]; then  # the training processes are torchrun's children
         pkill -"$1" -P "$DL_CHILD" 2>/dev/null || true
     else
         kill -s "$1" "$DL_CHILD" 2>/dev/null || true
@@ -104,12 +114,14 @@ dl_forward_signal() {
 }
 
 # dl_stage FILE...: copy these files of models_saved/ into the scratch copy (teacher checkpoints,
-# the last checkpoint to resume from). Missing ones are skipped.
+# the last checkpoint to resume from). Missing ones are skipped. DL_STAGED remembers them, so that
+# every node of a multi-node run stages the same files.
 dl_stage() {
     local name
     for name in "$@"; do
         if [[ -f "$DL_MODELS_DIR/$name" ]]; then
-            cp "$DL_MODELS_DIR/$name" "$DL_SCRATCH/repo/models_saved/$name"
+            [[ -n "${DL_SCRATCH:-}" ]] && cp "$DL_MODELS_DIR/$name" "$DL_SCRATCH/repo/models_saved/$name"
+            DL_STAGED="${DL_STAGED:-} $name"
         fi
     done
 }
@@ -118,7 +130,7 @@ dl_stage() {
 dl_stage_best_checkpoints() {
     local f
     for f in "$DL_MODELS_DIR"/*.pth; do
-        [[ -e "$f" && "$f" != *_last.pth ]] && cp "$f" "$DL_SCRATCH/repo/models_saved/"
+        [[ -e "$f" && "$f" != *_last.pth ]] && dl_stage "$(basename "$f")"
     done
     return 0
 }
@@ -135,14 +147,47 @@ dl_run() {
     fi
     # shellcheck disable=SC2206  # a user's list of flags
     [[ -n "${DL_EXTRA_ARGS:-}" ]] && args+=($DL_EXTRA_ARGS)
-    cd "$DL_SCRATCH/repo"
-    dl_log "python main.py ${args[*]}"
-    set +e
-    if (( DL_NPROC > 1 )); then
+    local status=0
+    dl_launch "${args[@]}" || status=$?
+    # Exit status 3: the run saved its state after a stop signal (torchrun reports it as a failure).
+    if [[ -n "${SLURM_JOB_ID:-}" && ( $status -eq 3 || ( $status -ne 0 && -n "${DL_SIGNALLED:-}" ) ) ]]; then
+        dl_copy_back
+        dl_log "run saved its state; requeueing job $SLURM_JOB_ID to resume"
+        scontrol requeue "$SLURM_JOB_ID" || dl_log "warning: scontrol requeue failed; resubmit to resume"
+    fi
+    return "$status"
+}
+
+# dl_launch ARGS...: start main.py ARGS in the scratch copy (one process, torchrun on this node, or
+# one step per node) and wait for it, also across the stop signals that the traps forward.
+dl_launch() {
+    [[ -n "${DL_SCRATCH:-}" ]] && cd "$DL_SCRATCH/repo"
+    dl_log "python main.py $*"
+    local launch=("$DL_PYTHON" main.py) torchrun=("$DL_PYTHON" -m torch.distributed.run --nproc_per_node="$DL_NPROC")
+    DL_LAUNCHER=python
+    if [[ -n "${DL_NODE_STEP:-}" ]]; then  # one node of several: static rendezvous at the first node
+        launch=("${torchrun[@]}" --nnodes="$SLURM_JOB_NUM_NODES" --node_rank="$SLURM_NODEID"
+                --master_addr="$DL_MASTER_ADDR" --master_port="$DL_MASTER_PORT" main.py)
+        DL_LAUNCHER=torchrun
+    elif (( DL_NNODES > 1 )); then
+        export DL_STAGED DL_NPROC DL_REPO DL_DATA_DIR DL_MODELS_DIR DL_MODULES
+        export DL_MASTER_ADDR=${DL_MASTER_ADDR:-$(hostname)} DL_MASTER_PORT=${DL_MASTER_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
+        dl_log "data-parallel: $DL_NNODES nodes x $DL_NPROC processes (torchrun per node, rendezvous $DL_MASTER_ADDR:$DL_MASTER_PORT)"
+        launch=(srun --nodes="$DL_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1
+                ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} bash "$DL_REPO/slurm/node_step.sh")
+        DL_LAUNCHER=srun  # srun passes the stop signals on to every node's step
+    elif (( DL_NPROC > 1 )); then
         dl_log "data-parallel: $DL_NPROC processes with torchrun"
-        "$DL_PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$DL_NPROC" main.py "${args[@]}" &
+        launch=("${torchrun[@]}" --standalone main.py)
+        DL_LAUNCHER=torchrun
+    fi
+    set +e
+    if [[ "$DL_LAUNCHER" == torchrun ]]; then
+        # srun delivers a step's signals to every process in it: torchrun must outlive the USR1 that
+        # asks its workers to save (they set their own handler), or it would die and leave them.
+        (trap '' USR1; exec "${launch[@]}" "$@") &
     else
-        "$DL_PYTHON" main.py "${args[@]}" &
+        "${launch[@]}" "$@" &
     fi
     DL_CHILD=$!
     local status
@@ -153,16 +198,11 @@ dl_run() {
     status=$?
     set -e
     DL_CHILD=
-    # Exit status 3: the run saved its state after a stop signal (torchrun reports it as a failure).
-    if [[ -n "${SLURM_JOB_ID:-}" && ( $status -eq 3 || ( $status -ne 0 && -n "${DL_SIGNALLED:-}" ) ) ]]; then
-        dl_copy_back
-        dl_log "run saved its state; requeueing job $SLURM_JOB_ID to resume"
-        scontrol requeue "$SLURM_JOB_ID" || dl_log "warning: scontrol requeue failed; resubmit to resume"
-    fi
     return "$status"
 }
 
 DL_NPROC=${DL_NPROC:-${SLURM_GPUS_ON_NODE:-1}}
+DL_NNODES=${SLURM_JOB_NUM_NODES:-1}
 trap dl_cleanup EXIT
 trap 'dl_forward_signal USR1' USR1
 trap 'dl_forward_signal TERM' TERM

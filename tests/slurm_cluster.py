@@ -1,4 +1,4 @@
-"""A real one-node SLURM cluster on this machine, for the tests (Debian's slurm-wlm; see .ci/run).
+"""A real SLURM cluster (one node, or several slurmds) on this machine, for the tests (Debian's slurm-wlm; see .ci/run).
 
 It runs munged, MariaDB, slurmdbd, slurmctld and slurmd from a private state directory, with fake
 GPUs (symlinks to /dev/null), a per-job TMPDIR made by a TaskProlog, and stops every daemon it
@@ -41,21 +41,20 @@ ReturnToService=2
 KillWait=5
 MinJobAge=600
 StateSaveLocation={dir}/state
-SlurmdSpoolDir={dir}/spool
+SlurmdSpoolDir={dir}/spool/%n
 SlurmctldPidFile={dir}/run/slurmctld.pid
-SlurmdPidFile={dir}/run/slurmd.pid
+SlurmdPidFile={dir}/run/slurmd-%n.pid
 SlurmctldLogFile={dir}/log/slurmctld.log
-SlurmdLogFile={dir}/log/slurmd.log
+SlurmdLogFile={dir}/log/slurmd-%n.log
 SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStoragePort={dbd_port}
 JobAcctGatherType=jobacct_gather/linux
 TaskProlog={dir}/taskprolog.sh
 GresTypes=gpu
-NodeName={host} NodeAddr=127.0.0.1 CPUs=32 RealMemory=256000 Gres=gpu:1 Feature={features} State=UNKNOWN
-PartitionName=markov_gpu Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+{node_lines}
+PartitionName=markov_gpu Nodes={node_list} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 """
 
 SLURMDBD_CONF = """\
@@ -77,12 +76,14 @@ LogFile={dir}/log/slurmdbd.log
 class LocalSlurm:
     """Start with `start()`, stop with `stop()`; `env` has SLURM_CONF for sbatch and friends."""
 
-    def __init__(self, state_dir: Path, features: str = "gpu,a100") -> None:
+    def __init__(self, state_dir: Path, features: str = "gpu,a100", nodes: int = 1) -> None:
         self.dir = state_dir
         self.features = features
         self.procs: dict[str, subprocess.Popen] = {}
         self.env = {**os.environ, "SLURM_CONF": str(state_dir / "slurm.conf")}
         self.host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+        # One slurmd per node, all on this machine (own port, spool, log); one node keeps the host name.
+        self.nodes = [self.host] if nodes == 1 else [f"dlnode{i}" for i in range(1, nodes + 1)]
 
     # ------------------------------------------------------------ set-up
     def _write_config(self) -> None:
@@ -93,16 +94,21 @@ class LocalSlurm:
         gpu = d / "fake-gpu" / "gpu0"
         if not gpu.is_symlink():
             gpu.symlink_to("/dev/null")
-        ports = {"ctld_port": 16817, "slurmd_port": 16818, "dbd_port": 16819}
-        (d / "slurm.conf").write_text(SLURM_CONF.format(host=self.host, dir=d, features=self.features, **ports))
-        (d / "gres.conf").write_text(f"AutoDetect=off\nNodeName={self.host} Name=gpu File={d}/fake-gpu/gpu[0-0]\n")
+        ports = {"ctld_port": 16817, "dbd_port": 16819}
+        node_lines = "\n".join(
+            f"NodeName={n} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={16818 + 10 * i} CPUs=32 "
+            f"RealMemory=256000 Gres=gpu:1 Feature={self.features} State=UNKNOWN" for i, n in enumerate(self.nodes))
+        (d / "slurm.conf").write_text(SLURM_CONF.format(host=self.host, dir=d, node_lines=node_lines,
+                                                        node_list=",".join(self.nodes), **ports))
+        (d / "gres.conf").write_text("AutoDetect=off\n" + "".join(
+            f"NodeName={n} Name=gpu File={d}/fake-gpu/gpu[0-0]\n" for n in self.nodes))
         dbd = d / "slurmdbd.conf"
         dbd.write_text(SLURMDBD_CONF.format(dir=d, **ports))
         dbd.chmod(0o600)
         # A per-job TMPDIR, as real clusters give; nothing deletes it, so the tests see what jobs leave.
         prolog = d / "taskprolog.sh"
-        prolog.write_text(f"#!/bin/sh\nmkdir -p {d}/jobtmp/job_$SLURM_JOB_ID\n"
-                          f"echo export TMPDIR={d}/jobtmp/job_$SLURM_JOB_ID\n")
+        tmp = f"{d}/jobtmp/$SLURMD_NODENAME/job_$SLURM_JOB_ID"  # node-local, as on a real cluster
+        prolog.write_text(f"#!/bin/sh\nmkdir -p {tmp}\necho export TMPDIR={tmp}\n")
         prolog.chmod(0o755)
 
     def _spawn(self, name: str, args: list[str], **kw) -> None:
@@ -154,12 +160,21 @@ class LocalSlurm:
         self._wait_for("slurmdbd", lambda: self._port_open(16819))
         self._spawn("slurmctld", ["slurmctld", "-D", "-i"])
         self._wait_for("slurmctld", lambda: self._port_open(16817))
-        self._spawn("slurmd", ["slurmd", "-D"])
-        self._wait_for("an idle node", lambda: "idle" in self.run(["sinfo", "-h", "-o", "%T"]).stdout, 90)
+        for node in self.nodes:
+            (self.dir / "spool" / node).mkdir(exist_ok=True)
+            self._spawn(f"slurmd-{node}", ["slurmd", "-D", "-N", node])
+        self._wait_for("idle nodes", lambda: self.run(["sinfo", "-h", "-N", "-o", "%T"]).stdout.split()
+                       == ["idle"] * len(self.nodes), 90)
         return self
 
     def stop(self) -> None:
-        """Stop every daemon this object started, by PID, newest first."""
+        """Cancel the jobs still queued (their steps would outlive slurmd), then stop every daemon this
+        object started, by PID, newest first."""
+        if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
+            jobs = self.run(["squeue", "-h", "-o", "%i"]).stdout.split()
+            if jobs:
+                self.run(["scancel", *jobs])
+                self._wait_for("the end of cancelled jobs", lambda: not self.run(["squeue", "-h"]).stdout.strip(), 60)
         for name in reversed(list(self.procs)):
             proc = self.procs[name]
             if proc.poll() is None:

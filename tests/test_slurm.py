@@ -77,7 +77,7 @@ def cluster(tmp_path_factory):
         if os.environ.get("CI"):
             pytest.fail("SLURM is not installed: .ci/run must apt-get install it")
         pytest.skip("SLURM packages not installed (see .ci/run)")
-    slurm = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    slurm = LocalSlurm(tmp_path_factory.mktemp("slurm"), nodes=2)
     try:
         yield slurm.start()
     finally:
@@ -143,19 +143,10 @@ def test_sigterm_requeues_and_the_job_resumes(cluster, tmp_path):
     job = cluster.run(["bash", "submit_best_gpu.sh", "slurm/train_cnn_student_baseline.slurm"], cwd=repo,
                       env=env).stdout.strip()
     log = repo / "slurm/logs" / f"cnn_student-{job}.out"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (log.exists() and "epoch 3/60" in log.read_text()):
-        time.sleep(0.5)
+    wait_for_line(log, "epoch 3/60")
     assert cluster.run(["scancel", "--signal=TERM", "--batch", job]).returncode == 0
-    # SLURM holds a requeued job back for a while before it may start again; skip that wait here.
-    deadline, info = time.time() + 120, ""
-    while time.time() < deadline and not ("Restarts=1" in info and "JobState=PENDING" in info):
-        time.sleep(0.5)
-        info = cluster.run(["scontrol", "show", "job", job]).stdout
+    info = release_requeued(cluster, job)
     assert "Restarts=1" in info, info
-    # slurmd refuses a credential made in the same second as the revoked one ("Job credential revoked").
-    time.sleep(3)
-    cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
     states = cluster.wait_all([job], timeout=600)
     text = log.read_text()
     assert states[job] == "COMPLETED", text[-3000:]
@@ -197,6 +188,52 @@ def test_data_parallel_job_under_slurm(cluster, tmp_path):
     assert states[job] == "COMPLETED", log[-3000:]
     assert "data-parallel: 2 processes with torchrun" in log and log.count("test acc") == 1
     assert (repo / "models_saved/cnn_teacher.pth").exists()
+
+
+def release_requeued(cluster, job: str) -> str:
+    """Wait until a stopped job is back in the queue, then let it start at once; its scontrol record."""
+    # SLURM holds a requeued job back for a while before it may start again; skip that wait here.
+    deadline, info = time.time() + 120, ""
+    while time.time() < deadline and not ("Restarts=1" in info and "JobState=PENDING" in info):
+        time.sleep(0.5)
+        info = cluster.run(["scontrol", "show", "job", job]).stdout
+    # slurmd refuses a credential made in the same second as the revoked one ("Job credential revoked").
+    time.sleep(3)
+    cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+    return info
+
+
+def wait_for_line(path: Path, text: str, timeout: float = 180) -> None:
+    """Wait until a job's log contains `text`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (path.exists() and text in path.read_text()):
+        time.sleep(0.5)
+
+
+def test_multi_node_job_stages_every_node_trains_data_parallel_and_resumes(cluster, tmp_path):
+    """--nodes=2: one srun step per node with its own scratch copy, torchrun across the nodes; the
+    time-limit signal reaches every node through srun, the job requeues and resumes."""
+    repo = copy_repo(tmp_path / "two node repo")
+    env = job_env(DL_SMOKE="1", DL_SMOKE_EPOCHS="40")
+    job = cluster.run(["bash", "submit_best_gpu.sh", "slurm/train_cnn_teacher.slurm", "--nodes=2"], cwd=repo,
+                      env=env).stdout.strip()
+    log = repo / "slurm/logs" / f"cnn_teacher-{job}.out"
+    wait_for_line(log, "epoch 3/40")
+    assert cluster.run(["scancel", "--signal=USR1", "--batch", job]).returncode == 0
+    assert "Restarts=1" in release_requeued(cluster, job)
+    states = cluster.wait_all([job], timeout=300)
+    text = log.read_text()
+    assert states[job] == "COMPLETED", text[-3000:]
+    assert "data-parallel: 2 nodes x 1 processes" in text and "data-parallel: 2 processes (gloo)" in text
+    assert "requeueing job" in text and "resuming" in text
+    scratch_dirs = set(re.findall(r"on (\S+): scratch (\S+)", text))
+    assert {node for node, _ in scratch_dirs} == {"dlnode1", "dlnode2"}  # each node staged its own copy
+    assert text.count("test acc") == 1  # rank 0 alone reports and writes
+    import torch
+
+    history = torch.load(repo / "models_saved/cnn_teacher_last.pth", weights_only=True)["history"]
+    assert [row["epoch"] for row in history] == list(range(1, 41))
+    assert list((cluster.dir / "jobtmp").rglob("distill-lab.*")) == []
 
 
 def test_submitit_chain(cluster, tmp_path):

@@ -40,6 +40,8 @@ def setup() -> DistInfo:
         if torch.cuda.is_available():
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend)
+        if info.is_main:
+            print(f"data-parallel: {world} processes ({backend})", flush=True)
     return info
 
 
@@ -68,6 +70,29 @@ def barrier(info: DistInfo) -> None:
     """Wait for every process (e.g. until rank 0 has written a checkpoint)."""
     if info.enabled:
         dist.barrier()
+
+
+def broadcast_weights(model: nn.Module, info: DistInfo) -> None:
+    """Give every process rank 0's weights and buffers: BatchNorm running statistics drift apart
+    (each process updates them on its own share of the batch), and other nodes cannot read rank 0's
+    node-local checkpoint files."""
+    if info.enabled:
+        for tensor in model.state_dict().values():
+            if tensor.is_contiguous():
+                dist.broadcast(tensor, src=0)
+            else:  # e.g. channels_last convolution weights: collectives want a dense buffer
+                buffer = tensor.contiguous()
+                dist.broadcast(buffer, src=0)
+                tensor.copy_(buffer)
+
+
+def rank0_value(value: float, info: DistInfo) -> float:
+    """Rank 0's value on every process, so that decisions that lead to collectives agree."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.broadcast(t, src=0)
+    return float(t.item())
 
 
 class ModelAndLoss(nn.Module):

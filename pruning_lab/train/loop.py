@@ -187,6 +187,11 @@ class Trainer:
 
     def save(self, path: Path, with_resume_state: bool) -> None:
         """Write a checkpoint from rank 0 only; every process waits until it is on disk."""
+        if with_resume_state and self.dist.enabled and self.state.sums:
+            # A mid-epoch state holds the running sums of all processes; rank 0 alone takes them back.
+            summed = distributed.all_reduce_sums(self.state.sums, self.dist)
+            self.state.sums = ({k: v.to(self.device) for k, v in summed.items()} if self.dist.is_main
+                               else {k: torch.zeros_like(v) for k, v in self.state.sums.items()})
         if self.dist.is_main:
             save_checkpoint(self.payload(with_resume_state), path)
         distributed.barrier(self.dist)
@@ -206,7 +211,7 @@ class Trainer:
         if ckpt["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         p = ckpt["progress"]
-        sums = {k: torch.tensor(v, device=self.device) for k, v in p["sums"].items()}
+        sums = {k: torch.tensor(v if self.dist.is_main else 0.0, device=self.device) for k, v in p["sums"].items()}
         self.state = TrainState(p["epoch"], p["step"], ckpt["best_val_acc"], ckpt["best_epoch"], ckpt["history"], sums)
 
     # ------------------------------------------------------------ training
@@ -236,20 +241,29 @@ class Trainer:
             sums["n"] = sums.get("n", 0.0) + n
             self.state.step += 1
             bar.update()
-            if self.dist.enabled and self.state.step % 10 == 0:  # every process must stop at the same step
-                stop.requested = stop.requested or ("SIGTERM" if distributed.any_rank(bool(stop.requested), self.dist)
-                                                    else None)
-            if stop.requested and self.state.step < len(self.train_loader):  # at the last step, finish the epoch
+            # Processes see a signal at different steps: they agree every 10 steps (not every step, which
+            # would synchronise with the host) and stop together.
+            if self.dist.enabled and self.state.step % 10 != 0:
+                continue
+            if self.stop_agreed(stop) and self.state.step < len(self.train_loader):  # the last step ends the epoch
                 bar.close()
                 return False
         bar.close()
         return True
+
+    def stop_agreed(self, stop: StopSignals) -> bool:
+        """Whether any process received a stop signal (a collective call when data-parallel)."""
+        if self.dist.enabled:
+            stop.requested = stop.requested or ("signal" if distributed.any_rank(bool(stop.requested), self.dist)
+                                                else None)
+        return bool(stop.requested)
 
     def end_epoch(self, epoch: int, seconds: float) -> dict:
         """Validate, log the epoch, and write the last (and maybe best) checkpoint."""
         sums = {k: float(v) for k, v in distributed.all_reduce_sums(self.state.sums, self.dist).items()}
         row = {"epoch": epoch + 1, **{f"train_{k}": v / sums["n"] for k, v in sums.items() if k.startswith("loss")},
                "train_acc": sums["correct"] / max(sums["labelled"], 1.0), "lr": self.optimizer.param_groups[0]["lr"]}
+        distributed.broadcast_weights(self.model, self.dist)  # every process evaluates and saves one model
         for name, loader in self.parts.val_loaders.items():
             result = evaluate(self.model, loader, self.precision)
             row.update({f"{name}_loss": result["loss"], f"{name}_acc": result["acc"]})
@@ -259,6 +273,7 @@ class Trainer:
         self.state.history.append(row)
         self.state.epoch, self.state.step, self.state.sums = epoch + 1, 0, {}
         score = row[self.select] if self.select else 0.0  # without validation every epoch ties: the last is kept
+        score = distributed.rank0_value(score, self.dist)
         if score >= self.state.best_val_acc:
             self.state.best_val_acc, self.state.best_epoch = score, epoch + 1
             self.save(self.paths.best, with_resume_state=False)
@@ -283,7 +298,7 @@ class Trainer:
                 row = self.end_epoch(epoch, time.perf_counter() - start)
                 if self.dist.is_main:
                     print(format_row(self.cfg.run_name(), row, self.cfg.epochs), flush=True)
-                if stop.requested:
+                if self.stop_agreed(stop):
                     raise TrainingInterrupted(f"{stop.requested} received: saved {self.paths.last} after epoch "
                                               f"{epoch + 1}; rerun with --resume to continue")
         return self.finish()
@@ -291,8 +306,9 @@ class Trainer:
     def finish(self) -> dict:
         """Evaluate the best checkpoint on the test split and record the result in it."""
         distributed.barrier(self.dist)
-        best = load_checkpoint(self.paths.best)
-        self.model.load_state_dict(best["state_dict"])
+        if self.dist.is_main:  # the file is on rank 0's node only when nodes have their own scratch
+            self.model.load_state_dict(load_checkpoint(self.paths.best)["state_dict"])
+        distributed.broadcast_weights(self.model, self.dist)
         test = {"acc": None, "loss": None}
         if self.parts.test_loader is not None:
             test = evaluate(self.model, self.parts.test_loader, self.precision)
