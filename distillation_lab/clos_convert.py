@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from pruning_lab.clos import Clos
 from pruning_lab.clos.fit import fit_clos, fit_to_dense
@@ -15,6 +16,7 @@ from pruning_lab.clos.surgery import matching_linears, replace_module
 from pruning_lab.config import from_dict
 from pruning_lab.data import BatchLoader, load_splits
 from pruning_lab.inference import count_parameters, evaluate
+from pruning_lab.models.bert import PAD_ID
 from pruning_lab.runtime import resolve_device
 from pruning_lab.train import build_model, load_checkpoint, save_checkpoint
 
@@ -23,19 +25,39 @@ from .runs import run_training
 
 @torch.no_grad()
 def capture_inputs(model: nn.Module, layer: str, loader, limit: int) -> torch.Tensor:
-    """The inputs that `layer` receives on up to `limit` images, flattened to [rows, in_features]."""
+    """The inputs that `layer` receives on up to `limit` examples, flattened to [rows, in_features].
+
+    For text, the rows of padding tokens are left out: they are not part of any sentence."""
     rows: list[torch.Tensor] = []
-    hook = model.get_submodule(layer).register_forward_hook(
-        lambda mod, inputs, out: rows.append(inputs[0].reshape(-1, inputs[0].shape[-1]).float()))
+    batch: dict[str, torch.Tensor] = {}
+
+    def keep(module, inputs, output) -> None:
+        h, x = inputs[0], batch["x"]
+        if x.dtype == torch.long and h.shape[:2] == x.shape:  # token ids [B, L] -> activations [B, L, H]
+            h = h[x != PAD_ID]
+        rows.append(h.reshape(-1, h.shape[-1]).float())
+
+    hook = model.get_submodule(layer).register_forward_hook(keep)
     seen = 0
     model.eval()
     for x, _ in loader:
+        batch["x"] = x
         model(x)
         seen += len(x)
         if seen >= limit:
             break
     hook.remove()
     return torch.cat(rows)
+
+
+@torch.no_grad()
+def embedding_cosine(model: nn.Module, original: nn.Module, loader) -> float:
+    """Mean cosine similarity of the two models' sentence embeddings over `loader` (text models)."""
+    model.eval()
+    original.eval()
+    sims = [F.cosine_similarity(model.sentence_embedding(x), original.sentence_embedding(x), dim=1)
+            for x, _ in loader]
+    return float(torch.cat(sims).mean())
 
 
 def convert_layer(model: nn.Module, name: str, multiplier: int, fit: str, calibration, held_out,
@@ -57,7 +79,7 @@ def convert_layer(model: nn.Module, name: str, multiplier: int, fit: str, calibr
 
 def clos_convert(checkpoint: str, layers: str, multiplier: int = 4, fit: str = "data", fit_steps: int = 1000,
                  als_iterations: int = 50, calibration_images: int = 4096, finetune_epochs: int = 0,
-                 output: Optional[str] = None, device: str = "auto") -> dict:
+                 output: Optional[str] = None, device: str = "auto", finetune_lr: float = 1e-3) -> dict:
     """Convert, evaluate, save (recording the surgery); optionally KD fine-tune; return the summary."""
     device = str(resolve_device(device))
     ckpt = load_checkpoint(checkpoint)
@@ -75,6 +97,9 @@ def clos_convert(checkpoint: str, layers: str, multiplier: int = 4, fit: str = "
             lambda n: capture_inputs(model, n, loader(val), calibration_images), fit_steps, als_iterations))
     summary.update(parameters_after=count_parameters(model), test_accuracy_after=test_acc())
     summary["compression"] = summary["parameters_before"] / summary["parameters_after"]
+    if hasattr(model, "sentence_embedding"):  # text: how close the converted encoder stays to the original
+        original = build_model(ckpt, source=checkpoint).to(device)
+        summary["embedding_cosine_after"] = embedding_cosine(model, original, loader(test))
     out = Path(output or Path(checkpoint).with_name(Path(checkpoint).stem + f"_clos_m{multiplier}.pth"))
     save_checkpoint({**{k: v for k, v in ckpt.items() if k not in ("format", "version", "test", "alignment")},
                      "state_dict": model.state_dict(), "surgery": model.surgery, "clos": summary}, out)
@@ -82,8 +107,11 @@ def clos_convert(checkpoint: str, layers: str, multiplier: int = 4, fit: str = "
     if finetune_epochs:
         tuned = dataclasses.replace(cfg, init_checkpoint=str(out), teacher_checkpoint=checkpoint, teacher=cfg.model,
                                     name=out.stem + "_kd", out_dir=str(out.parent), epochs=finetune_epochs,
-                                    optimizer="adam", lr=1e-3, scheduler="cosine", warmup_epochs=0.0,
+                                    optimizer="adam", lr=finetune_lr, scheduler="cosine", warmup_epochs=0.0,
                                     loss={}, alpha=0.5, temperature=4.0, resume=False, device=device)
         result = run_training(tuned, distilling=True)
         summary.update(finetuned_output=result["checkpoint"], test_accuracy_finetuned=result["test_acc"])
+        if "embedding_cosine_after" in summary:
+            tuned_model = build_model(load_checkpoint(result["checkpoint"]), source=result["checkpoint"]).to(device)
+            summary["embedding_cosine_finetuned"] = embedding_cosine(tuned_model, original, loader(test))
     return summary

@@ -112,7 +112,7 @@ def cmd_clos_convert(args: argparse.Namespace) -> int:
 
     summary = clos_convert(args.checkpoint, args.layers, args.multiplier, args.fit, args.fit_steps,
                            args.als_iterations, args.calibration_images, args.finetune_epochs, args.output,
-                           args.device)
+                           args.device, args.finetune_lr)
     for layer in summary["layers"]:
         fit = layer.get("data_aware", layer["weight_space"])
         err = fit.get("relative_error_heldout", fit.get("identity_probe_relative_error"))
@@ -122,6 +122,10 @@ def cmd_clos_convert(args: argparse.Namespace) -> int:
           f"({summary['compression']:.2f}x); test accuracy {summary['test_accuracy_before']:.4f} -> "
           f"{summary['test_accuracy_after']:.4f}"
           + (f" -> {summary['test_accuracy_finetuned']:.4f} after KD fine-tuning" if "test_accuracy_finetuned" in summary else ""))
+    if "embedding_cosine_after" in summary:
+        print(f"sentence-embedding cosine to the original on the test texts: {summary['embedding_cosine_after']:.4f}"
+              + (f" -> {summary['embedding_cosine_finetuned']:.4f} after KD fine-tuning"
+                 if "embedding_cosine_finetuned" in summary else ""))
     print(f"saved {summary['output']}")
     return 0
 
@@ -212,13 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "layer's real inputs; evaluate; save a checkpoint recording the conversion; "
                                    "optionally fine-tune with KD from the original model.")
     p.add_argument("--checkpoint", required=True, help="the trained model (.pth)")
-    p.add_argument("--layers", required=True, help="e.g. fc1 (MLP) or 'vit.blocks.*.attn.qkv,vit.blocks.*.mlp.fc*'")
+    p.add_argument("--layers", required=True, help="e.g. fc1 (MLP), 'vit.blocks.*.attn.qkv,vit.blocks.*.mlp.fc*' (ViT) or '*.attention.*' (BERT)")
     p.add_argument("--multiplier", type=int, default=4, help="middle-stage multiplier m (b2 = m * bin)")
     p.add_argument("--fit", choices=("data", "weights"), default="data", help="data-aware (default) or weight-space only")
     p.add_argument("--fit-steps", type=int, default=1000, help="gradient steps of the data-aware fit")
     p.add_argument("--als-iterations", type=int, default=50, help="iterations of the weight-space ALS fit")
-    p.add_argument("--calibration-images", type=int, default=4096, help="training images whose layer inputs are fitted")
+    p.add_argument("--calibration-images", type=int, default=4096, help="training images (or texts) whose layer "
+                   "inputs are fitted")
     p.add_argument("--finetune-epochs", type=int, default=0, help="KD fine-tuning epochs with the original as teacher")
+    p.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam learning rate of the KD fine-tuning "
+                   "(1e-3 for small models; about 1e-4 for a pretrained BERT)")
     p.add_argument("--output", help="converted checkpoint path (default: CHECKPOINT_clos_mM.pth beside it)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device")
     p.set_defaults(func=cmd_clos_convert)
@@ -252,7 +259,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
-        print(f"interrupted: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one message per run, not per process
+            print(f"interrupted: {e}", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
 
 

@@ -25,11 +25,11 @@ class FrozenTeacher:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(logits, features) in float32 for a batch of the student's (normalised) images."""
+        """(logits, features) in float32 for a batch of the student's (normalised) images or token ids."""
         x = images
         if self.image_size and x.ndim == 4 and x.shape[-1] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        logits, features = self.model(x.to(self.dtype))
+        logits, features = self.model(x if not x.is_floating_point() else x.to(self.dtype))  # token ids stay ids
         return logits.float(), [f.float() for f in features]
 
 

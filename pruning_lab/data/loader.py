@@ -27,7 +27,7 @@ def random_crop(x: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch.Tenso
 
 
 class BatchLoader:
-    """Yields (normalised float images, int64 labels) batches of one split.
+    """Yields (normalised float images, int64 labels) batches of one split (token ids as they are, for text).
 
     `batch_size` is the global batch; with `shard=(rank, world_size)` this process yields its share.
     """
@@ -70,6 +70,9 @@ class BatchLoader:
         for step in range(start_step, self.steps):
             idx = order[step * self.batch_size:(step + 1) * self.batch_size][self.rank::self.world_size]
             x = self.images[idx]
+            if self.spec.kind == "tokens":  # token ids go to the model as they are
+                yield x, self.labels[idx]
+                continue
             if self.augment and self.spec.crop_padding:
                 x = random_crop(x, offsets[idx], self.spec.crop_padding)
             x = self._normalise(x)

@@ -36,11 +36,18 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def example_input(model: nn.Module, input_shape: tuple, batch_size: int, device: torch.device | str) -> torch.Tensor:
+    """A batch to time or count: zeros of `input_shape` (C, H, W), or the model's own (token ids for text)."""
+    if hasattr(model, "example_input"):
+        return model.example_input(batch_size, device)
+    return torch.zeros(batch_size, *input_shape, device=device)
+
+
 @torch.no_grad()
 def count_flops(model: nn.Module, input_shape: tuple, device: torch.device | str = "cpu") -> int:
     """Forward FLOPs for one input of `input_shape` (C, H, W), counted by torch's FlopCounterMode (MACs = FLOPs / 2)."""
     model.eval()
-    x = torch.zeros(1, *input_shape, device=device)
+    x = example_input(model, input_shape, 1, device)
     with FlopCounterMode(display=False) as counter:
         model(x)
     return int(counter.get_total_flops())
@@ -51,7 +58,7 @@ def measure_latency(model: nn.Module, input_shape: tuple, device: torch.device |
                     batch_size: int = 1, repeats: int = 20, warmup: int = 3) -> float:
     """Median forward latency in milliseconds for a batch of `batch_size`."""
     model.eval()
-    x = torch.zeros(batch_size, *input_shape, device=device)
+    x = example_input(model, input_shape, batch_size, device)
     times = []
     for i in range(warmup + repeats):
         if torch.device(device).type == "cuda":

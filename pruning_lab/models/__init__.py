@@ -4,6 +4,6 @@
 channel widths, so feature losses can size their adapters without a dry run.
 """
 from .registry import MODELS, create_model, register_model
-from . import mlp, resnet, vit  # noqa: F401  (fill the registry)
+from . import bert, mlp, resnet, vit  # noqa: F401  (fill the registry)
 
 __all__ = ["MODELS", "create_model", "register_model"]
