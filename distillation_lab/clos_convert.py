@@ -23,6 +23,10 @@ from pruning_lab.train import build_model, load_checkpoint, save_checkpoint
 from .runs import run_training
 
 
+class _Captured(Exception):
+    """Raised by the capture hook to stop the forward pass once the layer's input is seen."""
+
+
 @torch.no_grad()
 def capture_inputs(model: nn.Module, layer: str, loader, limit: int) -> torch.Tensor:
     """The inputs that `layer` receives on up to `limit` examples, flattened to [rows, in_features].
@@ -31,22 +35,28 @@ def capture_inputs(model: nn.Module, layer: str, loader, limit: int) -> torch.Te
     rows: list[torch.Tensor] = []
     batch: dict[str, torch.Tensor] = {}
 
-    def keep(module, inputs, output) -> None:
+    def keep(module, inputs) -> None:
         h, x = inputs[0], batch["x"]
         if x.dtype == torch.long and h.shape[:2] == x.shape:  # token ids [B, L] -> activations [B, L, H]
             h = h[x != PAD_ID]
         rows.append(h.reshape(-1, h.shape[-1]).float())
+        raise _Captured  # the rest of the forward pass is not needed
 
-    hook = model.get_submodule(layer).register_forward_hook(keep)
+    hook = model.get_submodule(layer).register_forward_pre_hook(keep)
     seen = 0
     model.eval()
-    for x, _ in loader:
-        batch["x"] = x
-        model(x)
-        seen += len(x)
-        if seen >= limit:
-            break
-    hook.remove()
+    try:
+        for x, _ in loader:
+            batch["x"] = x
+            try:
+                model(x)
+            except _Captured:
+                pass
+            seen += len(x)
+            if seen >= limit:
+                break
+    finally:
+        hook.remove()
     return torch.cat(rows)
 
 
