@@ -1,4 +1,4 @@
-"""Every registered model: output shapes, declared feature widths, finite gradients."""
+"""Every registered model (image and text): output shapes, declared feature widths, finite gradients."""
 import pytest
 import torch
 
@@ -11,7 +11,8 @@ from pruning_lab.models import MODELS, create_model
 def test_registered_model_contract(name, in_chans, size, classes):
     torch.manual_seed(0)
     model = create_model(name, classes, in_chans, size)
-    x = torch.randn(2, in_chans, size, size)
+    # Image models take [B, C, H, W]; text models their own input (token ids, size = sequence length).
+    x = model.example_input(2, "cpu") if hasattr(model, "example_input") else torch.randn(2, in_chans, size, size)
     logits, features = model(x)
     assert logits.shape == (2, classes)
     assert len(features) == len(model.feature_widths) > 0
