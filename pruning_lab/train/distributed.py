@@ -57,11 +57,16 @@ def all_reduce_sums(sums: dict, info: DistInfo) -> dict:
     return {k: v for k, v in zip(keys, stacked.cpu())}
 
 
+def _collective_device() -> str:
+    """Where small collective tensors live: NCCL needs them on the GPU, gloo on the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """True on every process if it is true on any (so all stop at the same step)."""
     if not info.enabled:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device="cuda" if torch.cuda.is_available() else "cpu")
+    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
     dist.all_reduce(t)
     return bool(t.item() > 0)
 
@@ -90,7 +95,7 @@ def rank0_value(value: float, info: DistInfo) -> float:
     """Rank 0's value on every process, so that decisions that lead to collectives agree."""
     if not info.enabled:
         return value
-    t = torch.tensor([value], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
     dist.broadcast(t, src=0)
     return float(t.item())
 
