@@ -149,8 +149,13 @@ dl_run() {
     [[ -n "${DL_EXTRA_ARGS:-}" ]] && args+=($DL_EXTRA_ARGS)
     local status=0
     dl_launch "${args[@]}" || status=$?
-    # Exit status 3: the run saved its state after a stop signal (torchrun reports it as a failure).
-    if [[ -n "${SLURM_JOB_ID:-}" && ( $status -eq 3 || ( $status -ne 0 && -n "${DL_SIGNALLED:-}" ) ) ]]; then
+    # Exit status 3: the run saved its state after a stop signal (torchrun reports it as a failure;
+    # node steps of a multi-node run report it as success, see node_step.sh).
+    local stopped=0
+    if (( status == 3 )) || [[ -n "${DL_SIGNALLED:-}" && ( $status -ne 0 || "$DL_LAUNCHER" == srun ) ]]; then
+        stopped=1
+    fi
+    if [[ -n "${SLURM_JOB_ID:-}" ]] && (( stopped )); then
         dl_copy_back
         dl_log "run saved its state; requeueing job $SLURM_JOB_ID to resume"
         scontrol requeue "$SLURM_JOB_ID" || dl_log "warning: scontrol requeue failed; resubmit to resume"
