@@ -1,9 +1,11 @@
-"""Clos layer against the dense layer it replaces: forward + backward time at batch 256.
+"""Clos layer against the dense layer it replaces: forward + backward time.
 
-    python -m benchmarks.clos_speed [--device cpu|cuda] [--size 784] [--repeats 50]
+    python -m benchmarks.clos_speed [--device cpu|cuda] [--shapes 784x784:256 384x1536:2048] [--repeats 50]
 
-Prints the median milliseconds per forward+backward for nn.Linear(size, size) and Clos(size, size, m)
-for m = 4 and 2, with their parameter counts and multiply-adds.
+For each shape IN x OUT : ROWS (rows = batch, or tokens of a batch of sequences) prints the median
+milliseconds per forward+backward of nn.Linear(IN, OUT) and Clos(IN, OUT, m) for m = 4 and 2, with
+their parameter counts and multiply-adds. The defaults: the MNIST MLP's fc1 at batch 256, and the
+MiniLM BERT's attention and MLP layers at 2,048 tokens (32 tweets of 64 tokens).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ def time_step(layer: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
     """Median milliseconds of one forward + backward."""
     times = []
     for i in range(repeats + 5):
+        x.grad = None
         if x.is_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -31,24 +34,41 @@ def time_step(layer: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
     return statistics.median(times)
 
 
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """'784x784:256' -> (784, 784, 256)."""
+    try:
+        sizes, rows = text.split(":")
+        in_features, out_features = sizes.split("x")
+        return int(in_features), int(out_features), int(rows)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r} is not IN x OUT : ROWS, e.g. 784x784:256") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", type=int, default=784)
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--shapes", type=parse_shape, nargs="+",
+                        default=[parse_shape(s) for s in ("784x784:256", "384x384:2048", "384x1536:2048", "1536x384:2048")])
+    parser.add_argument("--multipliers", type=int, nargs="+", default=[4, 2])
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args()
-    x = torch.randn(args.batch, args.size, device=args.device, requires_grad=True)
-    print(f"device {args.device}, threads {torch.get_num_threads()}, batch {args.batch}, {args.size} -> {args.size}")
-    layers = {"dense": torch.nn.Linear(args.size, args.size)}
-    layers.update({f"clos m={m}": Clos(args.size, args.size, m) for m in (4, 2)})
-    for name, layer in layers.items():
-        layer.to(args.device)
-        params = sum(p.numel() for p in layer.parameters())
-        macs = args.size * args.size if name == "dense" else (
-            layer.in_features * layer.b2 + layer.b2 * layer.b1 * layer.b3 + layer.b2 * layer.out_features)
-        ms = time_step(layer, x, args.repeats)
-        print(f"{name:<10} params {params:>9,}  MACs/sample {macs:>9,}  forward+backward {ms:7.2f} ms")
+    print(f"device {args.device}, threads {torch.get_num_threads()}, forward+backward, median of {args.repeats}")
+    print("| layer | rows | m | parameters | MACs/row | ms | vs dense |")
+    print("|---|---|---|---|---|---|---|")
+    for in_features, out_features, rows in args.shapes:
+        x = torch.randn(rows, in_features, device=args.device, requires_grad=True)
+        dense_ms = None
+        layers = {"dense": torch.nn.Linear(in_features, out_features)}
+        layers.update({str(m): Clos(in_features, out_features, m) for m in args.multipliers})
+        for name, layer in layers.items():
+            layer.to(args.device)
+            params = sum(p.numel() for p in layer.parameters())
+            macs = in_features * out_features if name == "dense" else (
+                layer.in_features * layer.b2 + layer.b2 * layer.b1 * layer.b3 + layer.b2 * layer.out_features)
+            ms = time_step(layer, x, args.repeats)
+            dense_ms = dense_ms or ms
+            print(f"| {in_features} -> {out_features} | {rows} | {'dense' if name == 'dense' else name} | {params:,} | "
+                  f"{macs:,} | {ms:.2f} | {dense_ms / ms:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

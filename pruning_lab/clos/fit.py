@@ -33,12 +33,12 @@ def identity_probe(dense: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def solve_last_stage(clos: Clos, x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-6) -> None:
     """Set the egress weights to the least-squares optimum for fixed stages 1-2 (and bias3)."""
-    a = clos.egress_inputs(x).double()  # [b3, N, b2]
+    a = clos.egress_inputs(x).double()  # [b3, b2, N]
     t = (y.reshape(-1, clos.b3, clos.bout).transpose(0, 1) - clos.bias3.view(-1, 1, 1)).double()  # [b3, N, bout]
-    gram = a.transpose(1, 2) @ a  # [b3, b2, b2]
+    gram = a @ a.transpose(1, 2)  # [b3, b2, b2]
     scale = gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12).view(-1, 1, 1)
     eye = torch.eye(clos.b2, dtype=gram.dtype, device=gram.device)
-    solution = torch.linalg.solve(gram + ridge * scale * eye, a.transpose(1, 2) @ t)  # [b3, b2, bout]
+    solution = torch.linalg.solve(gram + ridge * scale * eye, a @ t)  # [b3, b2, bout]
     clos.w3.copy_(solution.permute(1, 0, 2).to(clos.w3.dtype))
 
 

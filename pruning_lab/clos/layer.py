@@ -70,20 +70,24 @@ class Clos(nn.Module):
         return {"in_features": self.in_features, "out_features": self.out_features, "multiplier": self.multiplier,
                 "bin_": self.bin, "bout": self.bout}
 
+    # The stages run with the samples as the last (contiguous) axis: x.t() is a free view, every
+    # stage's input is then a batch of BLAS-ready matrices (the interconnect is a transposed view,
+    # never a copy), and the weights enter as permuted views. With the samples first instead, every
+    # stage needs a permuted copy and CPU bmm clones each switch's slice: 3.6x slower (see
+    # benchmarks/clos_speed.py).
     def egress_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """Stages 1 and 2: what each egress switch sees, [b3, N, b2] for x of shape [..., in]."""
-        n = math.prod(x.shape[:-1])
-        # Stage 1: [b1, N, bin] @ [b1, bin, b2] -> [b1, N, b2]
-        h = x.reshape(n, self.b1, self.bin).transpose(0, 1)
-        h = torch.bmm(h, self.w1.permute(1, 0, 2)) + self.bias1.view(-1, 1, 1)
-        # Stage 2 (middle switch k sees output k of every ingress switch): [b2, N, b1] @ [b2, b1, b3]
-        h = torch.bmm(h.permute(2, 1, 0), self.w2.permute(1, 0, 2)) + self.bias2.view(-1, 1, 1)
-        return h.permute(2, 1, 0)  # egress switch l sees output l of every middle switch
+        """Stages 1 and 2: what each egress switch sees, [b3, b2, N] for x of shape [..., in]."""
+        xt = x.reshape(-1, self.in_features).t().reshape(self.b1, self.bin, -1)  # [b1, bin, N]
+        # Stage 1: ingress switch j maps its bin inputs to b2 outputs: [b1, b2, bin] @ [b1, bin, N]
+        h = torch.baddbmm(self.bias1.view(-1, 1, 1), self.w1.permute(1, 2, 0), xt)
+        # Stage 2: middle switch k sees output k of every ingress switch: [b2, b3, b1] @ [b2, b1, N]
+        h = torch.baddbmm(self.bias2.view(-1, 1, 1), self.w2.permute(1, 2, 0), h.transpose(0, 1))
+        return h.transpose(0, 1)  # egress switch l sees output l of every middle switch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Stage 3: [b3, N, b2] @ [b3, b2, bout] -> [b3, N, bout]
-        h = torch.bmm(self.egress_inputs(x), self.w3.permute(1, 0, 2)) + self.bias3.view(-1, 1, 1)
-        return h.permute(1, 0, 2).reshape(*x.shape[:-1], self.out_features)
+        # Stage 3: [b3, bout, b2] @ [b3, b2, N] -> [b3, bout, N], i.e. the output transposed
+        h = torch.baddbmm(self.bias3.view(-1, 1, 1), self.w3.permute(1, 2, 0), self.egress_inputs(x))
+        return h.reshape(self.out_features, -1).t().reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"{self.in_features} -> {self.out_features}, multiplier={self.multiplier}, "
