@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from distillation_lab.clos_convert import capture_inputs, convert_layer, embedding_cosine
+from distillation_lab.clos_convert import convert_layer, embedding_cosine, layer_examples
 from pruning_lab.clos.surgery import matching_linears
 from pruning_lab.data import BatchLoader, load_splits
 from pruning_lab.inference import count_parameters
@@ -35,6 +35,9 @@ def main() -> None:
     parser.add_argument("--calibration-texts", type=int, default=256, help="training tweets whose layer inputs are fitted")
     parser.add_argument("--fit-steps", type=int, default=200)
     parser.add_argument("--als-iterations", type=int, default=10)
+    parser.add_argument("--targets", choices=["original", "layer"], default="original",
+                        help="fit each layer to the original model's outputs of it (undoing the error of the "
+                             "layers converted before it), or to the layer's own outputs on its converted inputs")
     parser.add_argument("--layer-sets", nargs="+", default=list(LAYER_SETS), choices=list(LAYER_SETS))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -43,7 +46,8 @@ def main() -> None:
     original = create_model("minilm_bert", spec.num_classes, 1, spec.image_size)
     encoder_params = count_parameters(original.hf.bert)
     print(f"MiniLM-L6 encoder: {encoder_params:,} parameters; {len(test)} test tweets, "
-          f"{args.calibration_texts} calibration tweets, {args.fit_steps} fit steps per layer")
+          f"{args.calibration_texts} calibration tweets, {args.fit_steps} fit steps per layer, "
+          f"fit targets: {args.targets}")
     print("| layers | m | layer parameters dense -> Clos | encoder parameters | sentence-embedding cosine | fit time |")
     print("|---|---|---|---|---|---|")
     for label in args.layer_sets:
@@ -52,9 +56,10 @@ def main() -> None:
             model = create_model("minilm_bert", spec.num_classes, 1, spec.image_size)
             dense = clos = 0
             for name in matching_linears(model, LAYER_SETS[label]):
+                teacher = original if args.targets == "original" else None
                 result = convert_layer(model, name, m, "data",
-                                       lambda n: capture_inputs(model, n, loader(train), args.calibration_texts),
-                                       lambda n: capture_inputs(model, n, loader(val), 128),
+                                       lambda n: layer_examples(model, teacher, n, loader(train), args.calibration_texts),
+                                       lambda n: layer_examples(model, teacher, n, loader(val), 128),
                                        args.fit_steps, args.als_iterations)
                 dense, clos = dense + result["dense_parameters"], clos + result["clos_parameters"]
             cosine = embedding_cosine(model, original, loader(test))

@@ -61,6 +61,19 @@ def capture_inputs(model: nn.Module, layer: str, loader, limit: int) -> torch.Te
 
 
 @torch.no_grad()
+def layer_examples(model: nn.Module, original: Optional[nn.Module], layer: str, loader,
+                   limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) to fit a replacement of `layer`: the inputs it receives in `model` (whose
+    earlier layers may already be converted) and, as targets, the original model's outputs of that
+    layer on the same examples, so that the fit also undoes the error of the layers converted before
+    it. With `original=None` the targets are the layer's own outputs on those inputs."""
+    x = capture_inputs(model, layer, loader, limit)
+    source = x if original is None else capture_inputs(original, layer, loader, limit)
+    dense = (model if original is None else original).get_submodule(layer)
+    return x, dense(source)
+
+
+@torch.no_grad()
 def embedding_cosine(model: nn.Module, original: nn.Module, loader) -> float:
     """Mean cosine similarity of the two models' sentence embeddings over `loader` (text models)."""
     model.eval()
@@ -72,15 +85,15 @@ def embedding_cosine(model: nn.Module, original: nn.Module, loader) -> float:
 
 def convert_layer(model: nn.Module, name: str, multiplier: int, fit: str, calibration, held_out,
                   fit_steps: int, als_iterations: int) -> dict:
-    """Fit a Clos layer to one linear layer (weight-space, then data-aware) and put it in its place."""
+    """Fit a Clos layer to one linear layer (weight-space, then data-aware) and put it in its place.
+
+    `calibration(name)` and `held_out(name)` give (inputs, targets) of the layer (`layer_examples`)."""
     dense = model.get_submodule(name)
     clos = Clos(dense.in_features, dense.out_features, multiplier).to(dense.weight.device)
     result = {"layer": name, "dense_parameters": count_parameters(dense), "clos_parameters": count_parameters(clos)}
     result["weight_space"] = fit_to_dense(clos, dense, als_iterations)
     if fit == "data":
-        x, x_val = calibration(name), held_out(name)
-        with torch.no_grad():
-            y, y_val = dense(x), dense(x_val)
+        (x, y), (x_val, y_val) = calibration(name), held_out(name)
         result["data_aware"] = fit_clos(clos, x, y, steps=fit_steps, x_val=x_val, y_val=y_val)
     replace_module(model, name, clos)
     model.surgery = [*getattr(model, "surgery", []), {"kind": "clos", "layer": name, "config": clos.config()}]
@@ -101,14 +114,14 @@ def clos_convert(checkpoint: str, layers: str, multiplier: int = 4, fit: str = "
     test_acc = lambda: evaluate(model, loader(test))["acc"]  # noqa: E731
     summary = {"checkpoint": checkpoint, "multiplier": multiplier, "fit": fit,
                "parameters_before": count_parameters(model), "test_accuracy_before": test_acc(), "layers": []}
+    original = build_model(ckpt, source=checkpoint).to(device).eval()
     for name in matching_linears(model, layers):  # layer by layer: later layers see converted inputs
         summary["layers"].append(convert_layer(
-            model, name, multiplier, fit, lambda n: capture_inputs(model, n, loader(train), calibration_images),
-            lambda n: capture_inputs(model, n, loader(val), calibration_images), fit_steps, als_iterations))
+            model, name, multiplier, fit, lambda n: layer_examples(model, original, n, loader(train), calibration_images),
+            lambda n: layer_examples(model, original, n, loader(val), calibration_images), fit_steps, als_iterations))
     summary.update(parameters_after=count_parameters(model), test_accuracy_after=test_acc())
     summary["compression"] = summary["parameters_before"] / summary["parameters_after"]
     if hasattr(model, "sentence_embedding"):  # text: how close the converted encoder stays to the original
-        original = build_model(ckpt, source=checkpoint).to(device)
         summary["embedding_cosine_after"] = embedding_cosine(model, original, loader(test))
     out = Path(output or Path(checkpoint).with_name(Path(checkpoint).stem + f"_clos_m{multiplier}.pth"))
     save_checkpoint({**{k: v for k, v in ckpt.items() if k not in ("format", "version", "test", "alignment")},

@@ -77,6 +77,29 @@ def test_data_aware_fit_lowers_the_output_error():
     assert result["relative_error"] < before
 
 
+def test_layer_examples_pair_converted_inputs_with_the_original_outputs():
+    """After an earlier layer is converted, the next layer is fitted on the inputs it now receives,
+    towards what the original model's layer produced, not towards its own output on changed inputs."""
+    import copy
+
+    from distillation_lab.clos_convert import layer_examples
+    from pruning_lab.clos.surgery import replace_module
+
+    torch.manual_seed(0)
+    original = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    model = copy.deepcopy(original)
+    replace_module(model, "0", Clos(16, 16, 1))  # an untrained conversion: far from the original
+    data = [(torch.randn(8, 16), torch.zeros(8)) for _ in range(3)]
+    x, y = layer_examples(model, original, "2", data, limit=16)
+    inputs = torch.cat([b for b, _ in data[:2]])  # the limit stops after the batch that reaches it
+    with torch.no_grad():
+        assert torch.allclose(x, model[1](model[0](inputs)))
+        assert torch.allclose(y, original(inputs))
+        assert relative_error(model[2](x), y) > 0.1  # the layer's own outputs would be the wrong target
+        x_own, y_own = layer_examples(model, None, "2", data, limit=16)
+        assert torch.equal(x_own, x) and torch.allclose(y_own, model[2](x))
+
+
 def test_clos_convert_records_surgery_and_replays_it(tmp_path, capsys):
     out = tmp_path / "models"
     assert main(["train-teacher", "--model", "mnist_mlp", "--model-args", "{hidden: [784, 32]}", "--dataset",
