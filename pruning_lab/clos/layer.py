@@ -73,7 +73,7 @@ class Clos(nn.Module):
     # The stages run with the samples as the last (contiguous) axis: x.t() is a free view, every
     # stage's input is then a batch of BLAS-ready matrices (the interconnect is a transposed view,
     # never a copy), and the weights enter as permuted views. With the samples first instead, every
-    # stage needs a permuted copy and CPU bmm clones each switch's slice: 3.6x slower (see
+    # stage needs a permuted copy and CPU bmm clones each switch's slice: 4-5x slower (see
     # benchmarks/clos_speed.py).
     def egress_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """Stages 1 and 2: what each egress switch sees, [b3, b2, N] for x of shape [..., in]."""
