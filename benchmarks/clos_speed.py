@@ -3,8 +3,9 @@
     python -m benchmarks.clos_speed [--device cpu|cuda] [--shapes 784x784:256 384x1536:2048] [--repeats 50]
 
 For each shape IN x OUT : ROWS (rows = batch, or tokens of a batch of sequences) prints the median
-milliseconds per forward+backward of nn.Linear(IN, OUT) and Clos(IN, OUT, m) for m = 4 and 2, with
-their parameter counts and multiply-adds. The defaults: the MNIST MLP's fc1 at batch 256, and the
+milliseconds per forward+backward of nn.Linear(IN, OUT) and of Clos(IN, OUT, m) for m = 4 and 2 along
+both of its paths (the three stages; one product with the composed weight), which path its cost
+model picks (`auto`) and that path's speed against dense, with parameter counts and multiply-adds. The defaults: the MNIST MLP's fc1 at batch 256, and the
 MiniLM BERT's attention and MLP layers at 2,048 tokens (32 tweets of 64 tokens).
 """
 from __future__ import annotations
@@ -53,23 +54,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args()
     print(f"device {args.device}, threads {torch.get_num_threads()}, forward+backward, median of {args.repeats}")
-    print("| layer | rows | m | parameters | MACs/row | ms | vs dense |")
-    print("|---|---|---|---|---|---|---|")
+    print("| layer | rows | m | parameters | MACs/row | stages ms | composed ms | auto runs | auto vs dense |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for in_features, out_features, rows in args.shapes:
         x = torch.randn(rows, in_features, device=args.device, requires_grad=True)
-        dense_ms = None
-        layers = {"dense": torch.nn.Linear(in_features, out_features)}
-        layers.update({str(m): Clos(in_features, out_features, m) for m in args.multipliers})
-        for name, layer in layers.items():
-            layer.to(args.device)
-            params = sum(p.numel() for p in layer.parameters())
-            macs = in_features * out_features if name == "dense" else (
-                layer.in_features * layer.b2 + layer.b2 * layer.b1 * layer.b3 + layer.b2 * layer.out_features)
-            ms = time_step(layer, x, args.repeats)
-            dense_ms = dense_ms or ms
-            print(f"| {in_features} -> {out_features} | {rows} | {'dense' if name == 'dense' else name} | {params:,} | "
-                  f"{macs:,} | {ms:.2f} | {dense_ms / ms:.2f}x |", flush=True)
-
+        dense = torch.nn.Linear(in_features, out_features).to(args.device)
+        dense_ms = time_step(dense, x, args.repeats)
+        print(f"| {in_features} -> {out_features} | {rows} | dense | {in_features * out_features + out_features:,} | "
+              f"{in_features * out_features:,} | {dense_ms:.2f} | | dense | 1.00x |", flush=True)
+        for m in args.multipliers:
+            clos = Clos(in_features, out_features, m).to(args.device)
+            ms = {}
+            for path in ("stages", "composed"):
+                clos.path = path
+                ms[path] = time_step(clos, x, args.repeats)
+            clos.path = "auto"
+            auto = "composed" if clos.uses_composed_weight(rows) else "stages"
+            params = sum(p.numel() for p in clos.parameters())
+            print(f"| {in_features} -> {out_features} | {rows} | {m} | {params:,} | {clos.stage_macs():,} | "
+                  f"{ms['stages']:.2f} | {ms['composed']:.2f} | {auto} | {dense_ms / ms[auto]:.2f}x |", flush=True)
 
 if __name__ == "__main__":
     main()

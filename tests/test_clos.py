@@ -39,6 +39,38 @@ def test_any_leading_dimensions():
     assert c(x).shape == (2, 3, 5, 48) and torch.allclose(c(x), flat, atol=1e-6)
 
 
+def test_composed_weight_path_equals_the_stages_in_outputs_and_gradients():
+    torch.manual_seed(0)
+    clos = Clos(96, 40, 2)
+    with torch.no_grad():
+        for p in (clos.bias1, clos.bias2, clos.bias3):
+            p.normal_()
+    x = torch.randn(7, 3, 96)
+    results = {}
+    for path in ("stages", "composed"):
+        clos.path = path
+        clos.zero_grad(set_to_none=True)
+        out = clos(x)
+        (out ** 2).sum().backward()
+        results[path] = [out] + [p.grad.clone() for p in clos.parameters()]
+    for a, b in zip(results["stages"], results["composed"]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    weight, bias = clos.composed()
+    assert torch.allclose(weight, dense_map(clos, 96)[0], atol=1e-5)
+    assert torch.allclose(bias, dense_map(clos, 96)[1], atol=1e-5)
+
+
+def test_cost_model_picks_the_composed_weight_only_for_many_rows_through_wide_stages():
+    clos = Clos(1536, 384, 4)  # 393,216 stage MACs per row against 589,824 dense: memory-bound stages
+    assert clos.uses_composed_weight(2048) and not clos.uses_composed_weight(32)
+    assert not Clos(1536, 384, 2).uses_composed_weight(2048)
+    clos.path = "composed"
+    assert clos.uses_composed_weight(1)
+    clos.path = "fast"
+    with pytest.raises(UserError, match="Clos.path must be 'auto', 'stages' or 'composed', got 'fast'"):
+        clos(torch.zeros(1, 1536))
+
+
 def test_invalid_shapes_are_clear_errors():
     with pytest.raises(UserError, match="in_features=784 is not divisible by the switch size 30"):
         Clos(784, 784, bin_=30)

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import UserError
 
@@ -43,6 +44,14 @@ def default_factors(in_features: int, out_features: int, bin_: Optional[int] = N
 
 class Clos(nn.Module):
     """Drop-in replacement for nn.Linear(in_features, out_features) with far fewer parameters."""
+
+    # A forward runs either the three stages or one dense product with the composed weight, whichever
+    # a cost model says is cheaper. The stages cost about STAGE_COST times their multiply-adds (their
+    # middle activations are m times wider than the input: they are memory-bound), composing the
+    # weight about COMPOSE_COST times its in*out*b2 multiply-adds. Both factors were measured on CPU
+    # with benchmarks/clos_speed.py, which prints both paths; set `path` to force one.
+    STAGE_COST, COMPOSE_COST = 3.0, 4.0
+    path: str = "auto"  # "auto", "stages" or "composed"
 
     def __init__(self, in_features: int, out_features: int, multiplier: int = 4, bin_: Optional[int] = None,
                  bout: Optional[int] = None) -> None:
@@ -84,7 +93,32 @@ class Clos(nn.Module):
         h = torch.baddbmm(self.bias2.view(-1, 1, 1), self.w2.permute(1, 2, 0), h.transpose(0, 1))
         return h.transpose(0, 1)  # egress switch l sees output l of every middle switch
 
+    def composed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's map as a dense (weight [out, in], bias [out]), differentiable in the stage weights."""
+        # weight[(l, o), (j, i)] = sum_k w3[k, l, o] w2[j, k, l] w1[i, j, k]: per ingress switch j,
+        # one [out, b2] @ [b2, bin] product (the cheapest order: no [out, in, b2] intermediate).
+        paths = self.w2.permute(0, 2, 1).unsqueeze(2) * self.w3.permute(1, 2, 0).unsqueeze(0)  # [b1, b3, bout, b2]
+        weight = torch.bmm(paths.reshape(self.b1, self.out_features, self.b2), self.w1.permute(1, 2, 0))
+        middle = self.bias2[:, None] + torch.einsum("jkl,j->kl", self.w2, self.bias1)  # [b2, b3]
+        bias = self.bias3[:, None] + torch.einsum("klo,kl->lo", self.w3, middle)
+        return weight.transpose(0, 1).reshape(self.out_features, self.in_features), bias.reshape(-1)
+
+    def stage_macs(self) -> int:
+        """Multiply-adds per row through the three stages."""
+        return self.b2 * (self.in_features + self.b1 * self.b3 + self.out_features)
+
+    def uses_composed_weight(self, rows: int) -> bool:
+        """Whether a forward over `rows` rows runs the composed weight (see `path`)."""
+        if self.path != "auto":
+            if self.path not in ("stages", "composed"):
+                raise UserError(f"Clos.path must be 'auto', 'stages' or 'composed', got {self.path!r}")
+            return self.path == "composed"
+        dense = self.in_features * self.out_features
+        return rows * dense + self.COMPOSE_COST * dense * self.b2 < self.STAGE_COST * rows * self.stage_macs()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_composed_weight(x.numel() // self.in_features):
+            return F.linear(x, *self.composed())
         # Stage 3: [b3, bout, b2] @ [b3, b2, N] -> [b3, bout, N], i.e. the output transposed
         h = torch.baddbmm(self.bias3.view(-1, 1, 1), self.w3.permute(1, 2, 0), self.egress_inputs(x))
         return h.reshape(self.out_features, -1).t().reshape(*x.shape[:-1], self.out_features)
