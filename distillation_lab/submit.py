@@ -1,4 +1,5 @@
-"""The lab chain from Python through submitit: the same jobs and dependencies as slurm/submit_chain.sh.
+"""The lab chain from Python through submitit: the training jobs, their dependencies and the report of
+slurm/submit_chain.sh (the Clos conversions run as batch scripts only: slurm/clos_convert_*.slurm).
 
 submitit runs each job's Python function on the cluster in the submitting directory (no scratch
 staging: use the batch scripts for that), with afterok dependencies and kill_on_invalid_dep.

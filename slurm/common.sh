@@ -14,7 +14,8 @@
 #   DL_VENV        the venv to activate (default: $HOME/.venvs/edl, else the repo's .venv)
 #   DL_DATA_DIR    datasets to stage (default: $DL_REPO/data)
 #   DL_MODELS_DIR  where checkpoints live (default: $DL_REPO/models_saved)
-#   DL_SMOKE=1     the smoke preset: embedded data, tiny models, a few steps, CPU (tests, dry runs)
+#   DL_SMOKE=1     the smoke preset: embedded data, tiny models, a few steps, CPU (tests, dry runs);
+#                  a script sets DL_SMOKE_MODEL_ARGS / DL_SMOKE_DATASET where its model needs others
 #   DL_EXTRA_ARGS  more main.py flags for every job
 #   DL_NPROC       data-parallel processes per node (default: the GPUs allocated on the node, else 1);
 #                  above 1 the run is launched with torchrun (one process per GPU; gloo on CPU)
@@ -142,7 +143,7 @@ dl_run() {
         args+=(--fit-steps 20 --als-iterations 3 --calibration-images 64 --device cpu)
     elif [[ "${DL_SMOKE:-0}" == 1 && "$1" != report ]]; then
         [[ -n "$model_args" ]] || model_args='{width: 4}'
-        args+=(--dataset mnist_embedded --epochs "${DL_SMOKE_EPOCHS:-1}" --max-steps-per-epoch 2 --batch-size 32
+        args+=(--dataset "${DL_SMOKE_DATASET:-mnist_embedded}" --epochs "${DL_SMOKE_EPOCHS:-1}" --max-steps-per-epoch 2 --batch-size 32
                --val-size 100 --device cpu --no-progress --model-args "$model_args")
     fi
     # shellcheck disable=SC2206  # a user's list of flags

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Submit the whole lab chain: both teachers; each baseline and distillation (and the Clos
-# conversion of the ViT teacher) after its teacher (afterok); the report after all of them. With --kill-on-invalid-dep=yes a failed teacher cancels
+# Submit the whole lab chain: both teachers and the tweet BERT; each baseline and distillation, and
+# the Clos conversions of the ViT teacher and the BERT, after its original (afterok); the report
+# after all of them. With --kill-on-invalid-dep=yes a failed teacher cancels
 # its dependants instead of leaving them pending forever.
 #
 #   bash slurm/submit_chain.sh [--smoke] [--dry-run] [extra sbatch args...]
@@ -32,6 +33,7 @@ after() { echo "--dependency=afterok:$1" --kill-on-invalid-dep=yes; }
 
 cnn_teacher=$(submit slurm/train_cnn_teacher.slurm "$@")
 vit_teacher=$(submit slurm/train_vit_teacher.slurm "$@")
+text_teacher=$(submit slurm/train_tweet_bert.slurm "$@")
 # shellcheck disable=SC2046  # after() yields two words on purpose
 {
     cnn_student=$(submit slurm/train_cnn_student_baseline.slurm $(after "$cnn_teacher") "$@")
@@ -39,8 +41,10 @@ vit_teacher=$(submit slurm/train_vit_teacher.slurm "$@")
     vit_student=$(submit slurm/train_vit_student_baseline.slurm $(after "$vit_teacher") "$@")
     vit_kd=$(submit slurm/distill_vit.slurm $(after "$vit_teacher") "$@")
     vit_clos=$(submit slurm/clos_convert_vit.slurm $(after "$vit_teacher") "$@")
+    text_clos=$(submit slurm/clos_convert_bert.slurm $(after "$text_teacher") "$@")
     report=$(submit slurm/report.slurm \
-             $(after "$cnn_teacher:$vit_teacher:$cnn_student:$cnn_kd:$vit_student:$vit_kd:$vit_clos") "$@")
+             $(after "$cnn_teacher:$vit_teacher:$cnn_student:$cnn_kd:$vit_student:$vit_kd:$vit_clos:$text_clos") "$@")
 }
 echo "submitted: cnn_teacher=$cnn_teacher vit_teacher=$vit_teacher cnn_student=$cnn_student cnn_student_kd=$cnn_kd" \
-     "vit_student=$vit_student vit_student_kd=$vit_kd vit_teacher_clos=$vit_clos report=$report"
+     "vit_student=$vit_student vit_student_kd=$vit_kd vit_teacher_clos=$vit_clos tweet_bert=$text_teacher" \
+     "tweet_bert_clos=$text_clos report=$report"

@@ -29,7 +29,8 @@ def test_every_script_parses():
 def test_sbatch_headers_come_first_and_name_the_lab_resources():
     names = {s.stem for s in SCRIPTS}
     assert names == {"train_cnn_teacher", "train_vit_teacher", "train_cnn_student_baseline",
-                     "train_vit_student_baseline", "distill_cnn", "distill_vit", "report", "clos_convert_vit"}
+                     "train_vit_student_baseline", "distill_cnn", "distill_vit", "report", "clos_convert_vit",
+                     "train_tweet_bert", "clos_convert_bert"}
     for script in SCRIPTS:
         lines = [l for l in script.read_text().splitlines()[1:] if l.strip() and not l.startswith("# ")]
         headers = [l for l in lines if l.startswith("#SBATCH")]
@@ -95,17 +96,18 @@ def test_chain_runs_in_dependency_order_and_writes_the_report(cluster, tmp_path)
     assert proc.returncode == 0, proc.stderr
     jobs = dict(re.findall(r"(\w+)=(\d+)", proc.stdout.splitlines()[-1]))
     assert set(jobs) == {"cnn_teacher", "vit_teacher", "cnn_student", "cnn_student_kd", "vit_student",
-                         "vit_student_kd", "vit_teacher_clos", "report"}
+                         "vit_student_kd", "vit_teacher_clos", "tweet_bert", "tweet_bert_clos", "report"}
     states = cluster.wait_all(list(jobs.values()), timeout=900)
     logs = "\n".join(p.read_text() for p in (repo / "slurm/logs").glob("*.out"))
     assert set(states.values()) == {"COMPLETED"}, (states, logs[-3000:])
     times = {name: sacct_times(cluster, job) for name, job in jobs.items()}
     for student, teacher in [("cnn_student", "cnn_teacher"), ("cnn_student_kd", "cnn_teacher"),
                              ("vit_student", "vit_teacher"), ("vit_student_kd", "vit_teacher"),
-                             ("vit_teacher_clos", "vit_teacher")]:
+                             ("vit_teacher_clos", "vit_teacher"), ("tweet_bert_clos", "tweet_bert")]:
         assert times[student][0] >= times[teacher][1], (student, times)
     assert all(times["report"][0] >= end for _, end in times.values() if end != times["report"][1])
-    for name in ("cnn_teacher", "vit_teacher", "cnn_student", "cnn_student_kd", "vit_student", "vit_student_kd"):
+    for name in ("cnn_teacher", "vit_teacher", "cnn_student", "cnn_student_kd", "vit_student", "vit_student_kd",
+                 "tweet_bert"):
         assert (repo / "models_saved" / f"{name}.pth").exists() and (repo / "models_saved" / f"{name}_log.csv").exists()
     import json
 
@@ -114,8 +116,11 @@ def test_chain_runs_in_dependency_order_and_writes_the_report(cluster, tmp_path)
     assert (repo / "report.md").exists() and (repo / "report.png").exists()
     details = json.loads((repo / "report_details.json").read_text())
     converted = {r["run"]: r for r in details["converted"]}
-    assert set(converted) == {"vit_teacher_clos_m4", "vit_teacher_clos_m4_kd"}
+    assert set(converted) == {"vit_teacher_clos_m4", "vit_teacher_clos_m4_kd", "tweet_bert_clos_m4",
+                              "tweet_bert_clos_m4_kd"}
     assert len(converted["vit_teacher_clos_m4"]["clos_layers"]) == 4
+    assert len(converted["tweet_bert_clos_m4"]["clos_layers"]) == 12  # 2 smoke layers x (q, k, v, out, 2 MLP)
+    assert converted["tweet_bert_clos_m4_kd"]["dataset"] == "tweets"
     assert "Converted models" in (repo / "report.md").read_text()
     leftovers = [p for p in (cluster.dir / "jobtmp").rglob("distill-lab.*")]
     assert leftovers == []  # every job removed its scratch directory
