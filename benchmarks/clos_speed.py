@@ -5,8 +5,9 @@
 For each shape IN x OUT : ROWS (rows = batch, or tokens of a batch of sequences) prints the median
 milliseconds per forward+backward of nn.Linear(IN, OUT) and of Clos(IN, OUT, m) for m = 4 and 2 along
 both of its paths (the three stages; one product with the composed weight), which path its cost
-model picks (`auto`) and that path's speed against dense, with parameter counts and multiply-adds. The defaults: the MNIST MLP's fc1 at batch 256, and the
-MiniLM BERT's attention and MLP layers at 2,048 tokens (32 tweets of 64 tokens).
+model picks (`auto`) and that path's speed against dense, with parameter counts and multiply-adds.
+The defaults: the MNIST MLP's fc1 at batch 256, and the MiniLM BERT's attention and MLP layers at
+2,048 tokens (32 tweets of 64 tokens).
 """
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ def main() -> None:
             params = sum(p.numel() for p in clos.parameters())
             print(f"| {in_features} -> {out_features} | {rows} | {m} | {params:,} | {clos.stage_macs():,} | "
                   f"{ms['stages']:.2f} | {ms['composed']:.2f} | {auto} | {dense_ms / ms[auto]:.2f}x |", flush=True)
+
 
 if __name__ == "__main__":
     main()
