@@ -15,9 +15,9 @@ import torch.nn as nn
 
 from pruning_lab.config import make_config
 from pruning_lab.runtime import resolve_device
-from pruning_lab.train.loop import RunParts, Trainer
+from pruning_lab.train.loop import RunParts
 
-from .criterion import DistillationCriterion
+from .runs import run_training
 from .teacher import FrozenTeacher
 
 
@@ -117,7 +117,4 @@ def distill(teacher: Optional[nn.Module], student: nn.Module, train_loader: Iter
         frozen = FrozenTeacher(t_model, dev)
     parts = RunParts(s_model, DeviceLoader(train_loader, dev),
                      {k: DeviceLoader(v, dev) for k, v in val_loaders.items()}, None, {"dataset": "custom"}, dev)
-    criterion = DistillationCriterion(spec, s_model.feature_widths, frozen)
-    trainer = Trainer(cfg, parts, criterion, eval_fn=(lambda m: eval_fn(student)) if eval_fn else None)
-    summary = trainer.fit()
-    return {**summary, "history": trainer.state.history}
+    return run_training(cfg, parts, frozen, (lambda model: eval_fn(student)) if eval_fn else None)

@@ -3,6 +3,7 @@ optionally fine-tune the converted model with knowledge distillation from the or
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -13,12 +14,10 @@ import torch.nn.functional as F
 from pruning_lab.clos import Clos
 from pruning_lab.clos.fit import fit_clos, fit_to_dense
 from pruning_lab.clos.surgery import matching_linears, replace_module
-from pruning_lab.config import from_dict
-from pruning_lab.data import BatchLoader, load_splits
-from pruning_lab.inference import count_parameters, evaluate
+from pruning_lab.checkpoint import build_model, load_checkpoint, save_checkpoint
+from pruning_lab.config import LOSS_SHORTHANDS, Config, from_dict, make_config
+from pruning_lab.inference import count_parameters, evaluate, open_checkpoint
 from pruning_lab.models.bert import PAD_ID
-from pruning_lab.runtime import resolve_device
-from pruning_lab.train import build_model, load_checkpoint, save_checkpoint
 
 from .runs import run_training
 
@@ -100,41 +99,66 @@ def convert_layer(model: nn.Module, name: str, multiplier: int, fit: str, calibr
     return result
 
 
-def clos_convert(checkpoint: str, layers: str, multiplier: int = 4, fit: str = "data", fit_steps: int = 1000,
-                 als_iterations: int = 50, calibration_images: int = 4096, finetune_epochs: int = 0,
-                 output: Optional[str] = None, device: str = "auto", finetune_lr: float = 1e-3) -> dict:
+@dataclass
+class ClosConvertOptions:
+    """What `clos-convert` does: which layers, the Clos size, the fit budget, and the KD fine-tuning."""
+
+    checkpoint: str
+    layers: str
+    multiplier: int = 4
+    fit: str = "data"  # data-aware (after the weight-space fit) or weights only
+    fit_steps: int = 1000
+    als_iterations: int = 50
+    calibration_examples: int = 4096  # training images or texts whose layer inputs are fitted
+    finetune_epochs: int = 0
+    finetune_lr: float = 1e-3
+    loss: dict = field(default_factory=dict)  # the fine-tuning loss: config keys loss / alpha / temperature / ...
+    output: Optional[str] = None
+    device: str = "auto"
+
+
+def finetune_config(cfg: Config, options: ClosConvertOptions, converted: Path) -> Config:
+    """The KD fine-tuning run of a converted model: the original as teacher, Adam, cosine, the loss options."""
+    base = dataclasses.replace(cfg, loss={}, **{k: None for k in LOSS_SHORTHANDS})  # not the original's loss
+    base = make_config(options.loss, "clos-convert loss options", base=base)
+    return dataclasses.replace(base, init_checkpoint=str(converted), teacher_checkpoint=options.checkpoint,
+                               teacher=cfg.model, name=converted.stem + "_kd", out_dir=str(converted.parent),
+                               epochs=options.finetune_epochs, optimizer="adam", lr=options.finetune_lr,
+                               scheduler="cosine", warmup_epochs=0.0, resume=False, device=options.device)
+
+
+def clos_convert(options: ClosConvertOptions) -> dict:
     """Convert, evaluate, save (recording the surgery); optionally KD fine-tune; return the summary."""
-    device = str(resolve_device(device))
-    ckpt = load_checkpoint(checkpoint)
-    cfg = from_dict(ckpt["config"], checkpoint)
-    model = build_model(ckpt, source=checkpoint).to(device)
-    spec, train, val, test = load_splits(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.train_subset, cfg.image_size)
-    size = model.arch["image_size"]
-    loader = lambda split: BatchLoader(split, spec, 256, device, image_size=size)  # noqa: E731
-    test_acc = lambda: evaluate(model, loader(test))["acc"]  # noqa: E731
-    summary = {"checkpoint": checkpoint, "multiplier": multiplier, "fit": fit,
+    o = options
+    opened = open_checkpoint(o.checkpoint, device=o.device)
+    o = dataclasses.replace(o, device=str(opened.device))
+    ckpt, model = opened.ckpt, opened.model
+    original = build_model(ckpt, source=o.checkpoint).to(opened.device).eval()
+    test_acc = lambda: evaluate(model, opened.loader("test"))["acc"]  # noqa: E731
+    summary = {"checkpoint": o.checkpoint, "multiplier": o.multiplier, "fit": o.fit,
                "parameters_before": count_parameters(model), "test_accuracy_before": test_acc(), "layers": []}
-    original = build_model(ckpt, source=checkpoint).to(device).eval()
-    for name in matching_linears(model, layers):  # layer by layer: later layers see converted inputs
+    for name in matching_linears(model, o.layers):  # layer by layer: later layers see converted inputs
         summary["layers"].append(convert_layer(
-            model, name, multiplier, fit, lambda n: layer_examples(model, original, n, loader(train), calibration_images),
-            lambda n: layer_examples(model, original, n, loader(val), calibration_images), fit_steps, als_iterations))
+            model, name, o.multiplier, o.fit,
+            lambda n: layer_examples(model, original, n, opened.loader("train"), o.calibration_examples),
+            lambda n: layer_examples(model, original, n, opened.loader("val"), o.calibration_examples),
+            o.fit_steps, o.als_iterations))
     summary.update(parameters_after=count_parameters(model), test_accuracy_after=test_acc())
     summary["compression"] = summary["parameters_before"] / summary["parameters_after"]
     if hasattr(model, "sentence_embedding"):  # text: how close the converted encoder stays to the original
-        summary["embedding_cosine_after"] = embedding_cosine(model, original, loader(test))
-    out = Path(output or Path(checkpoint).with_name(Path(checkpoint).stem + f"_clos_m{multiplier}.pth"))
+        summary["embedding_cosine_after"] = embedding_cosine(model, original, opened.loader("test"))
+    out = Path(o.output or Path(o.checkpoint).with_name(Path(o.checkpoint).stem + f"_clos_m{o.multiplier}.pth"))
+    config = {**ckpt["config"], "name": out.stem, "out_dir": str(out.parent)}  # the report finds it by this name
     save_checkpoint({**{k: v for k, v in ckpt.items() if k not in ("format", "version", "test", "alignment")},
-                     "state_dict": model.state_dict(), "surgery": model.surgery, "clos": summary}, out)
+                     "config": config, "state_dict": model.state_dict(), "surgery": model.surgery, "clos": summary},
+                    out)
     summary["output"] = str(out)
-    if finetune_epochs:
-        tuned = dataclasses.replace(cfg, init_checkpoint=str(out), teacher_checkpoint=checkpoint, teacher=cfg.model,
-                                    name=out.stem + "_kd", out_dir=str(out.parent), epochs=finetune_epochs,
-                                    optimizer="adam", lr=finetune_lr, scheduler="cosine", warmup_epochs=0.0,
-                                    loss={}, alpha=0.5, temperature=4.0, resume=False, device=device)
-        result = run_training(tuned, distilling=True)
+    if o.finetune_epochs:
+        tuned = finetune_config(from_dict(ckpt["config"], o.checkpoint), o, out)
+        result = run_training(tuned)
         summary.update(finetuned_output=result["checkpoint"], test_accuracy_finetuned=result["test_acc"])
         if "embedding_cosine_after" in summary:
-            tuned_model = build_model(load_checkpoint(result["checkpoint"]), source=result["checkpoint"]).to(device)
-            summary["embedding_cosine_finetuned"] = embedding_cosine(tuned_model, original, loader(test))
+            tuned_model = build_model(load_checkpoint(result["checkpoint"]), source=result["checkpoint"])
+            summary["embedding_cosine_finetuned"] = embedding_cosine(tuned_model.to(opened.device), original,
+                                                                     opened.loader("test"))
     return summary

@@ -1,14 +1,16 @@
 """The run's loss: a weighted sum of named terms from the config, seeing the teacher when there is one."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch.nn as nn
 
-from pruning_lab.config import Config
+from pruning_lab.config import LOSS_SHORTHANDS, Config
 from pruning_lab.errors import UserError
+from pruning_lab.train.criterion import CETerm, Criterion
 
-from .losses import AttentionTerm, CETerm, DKDTerm, FeatureTerm, KDTerm
+from .losses import AttentionTerm, DKDTerm, FeatureTerm, KDTerm
 from .teacher import FrozenTeacher
 
 # name -> (parameters it accepts besides `weight`, whether it needs a teacher)
@@ -21,17 +23,24 @@ TERMS = {
 }
 
 
-def loss_spec(cfg: Config, distilling: bool) -> dict:
-    """The loss terms of a run: `cfg.loss` if given, else CE (training) or alpha/temperature KD (distill)."""
-    if cfg.loss:
-        return cfg.loss
+def loss_from_shorthands(cfg: Config, distilling: bool) -> dict:
+    """The loss the shorthands describe: CE alone (training), or alpha/temperature KD [+ feature] (distilling)."""
+    ce = {"weight": 1.0, "label_smoothing": cfg.label_smoothing}
     if not distilling:
-        return {"ce": {"weight": 1.0, "label_smoothing": cfg.label_smoothing}}
-    spec = {"ce": {"weight": cfg.alpha, "label_smoothing": cfg.label_smoothing},
-            "kd": {"weight": 1.0 - cfg.alpha, "temperature": cfg.temperature}}
+        return {"ce": ce}
+    alpha = 0.5 if cfg.alpha is None else cfg.alpha
+    spec = {"ce": {**ce, "weight": alpha},
+            "kd": {"weight": 1.0 - alpha, "temperature": 4.0 if cfg.temperature is None else cfg.temperature}}
     if cfg.feature_distill:
-        spec["feature"] = {"weight": cfg.feature_weight, "kind": "mse"}
+        spec["feature"] = {"weight": 1.0 if cfg.feature_weight is None else cfg.feature_weight, "kind": "mse"}
     return spec
+
+
+def resolve_loss(cfg: Config, distilling: bool) -> Config:
+    """`cfg` with `loss` set to the terms the run uses (shorthands folded in), checked; what checkpoints record."""
+    spec = cfg.loss or loss_from_shorthands(cfg, distilling)
+    check_spec(spec, distilling)
+    return dataclasses.replace(cfg, loss=spec, **{k: None for k in LOSS_SHORTHANDS})
 
 
 def check_spec(spec: dict, distilling: bool) -> None:
@@ -59,23 +68,15 @@ def make_term(name: str, params: dict, student_widths: list, teacher: Optional[F
     return {"ce": CETerm, "kd": KDTerm, "dkd": DKDTerm}[name](**kwargs)
 
 
-class DistillationCriterion(nn.Module):
-    """Maps (logits, features, labels, images) to the dict of weighted named terms the loop sums."""
+class DistillationCriterion(Criterion):
+    """The loop's criterion built from a `loss` mapping: named terms, some of which see the frozen teacher."""
 
     def __init__(self, spec: dict, student_widths: list, teacher: Optional[FrozenTeacher] = None) -> None:
-        super().__init__()
         check_spec(spec, teacher is not None)
-        self.teacher = teacher
-        self.weights = {name: float(params["weight"]) for name, params in spec.items()}
         terms = {}
         for name, params in spec.items():
             try:
                 terms[name] = make_term(name, params, student_widths, teacher)
             except (TypeError, ValueError) as e:
                 raise UserError(f"loss term '{name}': {e}") from None
-        self.terms = nn.ModuleDict(terms)
-
-    def forward(self, logits, features, labels, images) -> dict:
-        t_logits, t_features = self.teacher(images) if self.teacher is not None else (None, None)
-        return {name: self.weights[name] * term(logits, features, t_logits, t_features, labels)
-                for name, term in self.terms.items()}
+        super().__init__(terms, {name: params["weight"] for name, params in spec.items()}, teacher)

@@ -1,5 +1,7 @@
 """Knowledge-distillation losses (batch-mean) and the loss-term modules a config names.
 
+Cross-entropy is pruning_lab's (`masked_cross_entropy`, `CETerm`), the one every run has.
+
 Functions follow the lab plan's names and meanings:
 - kl_divergence_loss: KL(p_teacher^T || p_student^T) * T^2
 - distillation_loss: alpha * CE(student, labels) + (1 - alpha) * T^2 * KL
@@ -14,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pruning_lab.train.loop import masked_cross_entropy
+from pruning_lab.train.criterion import CETerm, masked_cross_entropy
 
 
 def kl_divergence_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -103,18 +105,7 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     return alpha * tckd + beta * nckd
 
 
-# ------------------------------------------------------------------ loss terms
-class CETerm(nn.Module):
-    """Cross-entropy on the labelled images of the batch (label -1 means unlabelled)."""
-
-    def __init__(self, label_smoothing: float = 0.0) -> None:
-        super().__init__()
-        self.label_smoothing = label_smoothing
-
-    def forward(self, s_logits, s_feats, t_logits, t_feats, labels):
-        return masked_cross_entropy(s_logits, labels, self.label_smoothing)
-
-
+# ------------------------------------------------------------------ loss terms (CETerm is pruning_lab's)
 class KDTerm(nn.Module):
     """T^2 * KL(p_t^T || p_s^T) on every image, labelled or not."""
 

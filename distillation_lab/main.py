@@ -13,11 +13,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from pruning_lab.config import Config, add_config_arguments, config_from_args
+from pruning_lab.config import LOSS_SHORTHANDS, Config, add_config_arguments, config_from_args, make_config
 from pruning_lab.errors import UserError
 from pruning_lab.models import MODELS
-from pruning_lab.train import TrainingInterrupted
-from pruning_lab.train.loop import INTERRUPTED_EXIT_CODE
+from pruning_lab.train.loop import INTERRUPTED_EXIT_CODE, TrainingInterrupted
 
 from .recipes import CONFIG_DIR, recipe_path
 
@@ -47,10 +46,18 @@ def config_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace, job: str) -> int:
-    """train-teacher / train-student / distill: one run of the training loop."""
+    """train-teacher / train-student / distill: one run of the training loop (it distills exactly when
+    the config names a teacher checkpoint, which distill requires and the others refuse)."""
     from .runs import run_training
 
-    summary = run_training(resolve_config(args, job), distilling=job == "distill")
+    cfg = resolve_config(args, job)
+    if job == "distill" and not cfg.teacher_checkpoint:
+        raise UserError("distill needs a teacher checkpoint: --teacher-checkpoint models_saved/cnn_teacher.pth "
+                        "(written by train-teacher)")
+    if job != "distill" and cfg.teacher_checkpoint:
+        raise UserError(f"train-{job} trains without a teacher, but teacher_checkpoint is set to "
+                        f"'{cfg.teacher_checkpoint}'; use the distill command to train with a teacher")
+    summary = run_training(cfg)
     if os.environ.get("RANK", "0") != "0":  # data-parallel: rank 0 reports
         return 0
     print_summary([summary])
@@ -108,11 +115,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_clos_convert(args: argparse.Namespace) -> int:
     """clos-convert: replace linear layers by fitted Clos layers; optional KD fine-tuning."""
-    from .clos_convert import clos_convert
+    from .clos_convert import ClosConvertOptions, clos_convert
 
-    summary = clos_convert(args.checkpoint, args.layers, args.multiplier, args.fit, args.fit_steps,
-                           args.als_iterations, args.calibration_images, args.finetune_epochs, args.output,
-                           args.device, args.finetune_lr)
+    loss = {k: v for k, v in vars(args).items() if k in ("loss", *LOSS_SHORTHANDS)}
+    options = {k: v for k, v in vars(args).items() if k in ClosConvertOptions.__dataclass_fields__ and k != "loss"}
+    make_config(loss, "command line")  # a loss given twice is refused before any work
+    summary = clos_convert(ClosConvertOptions(**options, loss=loss))
     for layer in summary["layers"]:
         fit = layer.get("data_aware", layer["weight_space"])
         err = fit.get("relative_error_heldout", fit.get("identity_probe_relative_error"))
@@ -153,19 +161,19 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse tree; every option has its help text."""
-    parser = argparse.ArgumentParser(prog="python main.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for role in ("teacher", "student"):
-        p = sub.add_parser(f"train-{role}", help=f"train a {role} model (default {DEFAULT_MODEL[role]})",
-                           description=f"Train a {role}. Models: {', '.join(sorted(MODELS))}. Without --config "
-                                       "the lab recipe of --model is used (configs/ in distillation_lab).")
-        p.add_argument("--config", help="YAML config file (keys as the flags below, with underscores)")
-        add_config_arguments(p, skip=("role",))
-        p.set_defaults(func=lambda a, r=role: cmd_train(a, r))
+# ------------------------------------------------------------------ the command line, one parser per command
+def add_train_parser(sub, role: str) -> None:
+    """train-teacher / train-student."""
+    p = sub.add_parser(f"train-{role}", help=f"train a {role} model (default {DEFAULT_MODEL[role]})",
+                       description=f"Train a {role}. Models: {', '.join(sorted(MODELS))}. Without --config "
+                                   "the lab recipe of --model is used (configs/ in distillation_lab).")
+    p.add_argument("--config", help="YAML config file (keys as the flags below, with underscores)")
+    add_config_arguments(p, skip=("role",))
+    p.set_defaults(func=lambda a: cmd_train(a, role))
 
+
+def add_distill_parser(sub) -> None:
+    """distill."""
     p = sub.add_parser("distill", help="distill a student from a frozen teacher checkpoint",
                        description="Train a student with a loss that also sees a frozen teacher: "
                                    "alpha * CE + (1 - alpha) * T^2 * KL by default, or the named terms of `loss` "
@@ -176,16 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p, skip=("role",))
     p.set_defaults(func=lambda a: cmd_train(a, "distill"))
 
+
+def add_report_parser(sub) -> None:
+    """report."""
     p = sub.add_parser("report", help="re-evaluate every checkpoint and write report.json, .md and .png",
-                       description="Re-evaluate the teachers and students in --models-dir on the test split; "
-                                   "write report.json (the lab plan's keys), report_details.json, report.md "
-                                   "and report.png.")
+                       description="Re-evaluate every checkpoint in --models-dir on its test split, found by "
+                                   "what it records (role, family, teacher, surgery); write report.json (the lab "
+                                   "plan's keys), report_details.json, report.md and report.png.")
     p.add_argument("--models-dir", default="models_saved", help="where the checkpoints are")
     p.add_argument("--output", default="report.json", help="report.json path; the other files go beside it")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device")
     p.add_argument("--data-dir", help="dataset directory (default: the one recorded in each checkpoint)")
     p.set_defaults(func=cmd_report)
 
+
+def add_evaluate_parser(sub) -> None:
+    """evaluate CHECKPOINT."""
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on the test split")
     p.add_argument("checkpoint", help="path to a .pth written by this tool")
     p.add_argument("--model", help="fail unless the checkpoint holds this architecture")
@@ -195,21 +209,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_evaluate)
 
+
+def add_submit_parser(sub) -> None:
+    """submit."""
     p = sub.add_parser("submit", help="submit the whole lab chain through submitit",
-                       description="Submit both teachers, the baselines and distillations after their teacher "
-                                   "(afterok, kill_on_invalid_dep) and the report after all, through submitit. "
-                                   "Jobs run in this directory. The batch scripts (slurm/submit_chain.sh) do the "
-                                   "same with scratch staging.")
+                       description="Submit every job of the job table (distillation_lab/chain.py), each after the "
+                                   "jobs it needs (afterok, kill_on_invalid_dep), through submitit. Jobs run in this "
+                                   "directory. The batch scripts (slurm/submit_chain.sh) do the same with scratch "
+                                   "staging.")
     p.add_argument("--folder", default="slurm/submitit", help="submitit's folder for job files and logs")
     p.add_argument("--smoke", action="store_true", help="embedded data, tiny models, a few steps, CPU")
     p.add_argument("--partition", default="markov_gpu", help="SLURM partition")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs per job (more than 1: data-parallel)")
-    p.add_argument("--timeout-min", type=int, default=24 * 60, help="time limit of each job in minutes")
+    p.add_argument("--gpus", type=int, help="GPUs per job (more than 1: data-parallel) [default: the job table's]")
+    p.add_argument("--timeout-min", type=int, help="time limit of every job in minutes [default: the job table's]")
     p.add_argument("--cluster", choices=("slurm", "local"), help="force submitit's executor (default: detect)")
     p.add_argument("--wait", action="store_true", help="wait for every job and fail if one fails")
-    add_config_arguments(p, skip=("model", "model_args", "name", "role", "resume", "teacher", "teacher_checkpoint"))
+    add_config_arguments(p, skip=("model", "model_args", "name", "role", "family", "resume", "teacher",
+                                  "teacher_checkpoint", "init_checkpoint"))
     p.set_defaults(func=cmd_submit)
 
+
+def add_clos_convert_parser(sub) -> None:
+    """clos-convert."""
     p = sub.add_parser("clos-convert", help="replace linear layers by Clos layers fitted to them",
                        description="Replace the linear layers matching --layers (glob, comma-separated) by Clos "
                                    "layers, layer by layer: weight-space fit (ALS), then a data-aware fit on the "
@@ -221,15 +242,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit", choices=("data", "weights"), default="data", help="data-aware (default) or weight-space only")
     p.add_argument("--fit-steps", type=int, default=1000, help="gradient steps of the data-aware fit")
     p.add_argument("--als-iterations", type=int, default=50, help="iterations of the weight-space ALS fit")
-    p.add_argument("--calibration-images", type=int, default=4096, help="training images (or texts) whose layer "
-                   "inputs are fitted")
+    p.add_argument("--calibration-examples", "--calibration-images", "--calibration-texts", type=int, default=4096,
+                   dest="calibration_examples", help="training examples (images or texts) whose layer inputs are "
+                   "fitted (--calibration-images and --calibration-texts are the same option)")
     p.add_argument("--finetune-epochs", type=int, default=0, help="KD fine-tuning epochs with the original as teacher")
     p.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam learning rate of the KD fine-tuning "
                    "(1e-3 for small models; about 1e-4 for a pretrained BERT)")
     p.add_argument("--output", help="converted checkpoint path (default: CHECKPOINT_clos_mM.pth beside it)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device")
+    add_config_arguments(p, only=("loss", *LOSS_SHORTHANDS),
+                         title="the KD fine-tuning's loss (as for distill; default alpha 0.5, temperature 4)")
     p.set_defaults(func=cmd_clos_convert)
 
+
+def add_prepare_data_parser(sub) -> None:
+    """prepare-data."""
     p = sub.add_parser("prepare-data", help="download (--download) and check a dataset")
     p.add_argument("--dataset", default="cifar10", choices=("cifar10", "mnist", "mnist_embedded", "imagefolder"),
                    help="dataset")
@@ -238,15 +265,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="fetch it (needs the internet: a cluster login node)")
     p.set_defaults(func=cmd_prepare_data)
 
+
+def add_pipeline_parser(sub) -> None:
+    """pipeline."""
     p = sub.add_parser("pipeline", help="run the whole local chain of a preset and write the report",
-                       description="Train the preset's teachers, then per seed the student baselines and the "
-                                   "distilled students, then write the report (report.json in the repository "
-                                   "for models_saved/, else beside the checkpoints). Config flags apply to every job.")
+                       description="Train the preset's jobs of the job table (teachers, then per seed the student "
+                                   "baselines and the distilled students), then write the report (report.json in "
+                                   "the repository for models_saved/, else beside the checkpoints). Config flags "
+                                   "apply to every job.")
     p.add_argument("--preset", default="demo", help="demo (embedded MNIST, CPU, minutes) or cifar10 (a GPU)")
     p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: 0 1 2 for demo, 0 for cifar10)")
-    add_config_arguments(p, skip=("model", "model_args", "name", "role", "resume", "seed", "teacher",
-                                  "teacher_checkpoint", "loss", "labelled_subset"))
+    add_config_arguments(p, skip=("model", "model_args", "name", "role", "family", "resume", "seed", "teacher",
+                                  "teacher_checkpoint", "init_checkpoint", "loss", "labelled_subset"))
     p.set_defaults(func=cmd_pipeline)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree: one parser per command, in the order of the README's table."""
+    parser = argparse.ArgumentParser(prog="python main.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_train_parser(sub, "teacher")
+    add_train_parser(sub, "student")
+    add_distill_parser(sub)
+    add_evaluate_parser(sub)
+    add_report_parser(sub)
+    add_prepare_data_parser(sub)
+    add_pipeline_parser(sub)
+    add_submit_parser(sub)
+    add_clos_convert_parser(sub)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""The local chain of a preset: teachers, student baselines, distillation (per seed), then the report."""
+"""The local chain of a preset: the training jobs of the job table in order (the students once per
+seed), then the report."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,37 +9,47 @@ from typing import Sequence
 from pruning_lab.config import Config
 from pruning_lab.errors import UserError
 
-from .runs import run_training
+from .chain import CHAIN, DEMO, Job
 from .recipes import recipe_config
 from .report import write_report
+from .runs import run_training
 
-# Each preset: the teacher jobs, then the student jobs (run once per seed).
+# preset -> (its jobs, default seeds). cifar10: the chain's training jobs on CIFAR-10 (one GPU).
 PRESETS = {
-    "demo": (["demo_teacher"], ["demo_student", "demo_distill"], [0, 1, 2]),  # embedded MNIST, CPU, minutes
-    "cifar10": (["cnn_teacher", "vit_teacher"], ["cnn_student", "distill_cnn", "vit_student", "distill_vit"], [0]),
+    "demo": (DEMO, [0, 1, 2]),  # embedded MNIST, CPU, minutes
+    "cifar10": (tuple(job for job in CHAIN if job.trains and recipe_config(job.recipe).dataset == "cifar10"), [0]),
 }
 
 
-def student_config(cfg: Config, seed: int, several_seeds: bool) -> Config:
-    """A student job for one seed: NAME_seedS when there are several, teacher read from the same out_dir."""
-    name = f"{cfg.run_name()}_seed{seed}" if several_seeds else cfg.run_name()
-    teacher = str(Path(cfg.out_dir) / Path(cfg.teacher_checkpoint).name) if cfg.teacher_checkpoint else ""
-    return dataclasses.replace(cfg, seed=seed, name=name, teacher_checkpoint=teacher)
+def job_config(job: Job, overrides: dict, seed: int | None = None, seed_in_name: bool = False) -> Config:
+    """A training job's config: its recipe, the overrides, its seed and name (NAME_seedS for one of
+    several seeds), and a distill job's teacher read from the same output folder."""
+    cfg = dataclasses.replace(recipe_config(job.recipe, overrides), name=job.name)
+    if seed is not None:
+        cfg = dataclasses.replace(cfg, seed=seed, name=f"{job.name}_seed{seed}" if seed_in_name else job.name)
+    teacher = str(Path(cfg.out_dir) / f"{job.teacher}.pth") if job.teacher else ""
+    return dataclasses.replace(cfg, teacher_checkpoint=teacher)
+
+
+def preset_configs(preset: str, overrides: dict, seeds: Sequence[int] | None = None) -> list[Config]:
+    """The configs a preset runs, in order: jobs that wait for none once, the others once per seed."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    jobs, default_seeds = PRESETS[preset]
+    seeds = list(seeds or default_seeds)
+    first = [job_config(job, overrides) for job in jobs if not job.after]
+    per_seed = [job_config(job, overrides, seed, seed_in_name=len(seeds) > 1)
+                for seed in seeds for job in jobs if job.after]
+    return first + per_seed
 
 
 def run_pipeline(preset: str, overrides: dict, seeds: Sequence[int] | None = None) -> tuple[list[dict], Path]:
-    """Train a preset's teachers, then each student job per seed, then write the report; return rows and report path."""
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
-    teachers, students, default_seeds = PRESETS[preset]
-    seeds = list(seeds or default_seeds)
-    configs = [recipe_config(job, overrides) for job in teachers]
-    configs += [student_config(recipe_config(job, overrides), seed, len(seeds) > 1)
-                for seed in seeds for job in students]
+    """Train a preset's jobs, then write the report; return the runs' summaries and the report path."""
+    configs = preset_configs(preset, overrides, seeds)
     rows = []
     for cfg in configs:
         print(f"\n=== {cfg.run_name()}: {cfg.model} on {cfg.dataset}, {cfg.epochs} epochs, seed {cfg.seed}", flush=True)
-        rows.append(run_training(cfg, distilling=bool(cfg.teacher_checkpoint)))
+        rows.append(run_training(cfg))
     out_dir = Path(configs[0].out_dir)
     report_path = out_dir / "report.json" if out_dir != Path("models_saved") else Path("report.json")
     write_report(str(out_dir), str(report_path), device=configs[0].device)

@@ -1,67 +1,115 @@
-"""The report: re-evaluate every teacher and student checkpoint on the test split.
+"""The report: re-evaluate every checkpoint in a folder on its test split, found by what it records.
 
-Writes report.json with exactly the lab plan's keys (test accuracies as fractions, mean over seeds,
-null where a checkpoint is missing), report_details.json (parameters, MACs, latency, agreement with
-the teacher, epochs, seeds, mean and std), report.md (a table) and report.png (accuracy against
-parameters), all from the same evaluations.
+Each best checkpoint says what it is: its run name and seed (config), role (teacher, student),
+family (cnn, vit, text, ...), teacher, and any layer surgery (Clos). Per lab family (those of the job
+table's report entries) the teacher, the student without KD and the student with KD fill report.json,
+exactly the lab plan's keys (test accuracies as fractions, mean over seeds, null where missing); the
+run the job table names is taken when several could fill a key. Every other run appears in
+report_details.json and report.md under its family, converted models in their own list.
+report.png plots accuracy against parameters. Each checkpoint is read once.
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import pandas as pd
 
-from pruning_lab.data import BatchLoader, load_splits
 from pruning_lab.errors import UserError
-from pruning_lab.inference.checkpoint_eval import evaluate_checkpoint
-from pruning_lab.runtime import resolve_device, resolve_precision
-from pruning_lab.train import build_model, load_checkpoint
+from pruning_lab.inference import OpenedCheckpoint, model_card, open_checkpoint, soft_target_alignment
+from pruning_lab.models import model_family
+from pruning_lab.runtime import resolve_precision
 
-from .metrics import soft_target_alignment
-from .teacher import load_teacher
+from .chain import CHAIN, DEMO, report_runs
+from .teacher import FrozenTeacher
 
-FAMILIES = {"cnn": ("cnn_teacher", "cnn_student", "cnn_student_kd"),
-            "vit": ("vit_teacher", "vit_student", "vit_student_kd")}
 KEYS = ("teacher_accuracy", "student_accuracy_without_kd", "student_accuracy_with_kd")
-RUN_FILE = re.compile(r"^(?P<name>.+?)(?:_seed(?P<seed>\d+))?\.pth$")
+TABLE_RUNS = {**report_runs(DEMO), **report_runs(CHAIN)}  # (family, key) -> run name the job table writes
+FAMILIES = tuple(dict.fromkeys(family for family, _ in TABLE_RUNS))  # report.json's families, in order
+SEED_FILE = re.compile(r"^(?P<name>.+?)(?:_seed(?P<seed>\d+))?$")
 
 
-def find_runs(models_dir: Path) -> dict[str, dict[int, Path]]:
-    """Best checkpoints by run name and seed (NAME.pth is seed None, NAME_seedN.pth seed N)."""
-    runs: dict[str, dict] = {}
+@dataclass
+class Found:
+    """One best checkpoint of the folder: opened (or why not) and what it says it is."""
+
+    path: Path
+    run: str
+    seed: Optional[int]
+    opened: Optional[OpenedCheckpoint] = None
+    error: str = ""
+
+    @property
+    def ckpt(self) -> dict:
+        return self.opened.ckpt if self.opened else {}
+
+    @property
+    def family(self) -> str:
+        return self.ckpt.get("family") or model_family(self.ckpt.get("arch", {}).get("name", ""))
+
+    @property
+    def kind(self) -> str:
+        """converted (layer surgery), teacher, student_with_kd, student_without_kd or model."""
+        if self.ckpt.get("surgery"):
+            return "converted"
+        role = self.ckpt.get("role", "model")
+        if role == "student":
+            distilled = self.ckpt.get("teacher") or self.ckpt["config"].get("teacher_checkpoint")
+            return "student_with_kd" if distilled else "student_without_kd"
+        return role
+
+
+KIND_OF_KEY = {"teacher_accuracy": "teacher", "student_accuracy_without_kd": "student_without_kd",
+               "student_accuracy_with_kd": "student_with_kd"}
+
+
+def find_checkpoints(models_dir: Path, device: str, data_dir: Optional[str]) -> list[Found]:
+    """Open every best checkpoint (not the *_last.pth resume states) once; unreadable ones keep their error."""
+    found = []
     for path in sorted(models_dir.glob("*.pth")):
-        match = RUN_FILE.match(path.name)
-        if match and not path.stem.endswith("_last"):
-            seed = int(match["seed"]) if match["seed"] is not None else None
-            runs.setdefault(match["name"], {})[seed] = path
+        if path.stem.endswith("_last"):
+            continue
+        try:
+            opened = open_checkpoint(str(path), data_dir=data_dir, device=device)
+        except UserError as e:  # reported, never a crash and never a number
+            match = SEED_FILE.match(path.stem)
+            found.append(Found(path, match["name"], int(match["seed"]) if match["seed"] else None, error=str(e)))
+            continue
+        cfg = opened.config
+        name, seed = cfg.get("name") or path.stem, cfg.get("seed")
+        run = name[: -len(f"_seed{seed}")] if name.endswith(f"_seed{seed}") else name
+        found.append(Found(path, run, seed if run != name else None, opened))
+    return found
+
+
+def group_runs(found: list[Found]) -> dict[str, list[Found]]:
+    """Checkpoints by run name (a run's seeds together); a second file with the same run and seed is its own run."""
+    runs: dict[str, list[Found]] = {}
+    for f in found:
+        name = f.run if all(g.seed != f.seed for g in runs.get(f.run, [])) else f.path.stem
+        runs.setdefault(name, []).append(f)
     return runs
 
 
-def alignment(student_path: Path, teacher_path: Path, device: str, data_dir: Optional[str]) -> dict:
-    """Agreement and KL of a student with a teacher on the student's test split."""
-    ckpt = load_checkpoint(student_path)
-    dev = resolve_device(device)
-    student = build_model(ckpt, source=str(student_path)).to(dev)
-    teacher = load_teacher(str(teacher_path), "", ckpt["data"], dev)
-    cfg = ckpt["config"]
-    spec, _, _, test = load_splits(cfg["dataset"], data_dir or cfg["data_dir"], cfg["val_size"],
-                                   image_size=cfg["image_size"])
-    loader = BatchLoader(test, spec, 256, dev, image_size=ckpt["arch"]["image_size"])
-    return soft_target_alignment(student, teacher, loader, resolve_precision("auto", dev))
-
-
-def evaluate_run(path: Path, teacher_path: Optional[Path], device: str, data_dir: Optional[str]) -> dict:
-    """Everything the report says about one checkpoint."""
-    card = evaluate_checkpoint(str(path), data_dir=data_dir, device=device)
-    ckpt = load_checkpoint(path)
-    card.update(seed=ckpt["config"]["seed"], epochs_run=len(ckpt.get("history", [])),
-                epochs_planned=ckpt["config"]["epochs"], best_val_acc=ckpt.get("best_val_acc"))
-    if teacher_path is not None:
-        card.update({f"teacher_{k}": v for k, v in alignment(path, teacher_path, device, data_dir).items()})
+def evaluate_found(f: Found, teacher: Optional[FrozenTeacher]) -> dict:
+    """Everything the report says about one checkpoint (agreement with `teacher` for students)."""
+    card = model_card(f.opened)
+    cfg, ckpt = f.opened.config, f.ckpt
+    card.update(seed=cfg["seed"], epochs_run=len(ckpt.get("history", [])), epochs_planned=cfg["epochs"],
+                best_val_acc=ckpt.get("best_val_acc"), family=f.family, kind=f.kind,
+                teacher=(ckpt.get("teacher") or {}).get("name"))
+    if teacher is not None and f.kind.startswith("student"):
+        try:
+            alignment = soft_target_alignment(f.opened.model, teacher, f.opened.loader("test"),
+                                              resolve_precision("auto", f.opened.device))
+            card.update({f"teacher_{k}": v for k, v in alignment.items()})
+        except RuntimeError:  # a teacher of other inputs or classes than this student: no agreement
+            pass
     return card
 
 
@@ -70,17 +118,13 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarise(name: str, runs: dict[int, Path], teacher_path: Optional[Path], device: str,
-              data_dir: Optional[str]) -> dict:
-    """Per-seed evaluations of one run name, with mean and std of the test accuracy."""
-    per_seed, errors = [], []
-    for seed, path in sorted(runs.items(), key=lambda kv: (kv[0] is not None, kv[0])):
-        try:
-            per_seed.append(evaluate_run(path, teacher_path, device, data_dir))
-        except UserError as e:  # an unreadable file is reported, never a crash and never a number
-            errors.append(str(e))
+def summarise(name: str, checkpoints: list[Found], teacher: Optional[FrozenTeacher]) -> dict:
+    """Per-seed evaluations of one run, with mean and std of the test accuracy."""
+    ordered = sorted(checkpoints, key=lambda f: (f.seed is not None, f.seed or 0))
+    per_seed = [evaluate_found(f, teacher) for f in ordered if f.opened]
+    errors = [f.error for f in ordered if not f.opened]
     if not per_seed:
-        return {"run": name, "status": "missing" if not errors else "unreadable", "errors": errors}
+        return {"run": name, "status": "unreadable", "errors": errors}
     mean, std = mean_std([r["test_accuracy"] for r in per_seed])
     return {"run": name, "status": "ok", "test_accuracy_mean": mean, "test_accuracy_std": std,
             "seeds": [r["seed"] for r in per_seed], "runs": per_seed, "errors": errors}
@@ -99,42 +143,68 @@ def paired_difference(with_kd: dict, without_kd: dict) -> Optional[dict]:
     return {"mean": mean, "std": std, "seeds": len(diffs), "kd_better": sum(d > 0 for d in diffs)}
 
 
+def choose(family: str, key: str, runs: dict[str, list[Found]]) -> tuple[Optional[str], list[str]]:
+    """The run that fills a report key: the job table's run if present, else the only candidate; and the candidates."""
+    kind = KIND_OF_KEY[key]
+    candidates = [name for name, fs in runs.items()
+                  if any(f.opened and f.family == family and f.kind == kind for f in fs)]
+    table_run = TABLE_RUNS.get((family, key))
+    if table_run in runs:  # also when unreadable: it is the run the table wrote for this key
+        return table_run, candidates
+    return (candidates[0] if len(candidates) == 1 else None), candidates
+
+
+def family_teacher(runs: dict[str, list[Found]], name: Optional[str]) -> Optional[FrozenTeacher]:
+    """The family's teacher (the run filling teacher_accuracy; seed-less or first seed) as a frozen teacher."""
+    opened = [f.opened for f in sorted(runs.get(name, []), key=lambda f: f.seed is not None) if f.opened]
+    # A copy: a frozen teacher is cast to bf16 on a GPU, and the teacher's own row is evaluated as trained.
+    return FrozenTeacher(copy.deepcopy(opened[0].model), opened[0].device) if opened else None
+
+
 def build_details(models_dir: Path, device: str, data_dir: Optional[str]) -> dict:
-    """Evaluate the teacher, baseline student and distilled student of every family."""
-    found = find_runs(models_dir)
-    details = {}
-    for family, names in FAMILIES.items():
-        teacher_runs = found.get(names[0], {})
-        teacher_path = teacher_runs.get(None) or next(iter(teacher_runs.values()), None)
-        entry = {}
-        for key, name in zip(KEYS, names):
-            if name not in found:
-                entry[key] = {"run": name, "status": "missing", "expected": str(models_dir / f"{name}.pth")}
+    """Evaluate every run, each in its family; the lab keys of the lab families; converted models."""
+    runs = group_runs(find_checkpoints(models_dir, device, data_dir))
+    families = list(dict.fromkeys([*FAMILIES, *(f.family for fs in runs.values() for f in fs if f.opened)]))
+    details: dict = {}
+    placed: set = set()
+    for family in families:
+        entry: dict = {}
+        teacher_run, _ = choose(family, KEYS[0], runs) if family in FAMILIES else (None, [])
+        teacher = family_teacher(runs, teacher_run)
+        for key in KEYS if family in FAMILIES else ():
+            name, candidates = choose(family, key, runs)
+            if name is None:
+                expected = TABLE_RUNS.get((family, key), "")
+                entry[key] = {"run": expected, "status": "ambiguous" if candidates else "missing",
+                              "candidates": candidates, "expected": str(models_dir / f"{expected}.pth")}
                 continue
-            student_teacher = teacher_path if key != "teacher_accuracy" else None
-            entry[key] = summarise(name, found[name], student_teacher, device, data_dir)
-        entry["kd_minus_baseline"] = paired_difference(entry[KEYS[2]], entry[KEYS[1]])
+            placed.add(name)
+            entry[key] = summarise(name, runs[name], teacher if key != "teacher_accuracy" else None)
+        if family in FAMILIES:
+            entry["kd_minus_baseline"] = paired_difference(entry[KEYS[2]], entry[KEYS[1]])
+        others = [name for name, fs in runs.items() if name not in placed and fs[0].opened
+                  and fs[0].family == family and fs[0].kind != "converted"]
+        entry["other_runs"] = [summarise(name, runs[name], teacher) for name in others]
+        placed.update(others)
         details[family] = entry
-    details["converted"] = converted_models(found, device, data_dir)
+    details["converted"] = converted_models(runs)
+    details["unreadable"] = [{"run": name, "errors": [f.error for f in fs]} for name, fs in runs.items()
+                             if name not in placed and not any(f.opened for f in fs)]
     return details
 
 
-def converted_models(found: dict, device: str, data_dir: Optional[str]) -> list[dict]:
-    """Models with Clos layers (clos-convert outputs and their KD fine-tuned versions), re-evaluated."""
+def converted_models(runs: dict[str, list[Found]]) -> list[dict]:
+    """Models with layer surgery (clos-convert outputs and their KD fine-tuned versions), re-evaluated."""
     rows = []
-    for name, runs in sorted(found.items()):
-        if "_clos_m" not in name:
-            continue
-        for path in runs.values():
-            try:
-                card = evaluate_checkpoint(str(path), data_dir=data_dir, device=device)
-            except UserError as e:
-                rows.append({"run": name, "status": "unreadable", "errors": [str(e)]})
+    for name, fs in sorted(runs.items()):
+        for f in fs:
+            if not f.opened or f.kind != "converted":
                 continue
-            surgery = load_checkpoint(path).get("surgery", [])
-            rows.append({"run": name, "status": "ok", "model": card["model"], "dataset": card["dataset"],
-                         "test_accuracy": card["test_accuracy"], "parameters": card["parameters"],
-                         "macs": card["macs"], "clos_layers": [s["layer"] for s in surgery]})
+            card = model_card(f.opened)
+            rows.append({"run": name, "status": "ok", "family": f.family, "model": card["model"],
+                         "dataset": card["dataset"], "test_accuracy": card["test_accuracy"],
+                         "parameters": card["parameters"], "macs": card["macs"],
+                         "clos_layers": [s["layer"] for s in f.ckpt["surgery"] if s.get("kind") == "clos"]})
     return rows
 
 
@@ -144,42 +214,47 @@ def lab_report(details: dict) -> dict:
                            else None) for key in KEYS} for family in FAMILIES}
 
 
+def table_row(family: str, what: str, e: dict) -> dict:
+    """One row of report.md for an evaluated run (or its status)."""
+    row = {"family": family, "what": what, "run": e["run"]}
+    if e["status"] != "ok":
+        return {**row, "test accuracy": e["status"]}
+    first = e["runs"][0]
+    agreement = [r.get("teacher_agreement") for r in e["runs"] if r.get("teacher_agreement") is not None]
+    return {**row, "seeds": str(len(e["runs"])),
+            "test accuracy": f"{e['test_accuracy_mean']:.4f} ± {e['test_accuracy_std']:.4f}",
+            "params": f"{first['parameters']:,}", "MACs": f"{first['macs']:,}",
+            "latency ms (batch 1)": first["latency_ms_batch1"],
+            "agreement with teacher": f"{statistics.fmean(agreement):.4f}" if agreement else "",
+            "best epoch": ", ".join(str(r["best_epoch"]) for r in e["runs"]),
+            "model": first["model"], "dataset": first["dataset"],
+            "acc": e["test_accuracy_mean"], "std": e["test_accuracy_std"], "n_params": first["parameters"]}
+
+
 def table(details: dict) -> pd.DataFrame:
-    """One row per evaluated run name, for report.md and report.png."""
+    """One row per evaluated run, lab keys first, for report.md and report.png."""
     rows = []
-    for family in FAMILIES:
-        entry = details[family]
-        for key in KEYS:
-            e = entry[key]
-            row = {"family": family, "what": key.replace("_accuracy", "").replace("_", " "), "run": e["run"]}
-            if e["status"] != "ok":
-                rows.append({**row, "test accuracy": e["status"]})
-                continue
-            first = e["runs"][0]
-            agreement = [r.get("teacher_agreement") for r in e["runs"] if r.get("teacher_agreement") is not None]
-            rows.append({**row, "seeds": str(len(e["runs"])),
-                         "test accuracy": f"{e['test_accuracy_mean']:.4f} ± {e['test_accuracy_std']:.4f}",
-                         "params": f"{first['parameters']:,}", "MACs": f"{first['macs']:,}",
-                         "latency ms (batch 1)": first["latency_ms_batch1"],
-                         "agreement with teacher": f"{statistics.fmean(agreement):.4f}" if agreement else "",
-                         "best epoch": ", ".join(str(r["best_epoch"]) for r in e["runs"]),
-                         "model": first["model"], "dataset": first["dataset"],
-                         "acc": e["test_accuracy_mean"], "std": e["test_accuracy_std"],
-                         "n_params": first["parameters"]})
+    for family, entry in details.items():
+        if family in ("converted", "unreadable"):
+            continue
+        rows += [table_row(family, key.replace("_accuracy", "").replace("_", " "), entry[key])
+                 for key in KEYS if key in entry]
+        rows += [table_row(family, e["runs"][0]["kind"].replace("_", " "), e) for e in entry["other_runs"]]
     return pd.DataFrame(rows)
 
 
 def markdown(details: dict, frame: pd.DataFrame) -> str:
-    """report.md: the table plus the paired KD differences."""
+    """report.md: the table, converted models and the paired KD differences."""
     shown = frame.drop(columns=[c for c in ("acc", "std", "n_params") if c in frame.columns]).astype(object).fillna("")
     lines = ["# distill-lab report", "", "Test accuracy on each checkpoint's test split (mean ± sample std over seeds).",
              "", shown.to_markdown(index=False), ""]
     if details["converted"]:
-        converted = pd.DataFrame([{"run": r["run"], "model": r.get("model", ""), "Clos layers": len(r.get("clos_layers", [])),
-                                   "params": f"{r['parameters']:,}" if "parameters" in r else "",
-                                   "test accuracy": f"{r['test_accuracy']:.4f}" if "test_accuracy" in r else r["status"]}
+        converted = pd.DataFrame([{"run": r["run"], "model": r["model"], "Clos layers": len(r["clos_layers"]),
+                                   "params": f"{r['parameters']:,}", "test accuracy": f"{r['test_accuracy']:.4f}"}
                                   for r in details["converted"]])
         lines += ["Converted models (Clos layers):", "", converted.to_markdown(index=False), ""]
+    for r in details["unreadable"]:
+        lines.append(f"- unreadable: {r['run']}: {'; '.join(r['errors'])}")
     for family in FAMILIES:
         d = details[family]["kd_minus_baseline"]
         if d:

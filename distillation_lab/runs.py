@@ -1,23 +1,37 @@
-"""The distill command: ordinary training whose loss also sees a frozen teacher."""
+"""The one way into training: the CLI, the pipeline, the SLURM jobs and the Python API all call
+`run_training`. It distills exactly when there is a teacher (a teacher checkpoint in the config, or a
+frozen teacher given by the API); distillation is then the same loop with a loss that sees the teacher."""
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable, Optional
+
+import torch.nn as nn
+
+from pruning_lab.checkpoint import update_checkpoint
 from pruning_lab.config import Config
+from pruning_lab.inference import soft_target_alignment
+from pruning_lab.models import model_family
 from pruning_lab.runtime import resolve_precision
-from pruning_lab.train import update_checkpoint
-from pruning_lab.train.loop import Trainer, build_parts
+from pruning_lab.train.loop import RunParts, Trainer, build_parts
 
-from .criterion import DistillationCriterion, loss_spec
-from .metrics import soft_target_alignment
-from .teacher import load_teacher
+from .criterion import DistillationCriterion, resolve_loss
+from .teacher import FrozenTeacher, load_teacher
 
 
-def run_training(cfg: Config, distilling: bool) -> dict:
-    """Train (or distill) as `cfg` says; a distilled student also gets its alignment with the teacher."""
-    parts = build_parts(cfg)
-    teacher = (load_teacher(cfg.teacher_checkpoint, cfg.teacher, parts.data, parts.device)
-               if distilling else None)
-    criterion = DistillationCriterion(loss_spec(cfg, distilling), parts.model.feature_widths, teacher)
-    trainer = Trainer(cfg, parts, criterion)
+def run_training(cfg: Config, parts: Optional[RunParts] = None, teacher: Optional[FrozenTeacher] = None,
+                 eval_fn: Optional[Callable[[nn.Module], dict]] = None) -> dict:
+    """Train as `cfg` says (parts: data and model built from it unless given); a distilled student
+    also gets its agreement with the teacher on the test split. Returns the run's summary."""
+    distilling = teacher is not None or bool(cfg.teacher_checkpoint)
+    cfg = resolve_loss(cfg, distilling)  # the loss is checked before any data is loaded
+    parts = parts or build_parts(cfg)
+    if teacher is None and cfg.teacher_checkpoint:
+        teacher = load_teacher(cfg.teacher_checkpoint, cfg.teacher, parts.data, parts.device)
+    family = cfg.family or (teacher.record.get("family") if teacher else None) or model_family(cfg.model)
+    cfg = dataclasses.replace(cfg, family=family)
+    criterion = DistillationCriterion(cfg.loss, parts.model.feature_widths, teacher)
+    trainer = Trainer(cfg, parts, criterion, eval_fn, record={"teacher": teacher.record if teacher else None})
     summary = trainer.fit()
     if teacher is None or parts.test_loader is None:
         return summary

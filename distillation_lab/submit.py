@@ -1,82 +1,83 @@
-"""The lab chain from Python through submitit: the training jobs, their dependencies and the report of
-slurm/submit_chain.sh (the Clos conversions run as batch scripts only: slurm/clos_convert_*.slurm).
+"""The lab chain from Python through submitit: every job of the job table (chain.py), each after the
+jobs it needs (afterok, kill_on_invalid_dep), as the batch scripts of slurm/submit_chain.sh run them.
 
-submitit runs each job's Python function on the cluster in the submitting directory (no scratch
-staging: use the batch scripts for that), with afterok dependencies and kill_on_invalid_dep.
+submitit runs each job's command line (`python main.py ...` in-process) on the cluster in the
+submitting directory: no scratch staging (use the batch scripts for that).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import submitit
 
-from pruning_lab.config import Config, make_config
 from pruning_lab.errors import UserError
 
-from .recipes import recipe_config
-from .report import write_report
-from .runs import run_training
-
-# name -> (config, distilling, the job it waits for)
-CHAIN = {
-    "cnn_teacher": ("cnn_teacher", False, None),
-    "vit_teacher": ("vit_teacher", False, None),
-    "cnn_student": ("cnn_student", False, "cnn_teacher"),
-    "cnn_student_kd": ("distill_cnn", True, "cnn_teacher"),
-    "vit_student": ("vit_student", False, "vit_teacher"),
-    "vit_student_kd": ("distill_vit", True, "vit_teacher"),
-}
-SMOKE = {"dataset": "mnist_embedded", "epochs": 1, "max_steps_per_epoch": 2, "batch_size": 32, "val_size": 100,
-         "device": "cpu", "progress": False}
-SMOKE_MODEL_ARGS = {"cnn": {"width": 4}, "vit": {"depth": 1, "embed_dim": 16, "num_heads": 2}}
+from .chain import CHAIN, MODELS_DIR, Job
 
 
-def chain_configs(smoke: bool, overrides: dict) -> dict[str, Config]:
-    """The resolved config of every training job of the chain."""
-    configs = {}
-    for name, (config, _, _) in CHAIN.items():
-        cfg = recipe_config(config, {**SMOKE, "model_args": SMOKE_MODEL_ARGS[name[:3]]}, "smoke preset") \
-            if smoke else recipe_config(config)
-        configs[name] = make_config(overrides, "command line", base=cfg)
-    return configs
+def config_flags(overrides: dict) -> list[str]:
+    """Command-line flags that set these config values (JSON is YAML, which the flags read)."""
+    import json
+
+    flags = []
+    for key, value in overrides.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            flags += [flag, *map(str, value)]
+        elif isinstance(value, dict) or value is None:
+            flags += [flag, json.dumps(value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
 
 
-def train_job(cfg_dict: dict, distilling: bool) -> dict:
+def job_argv(job: Job, smoke: bool, overrides: dict) -> list[str]:
+    """A job's command line: the table's, the smoke flags, and config overrides for training jobs."""
+    models = overrides.get("out_dir", MODELS_DIR)
+    argv = job.argv(models) + (job.smoke_argv() if smoke else [])
+    return argv + (config_flags(overrides) if job.trains else [])
+
+
+def run_cli(argv: list[str]) -> int:
     """What one cluster job runs (a plain function: submitit pickles it with its arguments)."""
+    from .main import main
+
     env = submitit.JobEnvironment()
     if env.num_tasks > 1:  # one task per GPU: export RANK, WORLD_SIZE, MASTER_ADDR... for DDP
         submitit.helpers.TorchDistributedEnvironment().export()
-    return run_training(make_config(cfg_dict, "submitit job"), distilling)
+    status = main(argv)
+    if status != 0:
+        raise RuntimeError(f"python main.py {' '.join(argv)} exited with status {status}")
+    return status
 
 
-def report_job(models_dir: str, output: str) -> dict:
-    """The report job."""
-    return write_report(models_dir, output)
+def minutes(time: str) -> int:
+    """SLURM's HH:MM:SS in minutes."""
+    hours, mins, _ = (int(part) for part in time.split(":"))
+    return hours * 60 + mins
 
 
-def submit_chain(folder: str, smoke: bool = False, partition: str = "markov_gpu", gpus: int = 1,
-                 timeout_min: int = 24 * 60, overrides: Optional[dict] = None, cluster: Optional[str] = None) -> dict:
+def submit_chain(folder: str, smoke: bool = False, partition: str = "markov_gpu", gpus: Optional[int] = None,
+                 timeout_min: Optional[int] = None, overrides: Optional[dict] = None,
+                 cluster: Optional[str] = None) -> dict:
     """Submit the chain; returns {name: submitit.Job}. `cluster="local"` runs it without SLURM."""
-    configs = chain_configs(smoke, overrides or {})
+    overrides = overrides or {}
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     if executor.cluster == "debug":
         raise UserError("submitit found no cluster; use --cluster local to run the chain here")
     jobs: dict[str, submitit.Job] = {}
-
-    def submit(name: str, fn, *args, after: list[str] = ()) -> None:
-        params = {"name": name, "timeout_min": timeout_min, "cpus_per_task": 8, "mem_gb": 32}
+    for job in CHAIN:
+        n_gpus = 0 if smoke else (gpus if gpus is not None else job.gpus)
+        params = {"name": job.name, "timeout_min": timeout_min or minutes(job.time),
+                  "cpus_per_task": 1 if smoke else job.cpus, "mem_gb": 4 if smoke else job.mem_gb}
         if executor.cluster == "slurm":
-            params.update(slurm_partition=partition, gpus_per_node=0 if smoke else gpus, mem_gb=4 if smoke else 32,
-                          cpus_per_task=1 if smoke else 8, tasks_per_node=1 if smoke or name == "report" else gpus)
-            if after:
-                deps = ":".join(jobs[a].job_id for a in after)
+            params.update(slurm_partition=partition, gpus_per_node=n_gpus,
+                          tasks_per_node=max(n_gpus, 1) if job.trains else 1)
+            if job.after:
+                deps = ":".join(jobs[dep].job_id for dep in job.after)
                 params["slurm_additional_parameters"] = {"dependency": f"afterok:{deps}", "kill_on_invalid_dep": "yes"}
         executor.update_parameters(**params)
-        jobs[name] = executor.submit(fn, *args)
-
-    for name, (_, distilling, teacher) in CHAIN.items():
-        submit(name, train_job, dataclasses.asdict(configs[name]), distilling, after=[teacher] if teacher else [])
-    out_dir = configs["cnn_teacher"].out_dir
-    submit("report", report_job, out_dir, "report.json", after=list(CHAIN))
+        jobs[job.name] = executor.submit(run_cli, job_argv(job, smoke, overrides))
     return jobs

@@ -1,12 +1,15 @@
 """A frozen teacher: loaded from its checkpoint, checked against the student's data, run under no_grad."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from pruning_lab.errors import UserError
-from pruning_lab.train import build_model, load_checkpoint
+from pruning_lab.models import model_family
+from pruning_lab.checkpoint import build_model, load_checkpoint
 
 
 class FrozenTeacher:
@@ -16,8 +19,10 @@ class FrozenTeacher:
     checkpoints or train()/eval() switches.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, record: dict | None = None) -> None:
         self.model = model.to(device).eval().requires_grad_(False)
+        # What the student's checkpoint records about its teacher.
+        self.record = record or {"model": model.arch["name"] if hasattr(model, "arch") else type(model).__name__}
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.model.to(self.dtype)
         self.image_size = model.arch["image_size"] if hasattr(model, "arch") else None
@@ -47,4 +52,6 @@ def load_teacher(path: str, expect_model: str, data: dict, device: torch.device)
         raise UserError(f"teacher {path} was trained on {t.get('dataset')} with {have[0]} classes and "
                         f"{have[1]}x{have[2]}x{have[2]} images, but the student's data ({data['dataset']}) has "
                         f"{want[0]} classes and {want[1]}x{want[2]}x{want[2]} images; teacher and student must agree")
-    return FrozenTeacher(model, device)
+    record = {"checkpoint": str(path), "name": ckpt.get("config", {}).get("name") or Path(path).stem,
+              "model": ckpt["arch"]["name"], "family": ckpt.get("family") or model_family(ckpt["arch"]["name"])}
+    return FrozenTeacher(model, device, record)

@@ -36,6 +36,8 @@ class Config:
     init_checkpoint: str = _opt("", "start from this checkpoint's weights (and recorded layer surgery)")
     name: str = _opt("", "run name: checkpoints are OUT_DIR/NAME.pth (best) and NAME_last.pth; default: the model name")
     role: str = _opt("model", "what the run produces, recorded in the checkpoint", ("teacher", "student", "model"))
+    family: str = _opt("", "the report family the run belongs to, recorded in the checkpoint (default: the "
+                           "teacher's when distilling, else the model's: cnn, vit, text, mlp)")
     # --- data
     dataset: str = _opt("cifar10", "dataset (custom: your own loaders, Python API)",
                         ("cifar10", "mnist", "mnist_embedded", "tweets", "imagefolder", "custom"))
@@ -61,13 +63,18 @@ class Config:
     max_steps_per_epoch: Optional[int] = _opt(None, "cap the steps of each epoch (smoke runs)")
     # --- loss and distillation
     loss: dict = _opt({}, "named loss terms, e.g. {ce: {weight: 0.5}, kd: {weight: 0.5, temperature: 4}}; "
-                          "empty: ce alone, or for distill ce + kd from alpha and temperature")
+                          "empty: ce alone, or for distillation the terms that the shorthands below build")
     teacher: str = _opt("", "distill: the teacher's architecture (checked against its checkpoint)")
-    teacher_checkpoint: str = _opt("", "distill: the teacher checkpoint (.pth written by train-teacher)")
-    alpha: float = _opt(0.5, "distill without `loss`: weight of the hard-label CE; KD gets 1 - alpha")
-    temperature: float = _opt(4.0, "distill without `loss`: softmax temperature of the KD term")
-    feature_distill: bool = _opt(False, "distill without `loss`: add a FitNets feature term (MSE through 1x1 regressors)")
-    feature_weight: float = _opt(1.0, "weight of the feature term that --feature-distill adds")
+    teacher_checkpoint: str = _opt("", "distill: the teacher checkpoint (.pth written by train-teacher); "
+                                       "a run distills exactly when it has one")
+    # Shorthand for `loss` (distillation): alpha * CE + (1 - alpha) * T^2 * KL [+ feature term].
+    # None = not given; giving them together with `loss` in one place is an error.
+    alpha: Optional[float] = _opt(None, "shorthand for `loss`: weight of the hard-label CE, KD gets 1 - alpha "
+                                        "[0.5 when no loss is given]")
+    temperature: Optional[float] = _opt(None, "shorthand for `loss`: softmax temperature of the KD term [4.0]")
+    feature_distill: Optional[bool] = _opt(None, "shorthand for `loss`: add a FitNets feature term (MSE through "
+                                                 "1x1 regressors) [off]")
+    feature_weight: Optional[float] = _opt(None, "shorthand for `loss`: weight of the feature term [1.0]")
     # --- run
     seed: int = _opt(0, "seed for initialisation, data order and augmentation")
     device: str = _opt("auto", "device", ("auto", "cpu", "cuda"))
@@ -96,6 +103,12 @@ def _type_name(tp: Any) -> str:
 def _field_type(name: str) -> Any:
     hints = typing.get_type_hints(Config)
     return hints[name]
+
+
+def _base_type(name: str) -> Any:
+    """The field's type without Optional."""
+    tp = _field_type(name)
+    return next((a for a in typing.get_args(tp) if a is not type(None)), tp)
 
 
 def check_value(name: str, value: Any, source: str) -> Any:
@@ -150,10 +163,33 @@ def load_yaml(path: str | Path) -> dict:
     return {k: check_value(k, v, str(path)) for k, v in data.items()}
 
 
+LOSS_SHORTHANDS = ("alpha", "temperature", "feature_distill", "feature_weight")
+
+
+def merge_loss_keys(values: dict, base: Config, source: str) -> dict:
+    """`values` with the loss settings of one source applied over `base`'s, by one rule.
+
+    A source that gives `loss` replaces the whole loss (the shorthands of earlier sources are
+    dropped); one that gives shorthands adds to earlier shorthands. Giving both in one source, or
+    shorthands over a `loss` mapping given earlier, is an error instead of one silently winning.
+    """
+    given = [k for k in LOSS_SHORTHANDS if values.get(k) is not None]
+    if values.get("loss") and given:
+        raise UserError(f"{source} gives both 'loss' and {', '.join(repr(k) for k in given)}: alpha, temperature, "
+                        "feature_distill and feature_weight are shorthand that build `loss`; give one or the other")
+    if values.get("loss"):
+        return {**values, **{k: None for k in LOSS_SHORTHANDS}}
+    if given and base.loss:
+        raise UserError(f"{', '.join(repr(k) for k in given)} in {source} would change a loss given as the mapping "
+                        f"`loss` earlier (in a YAML file or recipe); give the whole loss with --loss instead")
+    return values
+
+
 def make_config(values: dict, source: str = "overrides", base: Optional[Config] = None) -> Config:
     """A Config from `base` (or the defaults) with `values` applied after checking them."""
+    base = base or Config()
     checked = {k: check_value(k, v, source) for k, v in values.items()}
-    return dataclasses.replace(base or Config(), **checked)
+    return dataclasses.replace(base, **merge_loss_keys(checked, base, source))
 
 
 # ---------------------------------------------------------------- command line
@@ -176,21 +212,22 @@ def _parse_cli_value(name: str, text: str) -> Any:
     return value
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple = ()) -> None:
-    """Add one --flag per Config field (its help text, default and allowed values)."""
-    group = parser.add_argument_group("config (override the YAML; defaults shown)")
+def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple = (), only: Optional[tuple] = None,
+                         title: str = "config (override the YAML; defaults shown)") -> None:
+    """Add one --flag per Config field (its help text, default and allowed values); `only` picks fields."""
+    group = parser.add_argument_group(title)
     for f in dataclasses.fields(Config):
-        if f.name in skip:
+        if f.name in skip or (only is not None and f.name not in only):
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f.metadata["help"] + f" [default: {default}]"
         if f.metadata.get("choices"):
             help_text += f" (one of: {', '.join(f.metadata['choices'])})"
-        if _field_type(f.name) is bool:
+        if _base_type(f.name) is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)
-        elif _field_type(f.name) is list:
+        elif _base_type(f.name) is list:
             group.add_argument(flag, dest=f.name, nargs="+", type=int, default=argparse.SUPPRESS,
                                metavar="N", help=help_text)
         else:
@@ -202,7 +239,7 @@ def config_from_args(args: argparse.Namespace, yaml_path: Optional[str], default
     """Resolve defaults < `defaults` < YAML < command line into one checked Config."""
     cfg = make_config(defaults or {}, "built-in defaults")
     if yaml_path:
-        cfg = dataclasses.replace(cfg, **load_yaml(yaml_path))
+        cfg = make_config(load_yaml(yaml_path), str(yaml_path), base=cfg)
     overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
     return make_config(overrides, "command line", base=cfg)
 
@@ -214,4 +251,7 @@ def to_dict(cfg: Config) -> dict:
 
 def from_dict(data: dict, source: str) -> Config:
     """Rebuild a Config from `to_dict` output (e.g. from a checkpoint)."""
+    data = {k: v for k, v in data.items() if k in FIELDS}
+    if data.get("loss"):  # a recorded loss is the one that ran; older checkpoints also kept the shorthands
+        data.update({k: None for k in LOSS_SHORTHANDS})
     return make_config(data, source)

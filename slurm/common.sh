@@ -15,8 +15,8 @@
 #   DL_DATA_DIR    datasets to stage (default: $DL_REPO/data)
 #   DL_MODELS_DIR  where checkpoints live (default: $DL_REPO/models_saved)
 #   DL_SMOKE=1     the smoke preset: embedded data, tiny models, a few steps, CPU (tests, dry runs);
-#                  a script sets DL_SMOKE_MODEL_ARGS / DL_SMOKE_DATASET where its model needs others
-#   DL_EXTRA_ARGS  more main.py flags for every job
+#                  each script's DL_SMOKE_ARGS (from the job table) says what that means for its job
+#   DL_EXTRA_ARGS  more main.py flags for every job (after the smoke flags: e.g. "--epochs 60" wins)
 #   DL_NPROC       data-parallel processes per node (default: the GPUs allocated on the node, else 1);
 #                  above 1 the run is launched with torchrun (one process per GPU; gloo on CPU)
 #   DL_MASTER_PORT the rendezvous port of a multi-node run (default: 29500 + job id mod 1000)
@@ -137,14 +137,11 @@ dl_stage_best_checkpoints() {
 }
 
 # dl_run SUBCOMMAND ARGS...: run main.py in the scratch copy; a stopped training run requeues the job.
+# With DL_SMOKE=1 the job's smoke flags (DL_SMOKE_ARGS, set by the script from the job table) follow.
 dl_run() {
-    local args=("$@") model_args=${DL_SMOKE_MODEL_ARGS:-}
-    if [[ "${DL_SMOKE:-0}" == 1 && "$1" == clos-convert ]]; then
-        args+=(--fit-steps 20 --als-iterations 3 --calibration-images 64 --device cpu)
-    elif [[ "${DL_SMOKE:-0}" == 1 && "$1" != report ]]; then
-        [[ -n "$model_args" ]] || model_args='{width: 4}'
-        args+=(--dataset "${DL_SMOKE_DATASET:-mnist_embedded}" --epochs "${DL_SMOKE_EPOCHS:-1}" --max-steps-per-epoch 2 --batch-size 32
-               --val-size 100 --device cpu --no-progress --model-args "$model_args")
+    local args=("$@")
+    if [[ "${DL_SMOKE:-0}" == 1 ]]; then
+        args+=(${DL_SMOKE_ARGS[@]+"${DL_SMOKE_ARGS[@]}"})
     fi
     # shellcheck disable=SC2206  # a user's list of flags
     [[ -n "${DL_EXTRA_ARGS:-}" ]] && args+=($DL_EXTRA_ARGS)

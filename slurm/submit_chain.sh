@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Submit the whole lab chain: both teachers and the tweet BERT; each baseline and distillation, and
-# the Clos conversions of the ViT teacher and the BERT, after its original (afterok); the report
-# after all of them. With --kill-on-invalid-dep=yes a failed teacher cancels
-# its dependants instead of leaving them pending forever.
+# Submit the whole lab chain: every job of the table in distillation_lab/chain.py, each after the
+# jobs it needs (afterok). With --kill-on-invalid-dep=yes a failed job cancels its dependants instead
+# of leaving them pending forever.
 #
 #   bash slurm/submit_chain.sh [--smoke] [--dry-run] [extra sbatch args...]
 #
 # --smoke: the smoke preset (embedded data, tiny models, a few steps, CPU): the chain in minutes.
 # --dry-run: print the sbatch commands (with placeholder job ids) instead of submitting.
 # Every job goes through submit_best_gpu.sh. Run it from the repository root.
+# Rendered from the job table (python -m distillation_lab.chain --write).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,20 +31,20 @@ submit() {  # submit SCRIPT [sbatch args...] -> prints the job id (a placeholder
 
 after() { echo "--dependency=afterok:$1" --kill-on-invalid-dep=yes; }
 
-cnn_teacher=$(submit slurm/train_cnn_teacher.slurm "$@")
-vit_teacher=$(submit slurm/train_vit_teacher.slurm "$@")
-text_teacher=$(submit slurm/train_tweet_bert.slurm "$@")
 # shellcheck disable=SC2046  # after() yields two words on purpose
 {
+    cnn_teacher=$(submit slurm/train_cnn_teacher.slurm "$@")
+    vit_teacher=$(submit slurm/train_vit_teacher.slurm "$@")
+    tweet_bert=$(submit slurm/train_tweet_bert.slurm "$@")
     cnn_student=$(submit slurm/train_cnn_student_baseline.slurm $(after "$cnn_teacher") "$@")
-    cnn_kd=$(submit slurm/distill_cnn.slurm $(after "$cnn_teacher") "$@")
+    cnn_student_kd=$(submit slurm/distill_cnn.slurm $(after "$cnn_teacher") "$@")
     vit_student=$(submit slurm/train_vit_student_baseline.slurm $(after "$vit_teacher") "$@")
-    vit_kd=$(submit slurm/distill_vit.slurm $(after "$vit_teacher") "$@")
-    vit_clos=$(submit slurm/clos_convert_vit.slurm $(after "$vit_teacher") "$@")
-    text_clos=$(submit slurm/clos_convert_bert.slurm $(after "$text_teacher") "$@")
-    report=$(submit slurm/report.slurm \
-             $(after "$cnn_teacher:$vit_teacher:$cnn_student:$cnn_kd:$vit_student:$vit_kd:$vit_clos:$text_clos") "$@")
+    vit_student_kd=$(submit slurm/distill_vit.slurm $(after "$vit_teacher") "$@")
+    vit_teacher_clos=$(submit slurm/clos_convert_vit.slurm $(after "$vit_teacher") "$@")
+    tweet_bert_clos=$(submit slurm/clos_convert_bert.slurm $(after "$tweet_bert") "$@")
+    report=$(submit slurm/report.slurm $(after "$cnn_teacher:$vit_teacher:$cnn_student:$cnn_student_kd:$vit_student:$vit_student_kd:$vit_teacher_clos:$tweet_bert_clos") "$@")
 }
-echo "submitted: cnn_teacher=$cnn_teacher vit_teacher=$vit_teacher cnn_student=$cnn_student cnn_student_kd=$cnn_kd" \
-     "vit_student=$vit_student vit_student_kd=$vit_kd vit_teacher_clos=$vit_clos tweet_bert=$text_teacher" \
-     "tweet_bert_clos=$text_clos report=$report"
+echo "submitted: cnn_teacher=$cnn_teacher vit_teacher=$vit_teacher tweet_bert=$tweet_bert" \
+     "cnn_student=$cnn_student cnn_student_kd=$cnn_student_kd vit_student=$vit_student" \
+     "vit_student_kd=$vit_student_kd vit_teacher_clos=$vit_teacher_clos" \
+     "tweet_bert_clos=$tweet_bert_clos report=$report"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from pruning_lab.train import load_checkpoint
+from pruning_lab.checkpoint import load_checkpoint
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

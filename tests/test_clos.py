@@ -6,7 +6,7 @@ from distillation_lab.main import main
 from pruning_lab.clos import Clos, fit_clos
 from pruning_lab.clos.fit import fit_to_dense, relative_error
 from pruning_lab.errors import UserError
-from pruning_lab.train import build_model, load_checkpoint
+from pruning_lab.checkpoint import build_model, load_checkpoint
 
 
 def dense_map(layer, size):
@@ -139,7 +139,7 @@ def test_clos_convert_records_surgery_and_replays_it(tmp_path, capsys):
                  "--val-size", "200", "--out-dir", str(out), "--name", "mlp", "--no-progress"]) == 0
     assert main(["clos-convert", "--checkpoint", str(out / "mlp.pth"), "--layers", "fc1", "--multiplier", "2",
                  "--fit-steps", "50", "--als-iterations", "5", "--calibration-images", "512",
-                 "--finetune-epochs", "1"]) == 0
+                 "--finetune-epochs", "1", "--temperature", "2"]) == 0
     text = capsys.readouterr().out
     assert "fc1: 615,440 -> 131,824 parameters" in text and "after KD fine-tuning" in text
     ckpt = load_checkpoint(out / "mlp_clos_m2.pth")
@@ -151,6 +151,8 @@ def test_clos_convert_records_surgery_and_replays_it(tmp_path, capsys):
     assert summary["parameters_after"] == sum(p.numel() for p in model.parameters()) < summary["parameters_before"]
     tuned = load_checkpoint(out / "mlp_clos_m2_kd.pth")
     assert tuned["surgery"] == ckpt["surgery"] and isinstance(build_model(tuned).fc1, Clos)
+    assert tuned["config"]["loss"]["kd"] == {"weight": 0.5, "temperature": 2.0}  # the loss options reach the KD run
+    assert tuned["teacher"]["checkpoint"] == str(out / "mlp.pth") and ckpt["config"]["name"] == "mlp_clos_m2"
     # An unknown layer pattern names the layers there are.
     assert main(["clos-convert", "--checkpoint", str(out / "mlp.pth"), "--layers", "attn.*"]) == 2
     assert "the model's linear layers: fc1, fc2, fc3" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from distillation_lab.criterion import DistillationCriterion
 from distillation_lab.main import main
 from distillation_lab.report import write_report
 from distillation_lab.teacher import load_teacher
-from pruning_lab.train import load_checkpoint
+from pruning_lab.checkpoint import load_checkpoint
 
 SMALL = ["--dataset", "mnist_embedded", "--epochs", "2", "--train-subset", "256", "--val-size", "100",
          "--batch-size", "32", "--no-progress"]

@@ -144,7 +144,7 @@ def test_failed_teacher_cancels_its_dependants(cluster, tmp_path):
 
 def test_sigterm_requeues_and_the_job_resumes(cluster, tmp_path):
     repo = copy_repo(tmp_path / "requeue repo")
-    env = job_env(DL_SMOKE="1", DL_SMOKE_EPOCHS="60")
+    env = job_env(DL_SMOKE="1", DL_EXTRA_ARGS="--epochs 60")
     job = cluster.run(["bash", "submit_best_gpu.sh", "slurm/train_cnn_student_baseline.slurm"], cwd=repo,
                       env=env).stdout.strip()
     log = repo / "slurm/logs" / f"cnn_student-{job}.out"
@@ -186,7 +186,7 @@ def test_submit_best_gpu_prefers_a_declared_type_and_falls_back(cluster, tmp_pat
 def test_data_parallel_job_under_slurm(cluster, tmp_path):
     """DL_NPROC=2: the batch script launches torchrun with two processes (gloo on CPU)."""
     repo = copy_repo(tmp_path / "ddp repo")
-    env = job_env(DL_SMOKE="1", DL_NPROC="2", DL_SMOKE_MODEL_ARGS="{width: 4}")
+    env = job_env(DL_SMOKE="1", DL_NPROC="2")
     job = cluster.run(["bash", "submit_best_gpu.sh", "slurm/train_cnn_teacher.slurm"], cwd=repo, env=env).stdout.strip()
     states = cluster.wait_all([job], timeout=300)
     log = (repo / "slurm/logs" / f"cnn_teacher-{job}.out").read_text()
@@ -219,7 +219,7 @@ def test_multi_node_job_stages_every_node_trains_data_parallel_and_resumes(clust
     """--nodes=2: one srun step per node with its own scratch copy, torchrun across the nodes; the
     time-limit signal reaches every node through srun, the job requeues and resumes."""
     repo = copy_repo(tmp_path / "two node repo")
-    env = job_env(DL_SMOKE="1", DL_SMOKE_EPOCHS="40")
+    env = job_env(DL_SMOKE="1", DL_EXTRA_ARGS="--epochs 40")
     job = cluster.run(["bash", "submit_best_gpu.sh", "slurm/train_cnn_teacher.slurm", "--nodes=2"], cwd=repo,
                       env=env).stdout.strip()
     log = repo / "slurm/logs" / f"cnn_teacher-{job}.out"
@@ -248,7 +248,10 @@ def test_submitit_chain(cluster, tmp_path):
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     jobs = dict(re.findall(r"(\w+)=(\d+)", proc.stdout.splitlines()[0]))
-    assert len(jobs) == 7 and all(cluster.state(j) == "COMPLETED" for j in jobs.values())
+    from distillation_lab.chain import CHAIN
+
+    assert set(jobs) == {job.name for job in CHAIN}  # every job of the table, the Clos conversions too
+    assert all(cluster.state(j) == "COMPLETED" for j in jobs.values())
     import json
 
     report = json.loads((repo / "report.json").read_text())

@@ -11,7 +11,7 @@ from pruning_lab.data import load_splits
 from pruning_lab.errors import UserError
 from pruning_lab.models import create_model
 from pruning_lab.models.bert import tokenize
-from pruning_lab.train import build_model, load_checkpoint
+from pruning_lab.checkpoint import build_model, load_checkpoint
 
 SMALL_BERT = "{pretrained: false, hidden: 32, layers: 2, heads: 2}"
 

@@ -6,9 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-import pruning_lab.train.checkpoint as checkpoint_module
+import pruning_lab.checkpoint as checkpoint_module
 from pruning_lab.config import make_config
-from pruning_lab.train import CrossEntropyCriterion, TrainingInterrupted, load_checkpoint, save_checkpoint, train
+from pruning_lab.checkpoint import load_checkpoint, save_checkpoint
+from pruning_lab.train import CrossEntropyCriterion, TrainingInterrupted, train
 from pruning_lab.train.optim import lr_factor
 
 

@@ -1,35 +1,81 @@
-"""Evaluate a saved checkpoint on its dataset's test split (the `evaluate` command)."""
+"""Open a saved checkpoint for evaluation (its model, its data's splits, its input shape) and evaluate it.
+
+The one way `evaluate`, `report` and `clos-convert` open a checkpoint: read once, model rebuilt
+with its recorded surgery, the dataset it was trained on loaded with the same split settings.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
-from ..data import BatchLoader, load_splits
+import torch
+import torch.nn as nn
+
+from ..checkpoint import build_model, load_checkpoint
+from ..data import BatchLoader, DataSpec, Split, load_splits
 from ..errors import UserError
 from ..runtime import resolve_device, resolve_precision
-from ..train.checkpoint import build_model, load_checkpoint
 from .evaluate import count_flops, count_parameters, evaluate, measure_latency
+
+
+@dataclass
+class OpenedCheckpoint:
+    """A checkpoint ready to evaluate: its dict, its model on `device`, and its dataset's splits."""
+
+    path: str
+    ckpt: dict
+    model: nn.Module
+    spec: DataSpec
+    splits: dict[str, Split]  # train (with the run's train_subset), val, test
+    device: torch.device
+
+    @property
+    def config(self) -> dict:
+        """The resolved config the checkpoint recorded."""
+        return self.ckpt["config"]
+
+    @property
+    def input_shape(self) -> tuple:
+        """(channels, size, size) of one input (for text: size is the sequence length)."""
+        arch = self.ckpt["arch"]
+        return arch["in_chans"], arch["image_size"], arch["image_size"]
+
+    def loader(self, split: str = "test", batch_size: int = 256) -> BatchLoader:
+        """Evaluation batches of one split, at the model's input size."""
+        return BatchLoader(self.splits[split], self.spec, batch_size, self.device,
+                           image_size=self.ckpt["arch"]["image_size"])
+
+
+def open_checkpoint(path: str, expect_model: Optional[str] = None, data_dir: Optional[str] = None,
+                    device: str = "auto") -> OpenedCheckpoint:
+    """Load the checkpoint at `path` once, rebuild its model and load its dataset (`data_dir` overrides the recorded one)."""
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt, expect_model, source=str(path))
+    cfg, arch = ckpt["config"], ckpt["arch"]
+    where = data_dir or cfg["data_dir"]
+    spec, train, val, test = load_splits(cfg["dataset"], where, cfg["val_size"], cfg.get("train_subset"),
+                                         image_size=cfg["image_size"])
+    if (spec.num_classes, spec.channels) != (arch["num_classes"], arch["in_chans"]):
+        raise UserError(f"{path} was trained for {arch['num_classes']} classes and {arch['in_chans']} channels, "
+                        f"but {cfg['dataset']} in {where} has {spec.num_classes} and {spec.channels}")
+    dev = resolve_device(device)
+    return OpenedCheckpoint(str(path), ckpt, model.to(dev).eval(), spec, {"train": train, "val": val, "test": test},
+                            dev)
+
+
+def model_card(opened: OpenedCheckpoint, batch_size: int = 256) -> dict:
+    """Test accuracy and loss, parameters, FLOPs, MACs and batch-1 latency of an opened checkpoint."""
+    model, dev, ckpt = opened.model, opened.device, opened.ckpt
+    result = evaluate(model, opened.loader("test", batch_size), resolve_precision("auto", dev))
+    flops = count_flops(model, opened.input_shape, dev)
+    return {"checkpoint": opened.path, "model": ckpt["arch"]["name"], "role": ckpt.get("role", "model"),
+            "dataset": opened.config["dataset"], "test_images": result["n"], "test_accuracy": round(result["acc"], 6),
+            "test_loss": round(result["loss"], 6), "parameters": count_parameters(model), "flops": flops,
+            "macs": flops // 2, "latency_ms_batch1": round(measure_latency(model, opened.input_shape, dev), 3),
+            "best_epoch": ckpt.get("best_epoch"), "device": str(dev), "code_revision": ckpt.get("code_revision")}
 
 
 def evaluate_checkpoint(path: str, expect_model: Optional[str] = None, data_dir: Optional[str] = None,
                         device: str = "auto", batch_size: int = 256) -> dict:
-    """Test accuracy and loss, parameters, FLOPs, MACs and batch-1 latency of the checkpoint at `path`."""
-    ckpt = load_checkpoint(path)
-    model = build_model(ckpt, expect_model, source=str(path))
-    cfg = ckpt["config"]
-    dev = resolve_device(device)
-    spec, _, _, test = load_splits(cfg["dataset"], data_dir or cfg["data_dir"], cfg["val_size"],
-                               image_size=cfg["image_size"])
-    arch = ckpt["arch"]
-    if (spec.num_classes, spec.channels) != (arch["num_classes"], arch["in_chans"]):
-        raise UserError(f"{path} was trained for {arch['num_classes']} classes and {arch['in_chans']} channels, "
-                        f"but {cfg['dataset']} in {data_dir or cfg['data_dir']} has {spec.num_classes} and {spec.channels}")
-    model.to(dev)
-    loader = BatchLoader(test, spec, batch_size, dev, image_size=arch["image_size"])
-    result = evaluate(model, loader, resolve_precision("auto", dev))
-    input_shape = (arch["in_chans"], arch["image_size"], arch["image_size"])
-    flops = count_flops(model, input_shape, dev)
-    return {"checkpoint": str(path), "model": arch["name"], "role": ckpt.get("role", "model"),
-            "dataset": cfg["dataset"], "test_images": result["n"], "test_accuracy": round(result["acc"], 6),
-            "test_loss": round(result["loss"], 6), "parameters": count_parameters(model), "flops": flops,
-            "macs": flops // 2, "latency_ms_batch1": round(measure_latency(model, input_shape, dev), 3),
-            "best_epoch": ckpt.get("best_epoch"), "device": str(dev), "code_revision": ckpt.get("code_revision")}
+    """The `evaluate` command: the model card of the checkpoint at `path`."""
+    return model_card(open_checkpoint(path, expect_model, data_dir, device), batch_size)

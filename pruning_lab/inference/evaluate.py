@@ -1,9 +1,9 @@
-"""Accuracy, loss, parameter count, FLOPs and latency of a model."""
+"""Accuracy, loss, parameter count, FLOPs and latency of a model, and its agreement with a teacher."""
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -70,3 +70,23 @@ def measure_latency(model: nn.Module, input_shape: tuple, device: torch.device |
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
+
+
+@torch.no_grad()
+def soft_target_alignment(student: nn.Module, teacher: Callable[[torch.Tensor], tuple], loader: Iterable,
+                          precision: str = "fp32") -> dict:
+    """Fraction of examples where student and teacher agree on the top class, and mean KL(p_t || p_s) at T=1.
+
+    `teacher` maps a batch to (logits, features), e.g. a frozen teacher."""
+    was_training = student.training
+    student.eval()
+    agree, kl, n = 0.0, 0.0, 0
+    for x, _ in loader:
+        with autocast(precision, x.device):
+            s_logits = student(x)[0].float()
+        t_logits = teacher(x)[0].float()
+        agree = agree + (s_logits.argmax(1) == t_logits.argmax(1)).sum()
+        kl = kl + F.kl_div(F.log_softmax(s_logits, 1), F.log_softmax(t_logits, 1), log_target=True, reduction="sum")
+        n += len(x)
+    student.train(was_training)
+    return {"agreement": float(agree) / max(n, 1), "kl": float(kl) / max(n, 1)}

@@ -73,7 +73,7 @@ class BertClassifier(nn.Module):
         return x
 
 
-@register_model
+@register_model("text")
 def minilm_bert(num_classes: int = 3, in_chans: int = 1, image_size: int = 64, pretrained: bool = True,
                 hidden: Optional[int] = None, layers: Optional[int] = None, heads: Optional[int] = None) -> BertClassifier:
     """MiniLM-L6 BERT (6 layers, hidden 384, 22.7M parameters) with a new classification head.

@@ -23,7 +23,7 @@ class MLP(nn.Module):
         return self.fc3(h2), [h1, h2]
 
 
-@register_model
+@register_model("mlp")
 def mnist_mlp(num_classes: int = 10, in_chans: int = 1, image_size: int = 28, hidden: list = (784, 256)) -> MLP:
     """784 -> 784 -> 256 -> 10 on MNIST (input width follows the dataset)."""
     return MLP(in_chans * image_size * image_size, tuple(hidden), num_classes)

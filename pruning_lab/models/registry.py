@@ -8,12 +8,21 @@ import torch.nn as nn
 from ..errors import UserError
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
+FAMILIES: dict[str, str] = {}  # model name -> the report family its runs belong to by default
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register `fn(num_classes, in_chans, image_size, **kwargs)` under its function name."""
-    MODELS[fn.__name__] = fn
-    return fn
+def register_model(family: str) -> Callable:
+    """Decorator: register `fn(num_classes, in_chans, image_size, **kwargs)` under its name, in `family`."""
+    def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        MODELS[fn.__name__] = fn
+        FAMILIES[fn.__name__] = family
+        return fn
+    return register
+
+
+def model_family(name: str) -> str:
+    """The default report family of a model (custom modules of the Python API: 'custom')."""
+    return FAMILIES.get(name, "custom")
 
 
 def create_model(name: str, num_classes: int = 10, in_chans: int = 3, image_size: int = 32, **kwargs) -> nn.Module:

@@ -53,13 +53,13 @@ class CifarResNet(nn.Module):
         return self.forward_head(features[-1]), features
 
 
-@register_model
+@register_model("cnn")
 def resnet18(num_classes: int = 10, in_chans: int = 3, image_size: int = 32, width: int = 64) -> CifarResNet:
     """ResNet-18 (BasicBlock, [2, 2, 2, 2]); the CNN teacher."""
     return CifarResNet([2, 2, 2, 2], num_classes, in_chans, width)
 
 
-@register_model
+@register_model("cnn")
 def resnet8(num_classes: int = 10, in_chans: int = 3, image_size: int = 32, width: int = 64) -> CifarResNet:
     """ResNet-8 (BasicBlock, [1, 1, 1, 1]); the CNN student."""
     return CifarResNet([1, 1, 1, 1], num_classes, in_chans, width)

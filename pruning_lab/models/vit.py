@@ -32,7 +32,7 @@ def _vit(depth: int, num_classes: int, in_chans: int, image_size: int, patch_siz
     return ViT(vit, image_size)
 
 
-@register_model
+@register_model("vit")
 def vit_tiny(num_classes: int = 10, in_chans: int = 3, image_size: int = 32, patch_size: int = 4,
              embed_dim: int = 192, depth: int = 12, num_heads: int = 3, drop_path_rate: float = 0.1,
              pretrained: bool = False) -> ViT:
@@ -45,7 +45,7 @@ def vit_tiny(num_classes: int = 10, in_chans: int = 3, image_size: int = 32, pat
     return _vit(depth, num_classes, in_chans, image_size, patch_size, embed_dim, num_heads, drop_path_rate)
 
 
-@register_model
+@register_model("vit")
 def vit_student(num_classes: int = 10, in_chans: int = 3, image_size: int = 32, patch_size: int = 4,
                 embed_dim: int = 192, depth: int = 6, num_heads: int = 3, drop_path_rate: float = 0.0) -> ViT:
     """The ViT student: 6 layers, 192 dim, 3 heads, patch 4."""

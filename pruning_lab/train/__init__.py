@@ -1,6 +1,5 @@
-"""One training loop for teachers, students and distillation, with its checkpoints."""
-from .checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint, update_checkpoint
-from .loop import CrossEntropyCriterion, TrainingInterrupted, train
+"""One training loop for teachers, students and distillation, and the loss it minimises."""
+from .criterion import CETerm, Criterion, CrossEntropyCriterion, masked_cross_entropy
+from .loop import TrainingInterrupted, train
 
-__all__ = ["CheckpointError", "build_model", "load_checkpoint", "save_checkpoint", "update_checkpoint",
-           "CrossEntropyCriterion", "TrainingInterrupted", "train"]
+__all__ = ["CETerm", "Criterion", "CrossEntropyCriterion", "masked_cross_entropy", "TrainingInterrupted", "train"]

@@ -18,7 +18,6 @@ from typing import Callable, Optional, Protocol
 import pandas as pd
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..config import Config, to_dict
@@ -27,7 +26,8 @@ from ..errors import UserError
 from ..inference.evaluate import count_parameters, evaluate
 from ..models import create_model
 from . import distributed
-from .checkpoint import build_model, code_revision, load_checkpoint, save_checkpoint, update_checkpoint
+from ..checkpoint import build_model, code_revision, load_checkpoint, save_checkpoint, update_checkpoint
+from .criterion import CrossEntropyCriterion
 from .optim import build_optimizer, build_scheduler
 from ..runtime import autocast, resolve_device, resolve_precision
 
@@ -39,24 +39,6 @@ class Loader(Protocol):
 
     def __len__(self) -> int: ...
     def epoch(self, epoch: int, start_step: int = 0): ...
-
-
-def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy over the labelled images (label -1 = unlabelled); 0 if none is labelled."""
-    keep = labels >= 0
-    losses = F.cross_entropy(logits, labels.clamp(min=0), reduction="none", label_smoothing=label_smoothing)
-    return (losses * keep).sum() / keep.sum().clamp(min=1)  # no host sync, no NaN on unlabelled batches
-
-
-class CrossEntropyCriterion(nn.Module):
-    """The supervised loss: {'ce': cross-entropy with optional label smoothing}."""
-
-    def __init__(self, label_smoothing: float = 0.0) -> None:
-        super().__init__()
-        self.label_smoothing = label_smoothing
-
-    def forward(self, logits: torch.Tensor, features: list, labels: torch.Tensor, images: torch.Tensor) -> dict:
-        return {"ce": masked_cross_entropy(logits, labels, self.label_smoothing)}
 
 
 class TrainingInterrupted(Exception):
@@ -155,8 +137,9 @@ class Trainer:
     """Holds the pieces of one run; `fit()` runs it."""
 
     def __init__(self, cfg: Config, parts: RunParts, criterion: Optional[nn.Module] = None,
-                 eval_fn: Optional[Callable[[nn.Module], dict]] = None) -> None:
+                 eval_fn: Optional[Callable[[nn.Module], dict]] = None, record: Optional[dict] = None) -> None:
         self.cfg, self.paths, self.parts, self.eval_fn = cfg, RunPaths.of(cfg), parts, eval_fn
+        self.record = dict(record or {})  # more top-level checkpoint entries (e.g. which teacher)
         self.model, self.device, self.train_loader = parts.model, parts.device, parts.train_loader
         self.precision = resolve_precision(cfg.precision, self.device)
         self.criterion = (criterion or CrossEntropyCriterion(cfg.label_smoothing)).to(self.device)
@@ -171,8 +154,10 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
     def payload(self, with_resume_state: bool) -> dict:
         """The checkpoint dict: weights, architecture, config, metrics (+ everything to resume)."""
+        # What the run is (role, family, teacher, surgery) is recorded for the report to find it by.
         data = {"arch": self.model.arch, "state_dict": self.model.state_dict(), "role": self.cfg.role,
-                "surgery": getattr(self.model, "surgery", []),
+                "family": self.cfg.family, "teacher": None, "surgery": getattr(self.model, "surgery", []),
+                **self.record,
                 "config": to_dict(self.cfg), "data": self.parts.data,
                 "history": self.state.history, "best_epoch": self.state.best_epoch,
                 "best_val_acc": self.state.best_val_acc, "code_revision": code_revision()}
@@ -317,7 +302,7 @@ class Trainer:
         return {"name": self.cfg.run_name(), "model": self.model.arch["name"], "role": self.cfg.role,
                 "seed": self.cfg.seed, "best_epoch": self.state.best_epoch, "val_acc": self.state.best_val_acc,
                 "test_acc": test["acc"], "test_loss": test["loss"], "params": count_parameters(self.model),
-                "checkpoint": str(self.paths.best)}
+                "checkpoint": str(self.paths.best), "history": self.state.history}
 
 
 def write_log(frame: pd.DataFrame, path: Path) -> None:

@@ -13,9 +13,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..errors import UserError
-from ..clos.surgery import apply_surgery
-from ..models import create_model
+from .errors import UserError
+from .clos.surgery import apply_surgery
+from .models import create_model
 
 FORMAT = "distill-lab-checkpoint"
 VERSION = 1

@@ -1,0 +1,61 @@
+"""The loss the loop minimises: a weighted sum of named terms, and the cross-entropy every run has.
+
+A term is a module called as term(student_logits, student_features, teacher_logits,
+teacher_features, labels); terms that do not need a teacher get None for its outputs. The
+distillation terms (KD, DKD, FitNets, attention transfer) live in distillation_lab and plug in here.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Teacher = Callable[[torch.Tensor], tuple]  # inputs -> (logits, features), frozen
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy over the labelled examples (label -1 = unlabelled); 0 if none is labelled."""
+    keep = labels >= 0
+    losses = F.cross_entropy(logits, labels.clamp(min=0), reduction="none", label_smoothing=label_smoothing)
+    return (losses * keep).sum() / keep.sum().clamp(min=1)  # no host sync, no NaN on unlabelled batches
+
+
+class CETerm(nn.Module):
+    """Cross-entropy on the labelled examples of the batch (label -1 means unlabelled)."""
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, s_logits, s_feats, t_logits, t_feats, labels):
+        return masked_cross_entropy(s_logits, labels, self.label_smoothing)
+
+
+class Criterion(nn.Module):
+    """Maps (logits, features, labels, inputs) to the dict of weighted named terms that the loop sums.
+
+    The teacher, if any, is called on the same inputs first; it is not a submodule, so its weights
+    never join the student's optimizer or checkpoints. The terms' own parameters (e.g. feature
+    regressors) do, and are saved for resume.
+    """
+
+    def __init__(self, terms: dict[str, nn.Module], weights: dict[str, float],
+                 teacher: Optional[Teacher] = None) -> None:
+        super().__init__()
+        self.terms = nn.ModuleDict(terms)
+        self.weights = {name: float(weights[name]) for name in terms}
+        self.teacher = teacher
+
+    def forward(self, logits, features, labels, inputs) -> dict:
+        t_logits, t_features = self.teacher(inputs) if self.teacher is not None else (None, None)
+        return {name: self.weights[name] * term(logits, features, t_logits, t_features, labels)
+                for name, term in self.terms.items()}
+
+
+class CrossEntropyCriterion(Criterion):
+    """The supervised loss alone: {'ce': cross-entropy with optional label smoothing}."""
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__({"ce": CETerm(label_smoothing)}, {"ce": 1.0})

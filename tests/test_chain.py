@@ -1,0 +1,120 @@
+"""The job table: the committed batch scripts are what it renders, its order and links hold, and the
+report finds runs by what their checkpoints record (a custom --name still lands in its family)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distillation_lab.chain import CHAIN, DEMO, Job, check_order, render_script, rendered_files
+from distillation_lab.main import main
+from distillation_lab.recipes import recipe_config
+from pruning_lab.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_committed_scripts_are_what_the_table_renders():
+    for path, text in rendered_files().items():
+        assert path.read_text() == text, f"{path.name} differs: run python -m distillation_lab.chain --write"
+    scripts = {p.name for p in (ROOT / "slurm").glob("*.slurm")}
+    assert scripts == {f"{job.script}.slurm" for job in CHAIN}  # no script without a row
+    assert subprocess.run([sys.executable, "-m", "distillation_lab.chain", "--check"], cwd=ROOT).returncode == 0
+
+
+def test_table_is_in_dependency_order_and_its_links_hold():
+    check_order(CHAIN)
+    check_order(DEMO)
+    names = {job.name for job in CHAIN}
+    with pytest.raises(AssertionError, match="waits for"):
+        check_order((Job("b", "train-student", "", after=("a",)), Job("a", "train-teacher", "")))
+    for job in CHAIN + DEMO:
+        if job.recipe:
+            cfg = recipe_config(job.recipe)  # every recipe exists and is a valid config
+            assert cfg.run_name() == job.name, job
+        if job.teacher:
+            assert next(j for j in CHAIN + DEMO if j.name == job.teacher).command == "train-teacher"
+    report = next(job for job in CHAIN if job.command == "report")
+    assert set(report.after) == names - {"report", "tweet_bert"}  # tweet_bert through its conversion
+
+
+def test_a_new_row_renders_a_complete_script():
+    job = Job("cnn_pruned", "distill", "A pruned ResNet-18 fine-tuned with KD.", recipe="distill_cnn",
+              after=("cnn_teacher",), script="prune_cnn", time="04:00:00", smoke={"--epochs": "2"})
+    text = render_script(job)
+    assert "#SBATCH --job-name=cnn_pruned\n" in text and "#SBATCH --time=04:00:00\n" in text
+    assert "#SBATCH --requeue\n" in text and "KD. Runs after cnn_teacher in the chain.\n" in text
+    assert "dl_stage cnn_teacher.pth cnn_pruned_last.pth\n" in text
+    assert "--teacher-checkpoint models_saved/cnn_teacher.pth --resume\n" in text
+    assert "--epochs 2" in text and "--epochs 1" not in text  # the row's smoke flag replaces the preset's
+
+
+def test_submit_chain_dry_run_submits_every_row_after_its_dependencies(tmp_path):
+    proc = subprocess.run(["bash", "slurm/submit_chain.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                          env={"PATH": f"{tmp_path}:/usr/bin:/bin"})  # no sinfo: plain submission
+    assert proc.returncode == 0, proc.stderr
+    commands = [line for line in proc.stderr.splitlines() if line.startswith("sbatch")]
+    assert len(commands) == len(CHAIN)
+    for job, command in zip(CHAIN, commands):
+        assert command.endswith(f"slurm/{job.script}.slurm ")
+        deps = ":".join(f"\\<{j.script}\\>" for j in CHAIN if j.name in job.after)
+        assert (f"--dependency=afterok:{deps}" in command) == bool(job.after), command
+    assert proc.stdout.startswith("submitted: " + " ".join(f"{j.name}=<{j.script}>" for j in CHAIN[:3]))
+
+
+TINY = ["--dataset", "mnist_embedded", "--epochs", "1", "--train-subset", "256", "--val-size", "100",
+        "--batch-size", "32", "--no-progress"]
+
+
+def test_report_finds_runs_by_their_checkpoints_not_their_file_names(tmp_path):
+    out = tmp_path / "models"
+    assert main(["train-teacher", "--model", "resnet18", "--model-args", "{width: 4}", *TINY,
+                 "--out-dir", str(out), "--name", "my_teacher"]) == 0
+    assert main(["distill", "--model-args", "{width: 4}", "--teacher-checkpoint", str(out / "my_teacher.pth"),
+                 *TINY, "--out-dir", str(out), "--name", "kd_try"]) == 0
+    assert main(["train-student", "--model", "mnist_mlp", "--model-args", "{hidden: [16, 8]}", *TINY,
+                 "--out-dir", str(out), "--name", "mlp_probe"]) == 0
+    kd = load_checkpoint(out / "kd_try.pth")
+    assert (kd["role"], kd["family"], kd["teacher"]["name"], kd["surgery"]) == ("student", "cnn", "my_teacher", [])
+    (out / "renamed_file.pth").write_bytes((out / "my_teacher.pth").read_bytes())  # same run, same seed: its own row
+    report = main(["report", "--models-dir", str(out), "--output", str(tmp_path / "report.json"), "--device", "cpu"])
+    assert report == 0
+    details = json.loads((tmp_path / "report_details.json").read_text())
+    lab = json.loads((tmp_path / "report.json").read_text())
+    assert details["cnn"]["student_accuracy_with_kd"]["run"] == "kd_try"
+    assert lab["cnn"]["student_accuracy_with_kd"] == kd["test"]["acc"]
+    assert lab["cnn"]["student_accuracy_without_kd"] is None  # none was trained
+    assert details["cnn"]["teacher_accuracy"]["status"] == "ambiguous"  # two teacher runs, neither the table's
+    assert set(details["cnn"]["teacher_accuracy"]["candidates"]) == {"my_teacher", "renamed_file"}
+    assert [r["run"] for r in details["mlp"]["other_runs"]] == ["mlp_probe"]  # its own family
+    assert "mlp_probe" in (tmp_path / "report.md").read_text()
+
+
+def test_loss_shorthands_and_loss_are_one_setting(tmp_path, capsys):
+    from pruning_lab.config import make_config
+    from pruning_lab.errors import UserError
+
+    recipe = recipe_config("distill_cnn")  # alpha 0.5, temperature 4
+    assert make_config({"alpha": 0.7}, base=recipe).temperature == 4.0  # shorthands add up
+    replaced = make_config({"loss": {"kd": {"weight": 1.0}}}, base=recipe)
+    assert replaced.loss == {"kd": {"weight": 1.0}} and replaced.alpha is None  # a later `loss` replaces them
+    with pytest.raises(UserError, match="gives both 'loss' and 'alpha'"):
+        make_config({"loss": {"kd": {"weight": 1.0}}, "alpha": 0.3}, "my.yaml")
+    with pytest.raises(UserError, match="'temperature' in command line would change a loss given as the mapping"):
+        make_config({"temperature": 2.0}, "command line", base=replaced)
+    out = tmp_path / "models"
+    assert main(["train-teacher", "--model", "resnet18", "--model-args", "{width: 4}", *TINY,
+                 "--out-dir", str(out)]) == 0
+    assert main(["distill", "--model-args", "{width: 4}", "--teacher-checkpoint", str(out / "cnn_teacher.pth"),
+                 "--alpha", "0.3", "--temperature", "2", *TINY, "--out-dir", str(out)]) == 0
+    recorded = load_checkpoint(out / "cnn_student_kd.pth")["config"]  # the loss that ran, not the shorthands
+    assert recorded["loss"] == {"ce": {"weight": 0.3, "label_smoothing": 0.0}, "kd": {"weight": 0.7, "temperature": 2.0}}
+    assert recorded["alpha"] is None and recorded["temperature"] is None
+    capsys.readouterr()
+    assert main(["distill", "--teacher-checkpoint", str(out / "cnn_teacher.pth"), "--alpha", "0.3",
+                 "--loss", "{kd: {weight: 1}}", *TINY, "--out-dir", str(out / "x")]) == 2
+    assert "gives both 'loss' and 'alpha'" in capsys.readouterr().err and not (out / "x").exists()
+    assert main(["train-student", "--teacher-checkpoint", str(out / "cnn_teacher.pth"), *TINY,
+                 "--out-dir", str(out / "x")]) == 2
+    assert "use the distill command" in capsys.readouterr().err and not (out / "x").exists()
