@@ -43,7 +43,7 @@ def main() -> None:
     torch.manual_seed(0)
     spec, train, val, test = load_splits("tweets", "data")
     loader = lambda split: BatchLoader(split, spec, 128, "cpu")  # noqa: E731
-    original = create_model("minilm_bert", spec.num_classes, 1, spec.image_size)
+    original = create_model("minilm_bert", spec.num_classes, 1, spec.input_size)
     encoder_params = count_parameters(original.hf.bert)
     print(f"MiniLM-L6 encoder: {encoder_params:,} parameters; {len(test)} test tweets, "
           f"{args.calibration_texts} calibration tweets, {args.fit_steps} fit steps per layer, "
@@ -53,7 +53,7 @@ def main() -> None:
     for label in args.layer_sets:
         for m in args.multipliers:
             start = time.perf_counter()
-            model = create_model("minilm_bert", spec.num_classes, 1, spec.image_size)
+            model = create_model("minilm_bert", spec.num_classes, 1, spec.input_size)
             dense = clos = 0
             for name in matching_linears(model, LAYER_SETS[label]):
                 teacher = original if args.targets == "original" else None

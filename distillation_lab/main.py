@@ -146,7 +146,7 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
         download(args.dataset, args.data_dir)
     spec, train_split, val_split, test_split = load_splits(args.dataset, args.data_dir, args.val_size)
     print(f"{spec.name} in {args.data_dir}: {len(train_split)} train, {len(val_split)} validation, "
-          f"{len(test_split)} test images; {spec.channels}x{spec.image_size}x{spec.image_size}, {spec.num_classes} classes")
+          f"{len(test_split)} test images; {spec.channels}x{spec.input_size}x{spec.input_size}, {spec.num_classes} classes")
     return 0
 
 

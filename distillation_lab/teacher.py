@@ -25,15 +25,15 @@ class FrozenTeacher:
         self.record = record or {"model": model.arch["name"] if hasattr(model, "arch") else type(model).__name__}
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.model.to(self.dtype)
-        self.image_size = model.arch["image_size"] if hasattr(model, "arch") else None
+        self.input_size = model.arch["image_size"] if hasattr(model, "arch") else None
         self.feature_widths = model.feature_widths
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def __call__(self, inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(logits, features) in float32 for a batch of the student's (normalised) images or token ids."""
-        x = images
-        if self.image_size and x.ndim == 4 and x.shape[-1] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        x = inputs
+        if self.input_size and x.ndim == 4 and x.shape[-1] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         logits, features = self.model(x if not x.is_floating_point() else x.to(self.dtype))  # token ids stay ids
         return logits.float(), [f.float() for f in features]
 
@@ -46,8 +46,9 @@ def load_teacher(path: str, expect_model: str, data: dict, device: torch.device)
     ckpt = load_checkpoint(path)
     model = build_model(ckpt, expect_model or None, source=path)
     t = ckpt.get("data", {})
-    want = (data["num_classes"], data["channels"], data["image_size"])
-    have = (t.get("num_classes"), t.get("channels"), t.get("image_size"))
+    size = lambda d: d.get("input_size", d.get("image_size"))  # noqa: E731  (older checkpoints: image_size)
+    want = (data["num_classes"], data["channels"], size(data))
+    have = (t.get("num_classes"), t.get("channels"), size(t))
     if want != have:
         raise UserError(f"teacher {path} was trained on {t.get('dataset')} with {have[0]} classes and "
                         f"{have[1]}x{have[2]}x{have[2]} images, but the student's data ({data['dataset']}) has "

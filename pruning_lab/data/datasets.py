@@ -23,21 +23,21 @@ class DataSpec:
 
     name: str
     channels: int
-    image_size: int
+    input_size: int  # image side in pixels, or the token sequence length of text
     num_classes: int
     mean: tuple
     std: tuple
     crop_padding: int  # random-crop padding in pixels
     flip: bool  # horizontal flip is label-preserving (not for digits)
     default_val_size: int
-    kind: str = "image"  # "image": uint8 [N, C, H, W]; "tokens": int64 token ids [N, image_size], 0 = padding
+    kind: str = "image"  # "image": uint8 [N, C, H, W]; "tokens": int64 token ids [N, input_size], 0 = padding
 
 
 @dataclass
 class Split:
-    """One split held in memory: images uint8 [N, C, H, W], labels int64 [N]."""
+    """One split held in memory: inputs (uint8 images [N, C, H, W] or int64 token ids [N, L]), labels int64 [N]."""
 
-    images: torch.Tensor
+    inputs: torch.Tensor
     labels: torch.Tensor
 
     def __len__(self) -> int:
@@ -48,7 +48,6 @@ SPECS = {
     "cifar10": DataSpec("cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 4, True, 5000),
     "mnist": DataSpec("mnist", 1, 28, 10, (0.1307,), (0.3081,), 2, False, 5000),
     "mnist_embedded": DataSpec("mnist_embedded", 1, 28, 10, (0.1307,), (0.3081,), 2, False, 500),
-    # image_size is the token sequence length of text datasets.
     "tweets": DataSpec("tweets", 1, 64, 3, (0.0,), (1.0,), 0, False, 1000, kind="tokens"),
 }
 TWEET_LABELS = ("negative", "neutral", "positive")
@@ -124,7 +123,7 @@ def _tweet_table(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     if unknown:
         raise UserError(f"tweets: {path} has sentiments {sorted(unknown)}; expected {', '.join(TWEET_LABELS)}")
     labels = table["sentiment"].map(TWEET_LABELS.index).to_numpy(np.int64)
-    tokens = tokenize(table["text"].astype(str).tolist(), SPECS["tweets"].image_size)
+    tokens = tokenize(table["text"].astype(str).tolist(), SPECS["tweets"].input_size)
     tokens.flags.writeable = labels.flags.writeable = False
     return tokens, labels
 

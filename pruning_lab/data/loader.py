@@ -27,20 +27,20 @@ def random_crop(x: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch.Tenso
 
 
 class BatchLoader:
-    """Yields (normalised float images, int64 labels) batches of one split (token ids as they are, for text).
+    """Yields (inputs, int64 labels) batches of one split: normalised float images, or token ids as they are.
 
     `batch_size` is the global batch; with `shard=(rank, world_size)` this process yields its share.
     """
 
     def __init__(self, split: Split, spec: DataSpec, batch_size: int, device: torch.device | str = "cpu",
-                 train: bool = False, augment: bool = False, seed: int = 0, image_size: Optional[int] = None,
+                 train: bool = False, augment: bool = False, seed: int = 0, input_size: Optional[int] = None,
                  channels_last: bool = False, max_steps: Optional[int] = None, shard: tuple = (0, 1)) -> None:
         self.device = torch.device(device)
-        self.images = split.images.to(self.device)
+        self.inputs = split.inputs.to(self.device)
         self.labels = split.labels.to(self.device)
         self.spec, self.batch_size, self.train, self.seed = spec, batch_size, train, seed
         self.augment = augment and train
-        self.image_size = image_size or spec.image_size
+        self.input_size = input_size or spec.input_size  # images are resized to it on the device
         self.channels_last = channels_last
         self.rank, self.world_size = shard  # data-parallel: this process takes every world_size-th image
         self.mean = torch.tensor(spec.mean, device=self.device).view(1, -1, 1, 1)
@@ -69,7 +69,7 @@ class BatchLoader:
         order, offsets, flips = self._epoch_randomness(epoch)
         for step in range(start_step, self.steps):
             idx = order[step * self.batch_size:(step + 1) * self.batch_size][self.rank::self.world_size]
-            x = self.images[idx]
+            x = self.inputs[idx]
             if self.spec.kind == "tokens":  # token ids go to the model as they are
                 yield x, self.labels[idx]
                 continue
@@ -85,8 +85,8 @@ class BatchLoader:
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         x = (x.float().div_(255) - self.mean) / self.std
-        if self.image_size != x.shape[-1]:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        if self.input_size != x.shape[-1]:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x

@@ -43,7 +43,7 @@ class OpenedCheckpoint:
     def loader(self, split: str = "test", batch_size: int = 256) -> BatchLoader:
         """Evaluation batches of one split, at the model's input size."""
         return BatchLoader(self.splits[split], self.spec, batch_size, self.device,
-                           image_size=self.ckpt["arch"]["image_size"])
+                           input_size=self.ckpt["arch"]["image_size"])
 
 
 def open_checkpoint(path: str, expect_model: Optional[str] = None, data_dir: Optional[str] = None,

@@ -1,6 +1,6 @@
 """The one training loop: teachers, students and distillation differ only in the criterion.
 
-A criterion maps (logits, features, labels, images) to a dict of named, already weighted loss
+A criterion maps (logits, features, labels, inputs) to a dict of named, already weighted loss
 terms; the loop sums them, logs each one per epoch, and trains the criterion's own parameters
 (e.g. feature regressors) with the model. Checkpoints: NAME.pth is the best epoch by validation
 accuracy (the test split is evaluated once, on it, at the end), NAME_last.pth holds everything
@@ -35,7 +35,7 @@ INTERRUPTED_EXIT_CODE = 3
 
 
 class Loader(Protocol):
-    """What the loop iterates: batches of (images, labels) on the device, restartable per epoch."""
+    """What the loop iterates: batches of (inputs, labels) on the device, restartable per epoch."""
 
     def __len__(self) -> int: ...
     def epoch(self, epoch: int, start_step: int = 0): ...
@@ -117,14 +117,14 @@ def build_parts(cfg: Config) -> RunParts:
     if cfg.init_checkpoint:  # start from saved weights (and their layer surgery), e.g. a converted model
         model = build_model(load_checkpoint(cfg.init_checkpoint), cfg.model, source=cfg.init_checkpoint).to(device)
     else:
-        model = create_model(cfg.model, spec.num_classes, spec.channels, spec.image_size, **cfg.model_args).to(device)
+        model = create_model(cfg.model, spec.num_classes, spec.channels, spec.input_size, **cfg.model_args).to(device)
     channels_last = device.type == "cuda"  # faster convolutions on tensor cores
     if channels_last:
         model.to(memory_format=torch.channels_last)
 
     def loader(split, train: bool = False) -> BatchLoader:
         return BatchLoader(split, spec, cfg.batch_size, device, train=train, augment=cfg.augment, seed=cfg.seed,
-                           image_size=model.arch["image_size"], channels_last=channels_last,
+                           input_size=model.arch["image_size"], channels_last=channels_last,
                            max_steps=cfg.max_steps_per_epoch if train else None,
                            shard=(info.rank, info.world_size) if train else (0, 1))
 
