@@ -1,4 +1,8 @@
-"""pruning_lab: the shared foundations of distill-lab (data, models, training loop, checkpoints).
+"""pruning_lab: the shared foundations of distill-lab, and the compression that changes a model's layers.
 
-distillation_lab imports from here; nothing here imports distillation_lab.
+What lives here: the config (`config.py`), data (`data/`), models (`models/`), the checkpoint format
+(`checkpoint.py`), the one training loop and its loss (`train/`), evaluation (`inference/`) and
+layer surgery (`clos/`; pruning will join it). It was the first lab, so everything every
+compression method needs sits here, and `distillation_lab`, the second lab, builds on it: imports
+go from distillation_lab to pruning_lab only, never back.
 """
