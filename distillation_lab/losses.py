@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pruning_lab.train.criterion import CETerm, masked_cross_entropy
+from pruning_lab.train.criterion import masked_cross_entropy
 
 
 def kl_divergence_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

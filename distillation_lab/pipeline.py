@@ -14,11 +14,17 @@ from .recipes import recipe_config
 from .report import write_report
 from .runs import run_training
 
-# preset -> (its jobs, default seeds). cifar10: the chain's training jobs on CIFAR-10 (one GPU).
-PRESETS = {
-    "demo": (DEMO, [0, 1, 2]),  # embedded MNIST, CPU, minutes
-    "cifar10": (tuple(job for job in CHAIN if job.trains and recipe_config(job.recipe).dataset == "cifar10"), [0]),
-}
+PRESETS = {"demo": [0, 1, 2], "cifar10": [0]}  # preset -> default seeds
+
+
+def preset_jobs(preset: str) -> tuple[Job, ...]:
+    """The jobs of a preset: the demo table (embedded MNIST, CPU, minutes), or the chain's training jobs
+    on CIFAR-10 (one GPU)."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    if preset == "demo":
+        return DEMO
+    return tuple(job for job in CHAIN if job.trains and recipe_config(job.recipe).dataset == "cifar10")
 
 
 def job_config(job: Job, overrides: dict, seed: int | None = None, seed_in_name: bool = False) -> Config:
@@ -33,10 +39,8 @@ def job_config(job: Job, overrides: dict, seed: int | None = None, seed_in_name:
 
 def preset_configs(preset: str, overrides: dict, seeds: Sequence[int] | None = None) -> list[Config]:
     """The configs a preset runs, in order: jobs that wait for none once, the others once per seed."""
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
-    jobs, default_seeds = PRESETS[preset]
-    seeds = list(seeds or default_seeds)
+    jobs = preset_jobs(preset)
+    seeds = list(seeds or PRESETS[preset])
     first = [job_config(job, overrides) for job in jobs if not job.after]
     per_seed = [job_config(job, overrides, seed, seed_in_name=len(seeds) > 1)
                 for seed in seeds for job in jobs if job.after]
