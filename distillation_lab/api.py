@@ -88,7 +88,7 @@ def distill(teacher: Optional[nn.Module], student: nn.Module, train_loader: Iter
             optimizer: str = "sgd", lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 5e-4,
             scheduler: str = "cosine", warmup_epochs: float = 0.0, epochs: int = 10, precision: str = "auto",
             device: str = "auto", checkpoint_dir: str = "models_saved", name: str = "student",
-            resume: bool = False, progress: bool = True, seed: int = 0) -> dict:
+            resume: bool = False, overwrite: bool = False, progress: bool = True, seed: int = 0) -> dict:
     """Distill `teacher` into `student` (teacher None: plain training); returns the summary and history.
 
     loss_weights: weights by term name: ce, kd (temperature), dkd, feature (feature_kind; needs
@@ -105,7 +105,7 @@ def distill(teacher: Optional[nn.Module], student: nn.Module, train_loader: Iter
     cfg = make_config({"name": name, "out_dir": checkpoint_dir, "epochs": epochs, "optimizer": optimizer, "lr": lr,
                        "momentum": momentum, "weight_decay": weight_decay, "scheduler": scheduler,
                        "warmup_epochs": float(warmup_epochs), "precision": precision, "device": str(dev.type),
-                       "resume": resume, "progress": progress, "seed": seed, "dataset": "custom",
+                       "resume": resume, "overwrite": overwrite, "progress": progress, "seed": seed, "dataset": "custom",
                        "model": f"custom:{type(student).__name__}", "role": "student", "loss": spec}, "distill()")
     sample = next(iter(DeviceLoader(train_loader, dev)))[0]
     s_model = HookedModel(student, student_layers).to(dev)

@@ -24,7 +24,8 @@ MODELS_DIR = "models_saved"  # where jobs read and write checkpoints, relative t
 SMOKE = {
     "training": {"--dataset": "mnist_embedded", "--epochs": "1", "--max-steps-per-epoch": "2", "--batch-size": "32",
                  "--val-size": "100", "--device": "cpu", "--no-progress": None, "--model-args": "{width: 4}"},
-    "clos-convert": {"--fit-steps": "20", "--als-iterations": "3", "--calibration-images": "64", "--device": "cpu"},
+    "clos-convert": {"--fit-steps": "20", "--als-iterations": "3", "--calibration-images": "64", "--device": "cpu",
+                     "--allow-more-parameters": None},  # the smoke models' layers are too small for Clos to pay
     "report": {},
 }
 SMOKE_VIT = {"--model-args": "{depth: 1, embed_dim: 16, num_heads: 2}"}
@@ -76,7 +77,8 @@ class Job:
 
     def staged(self) -> list[str]:
         """Checkpoints of MODELS_DIR the job reads: its dependencies' and, to resume, its own last one."""
-        return [f"{dep}.pth" for dep in self.after] + ([f"{self.name}_last.pth"] if self.trains else [])
+        own = [f"{self.name}.pth", f"{self.name}_last.pth"] if self.trains else []  # a resumed run ends on its best
+        return [f"{dep}.pth" for dep in self.after] + own
 
 
 CHAIN = (
@@ -101,7 +103,7 @@ CHAIN = (
         report=("vit", "student_accuracy_with_kd")),
     Job("vit_teacher_clos", "clos-convert", "Replace the ViT-Tiny teacher's attention projections and MLP layers by "
         "Clos layers (m = 4), then fine-tune with KD from the original for 10 epochs.",
-        args=("--checkpoint", "{models}/vit_teacher.pth", "--multiplier", "4", "--finetune-epochs", "10",
+        args=("--checkpoint", "{models}/vit_teacher.pth", "--multiplier", "4", "--finetune-epochs", "10", "--overwrite",
               "--layers", "vit.blocks.*.attn.qkv,vit.blocks.*.attn.proj,vit.blocks.*.mlp.fc1,vit.blocks.*.mlp.fc2"),
         after=("vit_teacher",), script="clos_convert_vit", time="08:00:00"),
     Job("tweet_bert_clos", "clos-convert", "Replace the tweet BERT's attention projections and MLP layers (36 linear "
@@ -109,6 +111,7 @@ CHAIN = (
         "from the original for one epoch.",
         args=("--checkpoint", "{models}/tweet_bert.pth", "--multiplier", "4", "--fit-steps", "1000",
               "--als-iterations", "10", "--calibration-images", "512", "--finetune-epochs", "1", "--finetune-lr", "1e-4",
+              "--overwrite",
               "--layers", "*.attention.*,*.intermediate.dense,*.layer.*.output.dense"),
         after=("tweet_bert",), script="clos_convert_bert", time="02:00:00"),
     Job("report", "report", "Re-evaluate every checkpoint in models_saved/ and write report.json (+ details, .md, "

@@ -3,6 +3,7 @@ optionally fine-tune the converted model with knowledge distillation from the or
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -17,7 +18,9 @@ from pruning_lab.clos.surgery import matching_linears, replace_module
 from pruning_lab.checkpoint import build_model, load_checkpoint, save_checkpoint
 from pruning_lab.config import LOSS_SHORTHANDS, Config, from_dict, make_config
 from pruning_lab.inference import count_parameters, evaluate, open_checkpoint
+from pruning_lab.errors import UserError
 from pruning_lab.models.bert import PAD_ID
+from pruning_lab.train.run_folder import check_writable_folder
 
 from .runs import run_training
 
@@ -82,6 +85,20 @@ def embedding_cosine(model: nn.Module, original: nn.Module, loader) -> float:
     return float(torch.cat(sims).mean())
 
 
+def check_saves_parameters(model: nn.Module, names: list[str], multiplier: int) -> None:
+    """Refuse before any fitting where a Clos layer would not be smaller than the dense layer it replaces."""
+    for name in names:
+        dense = model.get_submodule(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. a prime width: the count below says what it costs
+            clos = Clos(dense.in_features, dense.out_features, multiplier)
+        if count_parameters(clos) >= count_parameters(dense):
+            raise UserError(f"{name} ({dense.in_features} -> {dense.out_features}) as a Clos layer at m={multiplier} "
+                            f"would have {count_parameters(clos):,} parameters, not fewer than the dense layer's "
+                            f"{count_parameters(dense):,}: choose a smaller --multiplier, leave the layer out of "
+                            "--layers, or add --allow-more-parameters")
+
+
 def convert_layer(model: nn.Module, name: str, multiplier: int, fit: str, calibration, held_out,
                   fit_steps: int, als_iterations: int) -> dict:
     """Fit a Clos layer to one linear layer (weight-space, then data-aware) and put it in its place.
@@ -115,6 +132,13 @@ class ClosConvertOptions:
     loss: dict = field(default_factory=dict)  # the fine-tuning loss: config keys loss / alpha / temperature / ...
     output: Optional[str] = None
     device: str = "auto"
+    overwrite: bool = False  # replace an existing output (and its fine-tuned version)
+    allow_more_parameters: bool = False  # convert layers even where the Clos layer is not smaller
+
+    def output_path(self) -> Path:
+        """Where the converted checkpoint goes: --output, or CHECKPOINT_clos_mM.pth beside the original."""
+        stem = Path(self.checkpoint).stem + f"_clos_m{self.multiplier}"
+        return Path(self.output or Path(self.checkpoint).with_name(stem + ".pth"))
 
 
 def finetune_config(cfg: Config, options: ClosConvertOptions, converted: Path) -> Config:
@@ -124,20 +148,29 @@ def finetune_config(cfg: Config, options: ClosConvertOptions, converted: Path) -
     return dataclasses.replace(base, init_checkpoint=str(converted), teacher_checkpoint=options.checkpoint,
                                teacher=cfg.model, name=converted.stem + "_kd", out_dir=str(converted.parent),
                                epochs=options.finetune_epochs, optimizer="adam", lr=options.finetune_lr,
-                               scheduler="cosine", warmup_epochs=0.0, resume=False, device=options.device)
+                               scheduler="cosine", warmup_epochs=0.0, resume=False, overwrite=options.overwrite,
+                               device=options.device)
 
 
 def clos_convert(options: ClosConvertOptions) -> dict:
     """Convert, evaluate, save (recording the surgery); optionally KD fine-tune; return the summary."""
     o = options
+    out = o.output_path()
+    taken = [p for p in (out, out.with_name(out.stem + "_kd.pth")) if p.exists()]
+    if taken and not o.overwrite:
+        raise UserError(f"{taken[0]} exists: add --overwrite to replace it, or give another --output")
+    check_writable_folder(out.parent)
     opened = open_checkpoint(o.checkpoint, device=o.device)
     o = dataclasses.replace(o, device=str(opened.device))
     ckpt, model = opened.ckpt, opened.model
+    names = matching_linears(model, o.layers)
+    if not o.allow_more_parameters:
+        check_saves_parameters(model, names, o.multiplier)
     original = build_model(ckpt, source=o.checkpoint).to(opened.device).eval()
     test_acc = lambda: evaluate(model, opened.loader("test"))["acc"]  # noqa: E731
     summary = {"checkpoint": o.checkpoint, "multiplier": o.multiplier, "fit": o.fit,
                "parameters_before": count_parameters(model), "test_accuracy_before": test_acc(), "layers": []}
-    for name in matching_linears(model, o.layers):  # layer by layer: later layers see converted inputs
+    for name in names:  # layer by layer: later layers see converted inputs
         summary["layers"].append(convert_layer(
             model, name, o.multiplier, o.fit,
             lambda n: layer_examples(model, original, n, opened.loader("train"), o.calibration_examples),
@@ -147,7 +180,6 @@ def clos_convert(options: ClosConvertOptions) -> dict:
     summary["compression"] = summary["parameters_before"] / summary["parameters_after"]
     if hasattr(model, "sentence_embedding"):  # text: how close the converted encoder stays to the original
         summary["embedding_cosine_after"] = embedding_cosine(model, original, opened.loader("test"))
-    out = Path(o.output or Path(o.checkpoint).with_name(Path(o.checkpoint).stem + f"_clos_m{o.multiplier}.pth"))
     config = {**ckpt["config"], "name": out.stem, "out_dir": str(out.parent)}  # the report finds it by this name
     save_checkpoint({**{k: v for k, v in ckpt.items() if k not in ("format", "version", "test", "alignment")},
                      "config": config, "state_dict": model.state_dict(), "surgery": model.surgery, "clos": summary},

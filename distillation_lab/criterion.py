@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import torch.nn as nn
@@ -21,6 +22,12 @@ TERMS = {
     "feature": (("kind", "layers"), True),
     "at": (("layers",), True),
 }
+
+
+# What the numbers of a loss term may be.
+TERM_RANGES = {"weight": (">= 0", lambda v: v >= 0), "temperature": ("> 0", lambda v: v > 0),
+               "label_smoothing": ("in [0, 1)", lambda v: 0 <= v < 1), "alpha": (">= 0", lambda v: v >= 0),
+               "beta": (">= 0", lambda v: v >= 0)}
 
 
 def loss_from_shorthands(cfg: Config, distilling: bool) -> dict:
@@ -55,6 +62,10 @@ def check_spec(spec: dict, distilling: bool) -> None:
         if extra:
             raise UserError(f"loss term '{name}' has unknown parameter(s) {', '.join(sorted(extra))}; "
                             f"allowed: weight{''.join(', ' + a for a in allowed)}")
+        for key, value in params.items():
+            if key in TERM_RANGES and not (isinstance(value, (int, float)) and math.isfinite(value)
+                                           and TERM_RANGES[key][1](value)):
+                raise UserError(f"loss term '{name}': {key} must be {TERM_RANGES[key][0]}, got {value!r}")
         if needs_teacher and not distilling:
             raise UserError(f"loss term '{name}' needs a teacher: use the distill command with --teacher-checkpoint")
 

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -250,6 +251,9 @@ def add_clos_convert_parser(sub) -> None:
                    "(1e-3 for small models; about 1e-4 for a pretrained BERT)")
     p.add_argument("--output", help="converted checkpoint path (default: CHECKPOINT_clos_mM.pth beside it)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output checkpoint (and its _kd)")
+    p.add_argument("--allow-more-parameters", action="store_true", help="convert layers whose Clos layer would have "
+                   "as many parameters as the dense one or more (tiny layers, smoke tests); refused otherwise")
     add_config_arguments(p, only=("loss", *LOSS_SHORTHANDS),
                          title="the KD fine-tuning's loss (as for distill; default alpha 0.5, temperature 4)")
     p.set_defaults(func=cmd_clos_convert)
@@ -280,9 +284,17 @@ def add_pipeline_parser(sub) -> None:
     p.set_defaults(func=cmd_pipeline)
 
 
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse with one-line errors, like every other error of this program (exit status 2)."""
+
+    def error(self, message: str) -> None:
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree: one parser per command, in the order of the README's table."""
-    parser = argparse.ArgumentParser(prog="python main.py", description=__doc__.split("\n\n")[0],
+    parser = CommandLineParser(prog="python main.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_parser(sub, "teacher")
@@ -299,7 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: run a subcommand; user errors are one line on stderr and exit status 2."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), or a usage error already printed on one line (2)
+        return e.code if isinstance(e.code, int) else 2
     try:
         return args.func(args)
     except UserError as e:
@@ -309,6 +324,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # one message per run, not per process
             print(f"interrupted: {e}", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
+    except Exception as e:  # a bug: one line first, then the traceback for the report
+        print(f"error: internal error, please report it: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+              file=sys.stderr)
+        traceback.print_exc()
+        return 1
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ def preset_jobs(preset: str) -> tuple[Job, ...]:
 def job_config(job: Job, overrides: dict, seed: int | None = None, seed_in_name: bool = False) -> Config:
     """A training job's config: its recipe, the overrides, its seed and name (NAME_seedS for one of
     several seeds), and a distill job's teacher read from the same output folder."""
-    cfg = dataclasses.replace(recipe_config(job.recipe, overrides), name=job.name)
+    cfg = recipe_config(job.recipe, overrides)
+    # Running a preset again continues its runs (finished ones are only evaluated); --overwrite starts afresh.
+    cfg = dataclasses.replace(cfg, name=job.name, resume=not cfg.overwrite)
     if seed is not None:
         cfg = dataclasses.replace(cfg, seed=seed, name=f"{job.name}_seed{seed}" if seed_in_name else job.name)
     teacher = str(Path(cfg.out_dir) / f"{job.teacher}.pth") if job.teacher else ""

@@ -208,6 +208,13 @@ def converted_models(runs: dict[str, list[Found]]) -> list[dict]:
     return rows
 
 
+def evaluated_any(details: dict) -> bool:
+    """Whether at least one checkpoint was evaluated."""
+    entries = [e for family, entry in details.items() if family not in ("converted", "unreadable")
+               for e in [*(entry[k] for k in KEYS if k in entry), *entry["other_runs"]]]
+    return bool(details["converted"]) or any(e.get("status") == "ok" for e in entries)
+
+
 def lab_report(details: dict) -> dict:
     """report.json: exactly the lab plan's keys; the mean test accuracy over seeds, or null."""
     return {family: {key: (details[family][key]["test_accuracy_mean"] if details[family][key]["status"] == "ok"
@@ -221,8 +228,8 @@ def table_row(family: str, what: str, e: dict) -> dict:
         return {**row, "test accuracy": e["status"]}
     first = e["runs"][0]
     agreement = [r.get("teacher_agreement") for r in e["runs"] if r.get("teacher_agreement") is not None]
-    return {**row, "seeds": str(len(e["runs"])),
-            "test accuracy": f"{e['test_accuracy_mean']:.4f} ± {e['test_accuracy_std']:.4f}",
+    accuracy = f"{e['test_accuracy_mean']:.4f}" + (f" ± {e['test_accuracy_std']:.4f}" if len(e["runs"]) > 1 else "")
+    return {**row, "seeds": str(len(e["runs"])), "test accuracy": accuracy,
             "params": f"{first['parameters']:,}", "MACs": f"{first['macs']:,}",
             "latency ms (batch 1)": first["latency_ms_batch1"],
             "agreement with teacher": f"{statistics.fmean(agreement):.4f}" if agreement else "",
@@ -246,7 +253,8 @@ def table(details: dict) -> pd.DataFrame:
 def markdown(details: dict, frame: pd.DataFrame) -> str:
     """report.md: the table, converted models and the paired KD differences."""
     shown = frame.drop(columns=[c for c in ("acc", "std", "n_params") if c in frame.columns]).astype(object).fillna("")
-    lines = ["# distill-lab report", "", "Test accuracy on each checkpoint's test split (mean ± sample std over seeds).",
+    lines = ["# distill-lab report", "", "Test accuracy on each checkpoint's test split (mean ± sample std over seeds "
+             "where a run has several).",
              "", shown.to_markdown(index=False), ""]
     if details["converted"]:
         converted = pd.DataFrame([{"run": r["run"], "model": r["model"], "Clos layers": len(r["clos_layers"]),
@@ -272,7 +280,7 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ok = frame[frame["test accuracy"].astype(str).str.contains("±")] if len(frame) else frame
+    ok = frame[frame["acc"].notna()] if "acc" in frame.columns else frame.iloc[0:0]
     for _, row in ok.iterrows():
         ax.errorbar(row["n_params"], row["acc"], yerr=row["std"], fmt="o", capsize=3)
         ax.annotate(f"{row['family']} {row['what']}", (row["n_params"], row["acc"]), fontsize=7,
@@ -295,6 +303,11 @@ def write_report(models_dir: str, output: str = "report.json", device: str = "au
     if not models.is_dir():
         raise UserError(f"models directory not found: {models}")
     details = build_details(models, device, data_dir)
+    if not evaluated_any(details):
+        problems = [e for r in details["unreadable"] for e in r["errors"]] + [
+            e for family in FAMILIES for key in KEYS for e in details[family][key].get("errors", [])]
+        raise UserError(f"no model in {models} could be evaluated" + (f": {problems[0]}" if problems else
+                                                                       " (no checkpoints found)"))
     report = lab_report(details)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)

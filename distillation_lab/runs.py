@@ -14,6 +14,7 @@ from pruning_lab.inference import soft_target_alignment
 from pruning_lab.models import model_family
 from pruning_lab.runtime import resolve_precision
 from pruning_lab.train.loop import RunParts, Trainer, build_parts
+from pruning_lab.train.run_folder import check_run_folder
 
 from .criterion import DistillationCriterion, resolve_loss
 from .teacher import FrozenTeacher, load_teacher
@@ -24,7 +25,8 @@ def run_training(cfg: Config, parts: Optional[RunParts] = None, teacher: Optiona
     """Train as `cfg` says (parts: data and model built from it unless given); a distilled student
     also gets its agreement with the teacher on the test split. Returns the run's summary."""
     distilling = teacher is not None or bool(cfg.teacher_checkpoint)
-    cfg = resolve_loss(cfg, distilling)  # the loss is checked before any data is loaded
+    cfg = resolve_loss(cfg, distilling)  # the loss and the run folder are checked before any data is loaded
+    check_run_folder(cfg)
     parts = parts or build_parts(cfg)
     if teacher is None and cfg.teacher_checkpoint:
         teacher = load_teacher(cfg.teacher_checkpoint, cfg.teacher, parts.data, parts.device)

@@ -71,8 +71,28 @@ def load_checkpoint(path: str | Path) -> dict:
     return data
 
 
+ARCH_FIELDS = {"name": str, "num_classes": int, "in_chans": int, "image_size": int, "kwargs": dict}
+
+
+def check_model_fields(ckpt: dict, source: str) -> None:
+    """A checkpoint that carries the format marker but not a model (crafted or damaged) is refused by name."""
+    arch = ckpt.get("arch")
+    problems = [] if isinstance(ckpt.get("state_dict"), dict) else ["state_dict"]
+    if not isinstance(arch, dict):
+        problems.append("arch")
+    else:
+        problems += [f"arch.{k}" for k, tp in ARCH_FIELDS.items() if not isinstance(arch.get(k), tp)
+                     and not (k in ("num_classes", "in_chans", "image_size") and arch.get(k) is None)]
+    if not isinstance(ckpt.get("config", {}), dict) or not isinstance(ckpt.get("surgery", []), list):
+        problems.append("config or surgery")
+    if problems:
+        raise CheckpointError(f"{source} is not a valid distill-lab checkpoint: missing or malformed "
+                              f"{', '.join(problems)}")
+
+
 def build_model(ckpt: dict, expect_model: Optional[str] = None, source: str = "checkpoint") -> nn.Module:
     """Rebuild the model a checkpoint describes and load its weights; check the architecture if asked."""
+    check_model_fields(ckpt, source)
     arch = ckpt["arch"]  # its image_size is the sequence length for text models
     if expect_model is not None and arch["name"] != expect_model:
         raise CheckpointError(f"{source} holds a '{arch['name']}' model, but '{expect_model}' was expected")

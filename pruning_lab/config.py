@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,10 @@ class Config:
     device: str = _opt("auto", "device", ("auto", "cpu", "cuda"))
     precision: str = _opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", ("auto", "fp32", "bf16", "fp16"))
     out_dir: str = _opt("models_saved", "where checkpoints and logs go")
-    resume: bool = _opt(False, "continue from OUT_DIR/NAME_last.pth if it exists")
+    resume: bool = _opt(False, "continue from OUT_DIR/NAME_last.pth if it exists (a finished run: only evaluated)")
+    overwrite: bool = _opt(False, "start afresh even where OUT_DIR/NAME.pth or NAME_last.pth exists (replacing them)")
+    resume_changes: bool = _opt(False, "with --resume, accept options that differ from the recorded run's "
+                                       "(optimizer, lr, seed, data, model...); the checkpoint then records the new ones")
     progress: bool = _opt(True, "show a progress bar per epoch (only on a terminal: SLURM logs get one line per epoch)")
 
     def run_name(self) -> str:
@@ -89,6 +93,27 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+# What each number may be (checked when a config is built, so a bad value fails before any work).
+RANGES = {
+    "epochs": (">= 1", lambda v: v >= 1), "batch_size": (">= 1", lambda v: v >= 1),
+    "max_steps_per_epoch": (">= 1", lambda v: v >= 1), "train_subset": (">= 1", lambda v: v >= 1),
+    "labelled_subset": (">= 1", lambda v: v >= 1), "val_size": (">= 0", lambda v: v >= 0),
+    "image_size": (">= 1", lambda v: v >= 1), "seed": (">= 0", lambda v: v >= 0),
+    "lr": ("> 0", lambda v: v > 0), "momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "weight_decay": (">= 0", lambda v: v >= 0), "gamma": ("> 0", lambda v: v > 0),
+    "warmup_epochs": (">= 0", lambda v: v >= 0), "label_smoothing": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "milestones": ("epochs >= 0", lambda v: all(m >= 0 for m in v)),
+    "alpha": ("in [0, 1]", lambda v: 0 <= v <= 1), "temperature": ("> 0", lambda v: v > 0),
+    "feature_weight": (">= 0", lambda v: v >= 0),
+}
+
+
+def check_name(value: str, source: str) -> None:
+    """A run name is a file name inside --out-dir, never a path."""
+    if value in (".", "..") or any(sep in value for sep in ("/", "\\")) or value.startswith("."):
+        raise UserError(f"config key 'name' in {source} must be a file name, not a path: got '{value}'; "
+                        "use --out-dir for the folder")
 
 
 def _type_name(tp: Any) -> str:
@@ -146,6 +171,12 @@ def check_value(name: str, value: Any, source: str) -> Any:
     elif base is dict:
         if not isinstance(value, dict):
             raise bad
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"config key '{name}' in {source} must be a finite number, got {value}")
+    if name in RANGES and not RANGES[name][1](value):
+        raise UserError(f"config key '{name}' in {source} must be {RANGES[name][0]}, got {value!r}")
+    if name == "name":
+        check_name(value, source)
     return value
 
 
@@ -155,7 +186,9 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text (is it a YAML file?)") from None
     except yaml.YAMLError as e:
         raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -189,7 +222,10 @@ def make_config(values: dict, source: str = "overrides", base: Optional[Config] 
     """A Config from `base` (or the defaults) with `values` applied after checking them."""
     base = base or Config()
     checked = {k: check_value(k, v, source) for k, v in values.items()}
-    return dataclasses.replace(base, **merge_loss_keys(checked, base, source))
+    cfg = dataclasses.replace(base, **merge_loss_keys(checked, base, source))
+    if checked.get("resume") and checked.get("overwrite"):
+        raise UserError(f"{source} gives both resume and overwrite: continue the run, or start it afresh")
+    return cfg
 
 
 # ---------------------------------------------------------------- command line

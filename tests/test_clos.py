@@ -166,7 +166,7 @@ def test_clos_convert_vit_attention_and_mlp(tmp_path, capsys):
                  "--no-progress"]) == 0
     assert main(["clos-convert", "--checkpoint", str(out / "vit.pth"), "--layers",
                  "vit.blocks.*.attn.qkv,vit.blocks.*.attn.proj,vit.blocks.*.mlp.fc*", "--fit-steps", "20",
-                 "--als-iterations", "3", "--calibration-images", "64"]) == 0
+                 "--als-iterations", "3", "--calibration-images", "64", "--allow-more-parameters"]) == 0
     ckpt = load_checkpoint(out / "vit_clos_m4.pth")
     assert [s["layer"] for s in ckpt["surgery"]] == ["vit.blocks.0.attn.qkv", "vit.blocks.0.attn.proj",
                                                       "vit.blocks.0.mlp.fc1", "vit.blocks.0.mlp.fc2"]

