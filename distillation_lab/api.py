@@ -94,7 +94,8 @@ def distill(teacher: Optional[nn.Module], student: nn.Module, train_loader: Iter
     loss_weights: weights by term name: ce, kd (temperature), dkd, feature (feature_kind; needs
     student_layers/teacher_layers), at. Default {"ce": 0.5, "kd": 0.5}. val_loaders: named loaders
     evaluated every epoch; the first one's accuracy picks the best checkpoint. eval_fn(student) may
-    return more named metrics per epoch. Checkpoints: checkpoint_dir/NAME.pth (best) and NAME_last.pth.
+    return more named metrics per epoch. Checkpoints: checkpoint_dir/NAME.pth (best) and NAME_last.pth;
+    existing ones are continued with resume=True, replaced with overwrite=True, else refused.
     """
     torch.manual_seed(seed)
     dev = resolve_device(device)

@@ -263,8 +263,8 @@ class Trainer:
         if self.cfg.resume and not self.cfg.overwrite and self.paths.last.exists():
             self.restore(load_checkpoint(self.paths.last))
             if self.dist.is_main and self.state.epoch >= self.cfg.epochs:
-                print(f"{self.cfg.run_name()} has finished its {self.cfg.epochs} epochs: evaluating its best "
-                      "checkpoint (raise --epochs to train on)")
+                print(f"resuming {self.paths.last}: the run has finished its {self.cfg.epochs} epochs, so its best "
+                      "checkpoint is only evaluated (raise --epochs to train on)")
             elif self.dist.is_main:
                 print(f"resuming {self.paths.last} at epoch {self.state.epoch + 1}, step {self.state.step}")
         with StopSignals() as stop:
