@@ -15,7 +15,11 @@
 set -euo pipefail
 
 dry_run=0
-if [[ "${1:-}" == --dry-run ]]; then dry_run=1; shift; fi
+args=()
+for arg in "$@"; do  # --dry-run may come anywhere
+    if [[ "$arg" == --dry-run ]]; then dry_run=1; else args+=("$arg"); fi
+done
+set -- ${args[@]+"${args[@]}"}
 if [[ $# -lt 1 ]]; then
     echo "usage: bash submit_best_gpu.sh [--dry-run] SCRIPT.slurm [sbatch args...]" >&2
     exit 2
@@ -25,6 +29,10 @@ if [[ ! -f "$script" ]]; then
     echo "error: batch script not found: $script" >&2
     exit 2
 fi
+# Jobs run from the repository root (their logs go to slurm/logs/ there, common.sh finds the code
+# there), from whichever directory this is called.
+script=$(cd "$(dirname "$script")" && pwd)/$(basename "$script")
+cd "$(dirname "${BASH_SOURCE[0]}")"
 
 preference=${DL_GPU_PREFERENCE:-h200 h100 a100 l40s a40 a6000 v100 rtx}
 partition=$(sed -n -E 's/^#SBATCH[[:space:]]+(--partition=|-p[[:space:]]*)([^[:space:]]+).*/\2/p' "$script" | head -n 1)

@@ -55,9 +55,11 @@ def cmd_train(args: argparse.Namespace, job: str) -> int:
     if job == "distill" and not cfg.teacher_checkpoint:
         raise UserError("distill needs a teacher checkpoint: --teacher-checkpoint models_saved/cnn_teacher.pth "
                         "(written by train-teacher)")
-    if job != "distill" and cfg.teacher_checkpoint:
-        raise UserError(f"train-{job} trains without a teacher, but teacher_checkpoint is set to "
-                        f"'{cfg.teacher_checkpoint}'; use the distill command to train with a teacher")
+    if job != "distill":  # a flag the command would not use is an error, not ignored
+        unused = [k for k in ("teacher_checkpoint", "teacher", *LOSS_SHORTHANDS) if getattr(cfg, k) not in ("", None)]
+        if unused:
+            raise UserError(f"train-{job} trains without a teacher, but {', '.join(unused)} "
+                            f"{'is' if len(unused) == 1 else 'are'} set; use the distill command to train with one")
     summary = run_training(cfg)
     if os.environ.get("RANK", "0") != "0":  # data-parallel: rank 0 reports
         return 0
@@ -86,8 +88,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
+        width = max(map(len, result)) + 2
         for key, value in result.items():
-            print(f"{key:<16}{value}")
+            print(f"{key:<{width}}{value}")
     return 0
 
 
@@ -163,11 +166,26 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ the command line, one parser per command
+def recipes_help(job: str) -> str:
+    """What --help says about the recipes a training command uses: their effective defaults."""
+    from .recipes import recipe_config
+
+    lines = []
+    for model, recipe in RECIPES[job].items():
+        cfg = recipe_config(recipe)
+        lines.append(f"--model {model}: {recipe}.yaml (run name {cfg.run_name()}, {cfg.epochs} epochs, "
+                     f"{cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}, {cfg.dataset})")
+    default = f"Without --model: {DEFAULT_MODEL[job]}. " if job in DEFAULT_MODEL else ""
+    return (f" {default}Recipes: " + "; ".join(lines) + ". The [default: ...] values below are the built-in "
+            "ones, which the recipe or --config replaces; flags replace both.")
+
+
 def add_train_parser(sub, role: str) -> None:
     """train-teacher / train-student."""
     p = sub.add_parser(f"train-{role}", help=f"train a {role} model (default {DEFAULT_MODEL[role]})",
                        description=f"Train a {role}. Models: {', '.join(sorted(MODELS))}. Without --config "
-                                   "the lab recipe of --model is used (configs/ in distillation_lab).")
+                                   "the lab recipe of --model is used (configs/ in distillation_lab)."
+                                   + recipes_help(role))
     p.add_argument("--config", help="YAML config file (keys as the flags below, with underscores)")
     add_config_arguments(p, skip=("role",))
     p.set_defaults(func=lambda a: cmd_train(a, role))
@@ -179,7 +197,7 @@ def add_distill_parser(sub) -> None:
                        description="Train a student with a loss that also sees a frozen teacher: "
                                    "alpha * CE + (1 - alpha) * T^2 * KL by default, or the named terms of `loss` "
                                    "(ce, kd, dkd, feature, at). Without --config the lab recipe of the "
-                                   "student is used (distill_cnn.yaml, distill_vit.yaml).")
+                                   "student is used." + recipes_help("distill"))
     p.add_argument("--config", help="YAML config file (keys as the flags below, with underscores)")
     p.add_argument("--student", dest="model", default=argparse.SUPPRESS, help="the student architecture (same as --model)")
     add_config_arguments(p, skip=("role",))

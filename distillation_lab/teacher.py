@@ -1,6 +1,7 @@
 """A frozen teacher: loaded from its checkpoint, checked against the student's data, run under no_grad."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -53,6 +54,9 @@ def load_teacher(path: str, expect_model: str, data: dict, device: torch.device)
         raise UserError(f"teacher {path} was trained on {t.get('dataset')} with {have[0]} classes and "
                         f"{have[1]}x{have[2]}x{have[2]} images, but the student's data ({data['dataset']}) has "
                         f"{want[0]} classes and {want[1]}x{want[2]}x{want[2]} images; teacher and student must agree")
+    if t.get("dataset") != data["dataset"]:
+        print(f"warning: teacher {path} was trained on {t.get('dataset')}, the student trains on {data['dataset']} "
+              "(same classes and input shape, so distillation goes on)", file=sys.stderr)
     record = {"checkpoint": str(path), "name": ckpt.get("config", {}).get("name") or Path(path).stem,
               "model": ckpt["arch"]["name"], "family": ckpt.get("family") or model_family(ckpt["arch"]["name"])}
     return FrozenTeacher(model, device, record)

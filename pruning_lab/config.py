@@ -44,11 +44,14 @@ class Config:
                         ("cifar10", "mnist", "mnist_embedded", "tweets", "imagefolder", "custom"))
     data_dir: str = _opt("data", "where prepare-data put the dataset (imagefolder: the folder with train/ and test/)")
     image_size: Optional[int] = _opt(None, "imagefolder: square size images are resized to when read (default 32)")
+    channels: Optional[int] = _opt(None, "imagefolder: 1 reads the images as grayscale, 3 as RGB (default 3)")
     val_size: Optional[int] = _opt(None, "images held out of the training set for validation (default per dataset)")
     train_subset: Optional[int] = _opt(None, "use a fixed class-balanced subset of N training images (smoke runs)")
     labelled_subset: Optional[int] = _opt(None, "keep the labels of only N training images (the ones train_subset N "
                                            "would keep); the rest are unlabelled and reach only distillation terms")
     augment: bool = _opt(True, "random crop (and horizontal flip where the dataset allows it)")
+    flip: bool = _opt(True, "horizontal flips when augmenting, where the dataset allows them (never for digits or "
+                            "text); --no-flip for your own images that must not be mirrored")
     # --- optimisation
     epochs: int = _opt(200, "number of epochs")
     batch_size: int = _opt(128, "batch size")
@@ -100,6 +103,7 @@ RANGES = {
     "max_steps_per_epoch": (">= 1", lambda v: v >= 1), "train_subset": (">= 1", lambda v: v >= 1),
     "labelled_subset": (">= 1", lambda v: v >= 1), "val_size": (">= 0", lambda v: v >= 0),
     "image_size": (">= 1", lambda v: v >= 1), "seed": (">= 0", lambda v: v >= 0),
+    "channels": ("1 or 3", lambda v: v in (1, 3)),
     "lr": ("> 0", lambda v: v > 0), "momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
     "weight_decay": (">= 0", lambda v: v >= 0), "gamma": ("> 0", lambda v: v > 0),
     "warmup_epochs": (">= 0", lambda v: v >= 0), "label_smoothing": ("in [0, 1)", lambda v: 0 <= v < 1),

@@ -11,7 +11,8 @@
 # Settings (environment variables, all optional):
 #   DL_REPO        the repository (default: the submit directory, or the script's parent)
 #   DL_MODULES     modules to load (default: "Python/3.11.3-GCCcore-12.3.0 CUDA/12.1.1"; "" for none)
-#   DL_VENV        the venv to activate (default: $HOME/.venvs/edl, else the repo's .venv)
+#   DL_VENV        the venv to activate (default: the one active when the job was submitted, else
+#                  $HOME/.venvs/edl, else the repo's .venv)
 #   DL_DATA_DIR    datasets to stage (default: $DL_REPO/data)
 #   DL_MODELS_DIR  where checkpoints live (default: $DL_REPO/models_saved)
 #   DL_SMOKE=1     the smoke preset: embedded data, tiny models, a few steps, CPU (tests, dry runs);
@@ -48,7 +49,8 @@ dl_load_modules() {
 }
 
 dl_activate_venv() {
-    local venv=${DL_VENV:-$HOME/.venvs/edl}
+    # DL_VENV, else the venv active where the job was submitted, else ~/.venvs/edl, else the repository's.
+    local venv=${DL_VENV:-${VIRTUAL_ENV:-$HOME/.venvs/edl}}
     if [[ ! -f "$venv/bin/activate" && -z "${DL_VENV:-}" && -f "$DL_REPO/.venv/bin/activate" ]]; then
         venv=$DL_REPO/.venv
     fi

@@ -52,6 +52,8 @@ def refused(capsys, argv, folder: Path | None = None) -> str:
     (["--name", "/tmp/abs"], "'name' in command line must be a file name, not a path"),
     (["--model", "mnist_mlp", "--model-args", "{hidden: [16]}"], "bad model_args for 'mnist_mlp'"),
     (["--resume", "--overwrite"], "gives both resume and overwrite"),
+    (["--alpha", "0.3"], "train-student trains without a teacher, but alpha is set; use the distill command"),
+    (["--teacher", "resnet18"], "train-student trains without a teacher, but teacher is set"),
 ])
 def test_numbers_names_and_model_args_are_checked_before_work(finished, capsys, flags, message):
     err = refused(capsys, ["train-student", *TINY, "--out-dir", str(finished), "--name", "new", *flags], finished)
@@ -158,3 +160,37 @@ def test_a_bug_prints_one_line_before_its_traceback(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.splitlines()[0] == "error: internal error, please report it: IndexError: list index out of range"
     assert "Traceback" in err
+
+
+def test_unreadable_image_and_empty_class_folder_name_the_file(tmp_path, capsys):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / "imgs" / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / "imgs" / split / cls / f"{i}.png")
+    broken = tmp_path / "imgs" / "train" / "b" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    argv = ["train-student", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "imgs"), "--epochs", "1",
+            "--model-args", "{width: 4}", "--out-dir", str(tmp_path / "out")]
+    err = refused(capsys, argv)
+    assert f"cannot read image {broken}" in err and not (tmp_path / "out").exists()
+    broken.unlink()
+    for f in (tmp_path / "imgs" / "test" / "b").iterdir():
+        f.unlink()
+    assert "Found no valid file for the classes b" in refused(capsys, argv)
+
+
+def test_evaluate_text_output_is_aligned(finished, capsys):
+    assert main(["evaluate", str(finished / "s.pth"), "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    starts = {len(line) - len(line.split(maxsplit=1)[1]) for line in lines if len(line.split(maxsplit=1)) == 2}
+    assert len(starts) == 1  # every value starts in the same column
+
+
+def test_help_shows_the_recipes_effective_defaults(capsys):
+    assert main(["train-teacher", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--model resnet18: cnn_teacher.yaml (run name cnn_teacher, 300 epochs, sgd lr 0.1, batch 128, cifar10)" in text
+    assert "The [default: ...] values below are the built-in ones" in text

@@ -118,3 +118,12 @@ def test_loss_shorthands_and_loss_are_one_setting(tmp_path, capsys):
     assert main(["train-student", "--teacher-checkpoint", str(out / "cnn_teacher.pth"), *TINY,
                  "--out-dir", str(out / "x")]) == 2
     assert "use the distill command" in capsys.readouterr().err and not (out / "x").exists()
+
+
+def test_submit_best_gpu_works_from_any_directory_with_dry_run_anywhere(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "submit_best_gpu.sh"), "../" + str(Path("slurm/report.slurm")),
+                           "--dry-run", "--hold"], cwd=ROOT / "tests", capture_output=True, text=True,
+                          env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["sbatch", "--parsable", "--partition=markov_gpu", "--hold",
+                                   str(ROOT / "slurm/report.slurm")]

@@ -128,3 +128,19 @@ def test_imagefolder(tmp_path):
     assert (len(train), len(val), len(test)) == (11, 1, 4) and train.inputs.shape[1:] == (3, 16, 16)
     with pytest.raises(UserError, match="must contain train/ and test/"):
         load_splits("imagefolder", tmp_path / "train")
+    spec, train, _, _ = load_splits("imagefolder", tmp_path, image_size=16, channels=1)  # grayscale kept single-channel
+    assert spec.channels == 1 and train.inputs.shape[1:] == (1, 16, 16) and len(spec.mean) == 1
+
+
+def test_no_flip_turns_flips_off_for_a_dataset_that_allows_them(tiny, tmp_path):
+    from pruning_lab.train.loop import build_parts
+
+    for cls in ("a", "b"):
+        for split in ("train", "test"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (8, 8), (i * 60, 0, 0)).save(tmp_path / split / cls / f"{i}.png")
+    folder = dict(dataset="imagefolder", data_dir=str(tmp_path), train_subset=None, val_size=1, batch_size=4)
+    assert build_parts(tiny(**folder)).train_loader.spec.flip is True
+    assert build_parts(tiny(**folder, flip=False)).train_loader.spec.flip is False
+    assert build_parts(tiny(dataset="mnist_embedded")).train_loader.spec.flip is False  # digits: never

@@ -156,7 +156,7 @@ def _stratified_holdout(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(order[:n])
 
 
-def _imagefolder(data_dir: Path, image_size: int | None) -> tuple[DataSpec, tuple, tuple]:
+def _imagefolder(data_dir: Path, image_size: int | None, channels: int | None) -> tuple[DataSpec, tuple, tuple]:
     """A user's folder with train/ and test/ subfolders of class folders, read into memory."""
     from torchvision.datasets import ImageFolder
 
@@ -164,21 +164,32 @@ def _imagefolder(data_dir: Path, image_size: int | None) -> tuple[DataSpec, tupl
         if not (data_dir / sub).is_dir():
             raise UserError(f"imagefolder: {data_dir.resolve()} must contain train/ and test/ "
                             f"with one folder per class; {sub}/ is missing")
-    train_ds, test_ds = ImageFolder(str(data_dir / "train")), ImageFolder(str(data_dir / "test"))
+    try:
+        train_ds, test_ds = ImageFolder(str(data_dir / "train")), ImageFolder(str(data_dir / "test"))
+    except FileNotFoundError as e:  # e.g. an empty class folder
+        raise UserError(f"imagefolder {data_dir}: {e}") from None
     if train_ds.classes != test_ds.classes:
         raise UserError(f"imagefolder: class folders differ between train/ {train_ds.classes} "
                         f"and test/ {test_ds.classes} in {data_dir}")
     size = image_size or 32
+    mode = "L" if channels == 1 else "RGB"
+
+    def read_image(ds: ImageFolder, path: str) -> np.ndarray:
+        try:
+            image = np.asarray(ds.loader(path).convert(mode).resize((size, size)))
+            return image[:, :, None] if mode == "L" else image
+        except (OSError, ValueError) as e:  # PIL's errors for truncated or non-image files
+            raise UserError(f"imagefolder: cannot read image {path}: {str(e).splitlines()[0]}") from None
 
     def read(ds: ImageFolder) -> tuple[np.ndarray, np.ndarray]:
-        images = [np.asarray(ds.loader(p).convert("RGB").resize((size, size))) for p, _ in ds.samples]
+        images = [read_image(ds, p) for p, _ in ds.samples]
         return np.stack(images).transpose(0, 3, 1, 2), np.asarray(ds.targets)
 
     train, test = read(train_ds), read(test_ds)
     mean = tuple((train[0] / 255.0).mean(axis=(0, 2, 3)).tolist())
     std = tuple((train[0] / 255.0).std(axis=(0, 2, 3)).tolist())
     val = max(1, len(train[1]) // 10)
-    spec = DataSpec("imagefolder", 3, size, len(train_ds.classes), mean, std, size // 8, True, val)
+    spec = DataSpec("imagefolder", channels or 3, size, len(train_ds.classes), mean, std, size // 8, True, val)
     return spec, train, test
 
 
@@ -190,7 +201,7 @@ def _to_split(images: np.ndarray, labels: np.ndarray) -> Split:
 
 def load_splits(dataset: str, data_dir: str | Path, val_size: int | None = None,
                 train_subset: int | None = None, image_size: int | None = None,
-                labelled_subset: int | None = None) -> tuple[DataSpec, Split, Split, Split]:
+                labelled_subset: int | None = None, channels: int | None = None) -> tuple[DataSpec, Split, Split, Split]:
     """(spec, train, val, test): validation is held out of the training set with a fixed seed.
 
     `train_subset` keeps N training images; `labelled_subset` keeps all of them but the labels of
@@ -198,7 +209,7 @@ def load_splits(dataset: str, data_dir: str | Path, val_size: int | None = None,
     """
     data_dir = Path(data_dir)
     if dataset == "imagefolder":
-        spec, (xtr, ytr), (xte, yte) = _imagefolder(data_dir, image_size)
+        spec, (xtr, ytr), (xte, yte) = _imagefolder(data_dir, image_size, channels)
     elif dataset in READERS:
         spec = SPECS[dataset]
         xtr, ytr = READERS[dataset](data_dir, True)

@@ -54,7 +54,7 @@ def open_checkpoint(path: str, expect_model: Optional[str] = None, data_dir: Opt
     cfg, arch = ckpt["config"], ckpt["arch"]
     where = data_dir or cfg["data_dir"]
     spec, train, val, test = load_splits(cfg["dataset"], where, cfg["val_size"], cfg.get("train_subset"),
-                                         image_size=cfg["image_size"])
+                                         image_size=cfg["image_size"], channels=cfg.get("channels"))
     if (spec.num_classes, spec.channels) != (arch["num_classes"], arch["in_chans"]):
         raise UserError(f"{path} was trained for {arch['num_classes']} classes and {arch['in_chans']} channels, "
                         f"but {cfg['dataset']} in {where} has {spec.num_classes} and {spec.channels}")

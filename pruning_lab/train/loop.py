@@ -8,6 +8,7 @@ needed to resume. SIGTERM/SIGUSR1 (a SLURM time limit or preemption) save and st
 """
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 import time
@@ -98,7 +99,8 @@ def build_parts(cfg: Config) -> RunParts:
     if device.type == "cuda" and info.enabled:
         device = torch.device("cuda", info.local_rank)
     spec, train_split, val_split, test_split = load_splits(
-        cfg.dataset, cfg.data_dir, cfg.val_size, cfg.train_subset, cfg.image_size, cfg.labelled_subset)
+        cfg.dataset, cfg.data_dir, cfg.val_size, cfg.train_subset, cfg.image_size, cfg.labelled_subset, cfg.channels)
+    spec = dataclasses.replace(spec, flip=spec.flip and cfg.flip)
     torch.manual_seed(cfg.seed)
     if cfg.init_checkpoint:  # start from saved weights (and their layer surgery), e.g. a converted model
         model = build_model(load_checkpoint(cfg.init_checkpoint), cfg.model, source=cfg.init_checkpoint).to(device)
