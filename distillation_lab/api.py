@@ -48,6 +48,13 @@ class HookedModel(nn.Module):
         logits = getattr(out, "logits", out)
         return logits, [self._captured[name] for name in self.feature_layers]
 
+    # Checkpoints hold the user's module's own weights (no "module." prefix), as a CLI checkpoint does.
+    def state_dict(self, *args, **kwargs) -> dict:
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):
+        return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+
     @torch.no_grad()
     def infer_feature_widths(self, x: torch.Tensor) -> list[int]:
         """Channel widths of the features, from one forward pass (channels: dim 1 of maps, last dim of tokens)."""

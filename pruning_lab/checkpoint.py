@@ -94,6 +94,9 @@ def build_model(ckpt: dict, expect_model: Optional[str] = None, source: str = "c
     """Rebuild the model a checkpoint describes and load its weights; check the architecture if asked."""
     check_model_fields(ckpt, source)
     arch = ckpt["arch"]  # its image_size is the sequence length for text models
+    if arch["name"].startswith("custom:"):
+        raise CheckpointError(f"{source} holds your own {arch['name'][7:]} module (written by the Python API): the "
+                              "command line rebuilds registered models only; load its state_dict into your module")
     if expect_model is not None and arch["name"] != expect_model:
         raise CheckpointError(f"{source} holds a '{arch['name']}' model, but '{expect_model}' was expected")
     model = create_model(arch["name"], arch["num_classes"], arch["in_chans"], arch["image_size"], **arch["kwargs"])

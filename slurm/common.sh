@@ -3,9 +3,12 @@
 #
 # It loads the cluster modules, activates the venv in $HOME (never copied), stages the code and the
 # job's inputs into a per-job scratch directory under $TMPDIR, runs one main.py subcommand there,
-# and copies checkpoints and logs back to models_saved/ when the job ends for any reason (success,
-# failure, time limit, preemption), then removes the scratch directory. A training job stopped by
-# SIGUSR1/SIGTERM saves its last checkpoint, and the job requeues itself to resume from it.
+# and copies checkpoints and logs back to models_saved/ while it runs (every DL_SYNC_INTERVAL
+# seconds, so a dead node loses minutes, not the job) and when the job ends for any reason (success,
+# failure, time limit, preemption, scancel), then removes the scratch directory. A training job
+# stopped by a signal saves its last checkpoint; after SIGUSR1 (the time-limit warning of
+# --signal=B:USR1@300) the job requeues itself to resume from it. After SIGTERM (a user's scancel, or
+# a preemption, which SLURM itself requeues where the cluster is set up so) it ends.
 # Without SLURM (`bash slurm/distill_cnn.slurm` on a workstation) the same script runs locally.
 #
 # Settings (environment variables, all optional):
@@ -21,6 +24,8 @@
 #   DL_NPROC       data-parallel processes per node (default: the GPUs allocated on the node, else 1);
 #                  above 1 the run is launched with torchrun (one process per GPU; gloo on CPU)
 #   DL_MASTER_PORT the rendezvous port of a multi-node run (default: 29500 + job id mod 1000)
+#   DL_SYNC_INTERVAL seconds between copies of the scratch results back to DL_MODELS_DIR while the
+#                  job runs (default 300; 0: only at the end)
 # Several nodes (sbatch --nodes=N): srun starts slurm/node_step.sh once per node; each node stages its
 # own scratch copy (TMPDIR is node-local) and runs torchrun with its node rank; rank 0, on the first
 # node, writes the checkpoints and copies them back.
@@ -107,13 +112,32 @@ dl_cleanup() {
 
 dl_forward_signal() {
     dl_log "received $1: asking the run to save and stop"
-    DL_SIGNALLED=1
+    DL_SIGNALLED=$1
     [[ -n "${DL_CHILD:-}" ]] || return 0
     if [[ "${DL_LAUNCHER:-}" == torchrun ]]; then  # the training processes are torchrun's children
         pkill -"$1" -P "$DL_CHILD" 2>/dev/null || true
     else
         kill -s "$1" "$DL_CHILD" 2>/dev/null || true
     fi
+}
+
+# dl_start_sync / dl_stop_sync: copy results back every DL_SYNC_INTERVAL seconds while the run goes on.
+dl_start_sync() {
+    local interval=${DL_SYNC_INTERVAL:-300}
+    [[ -n "${DL_SCRATCH:-}" ]] && (( interval > 0 )) || return 0
+    (
+        trap - EXIT USR1 TERM
+        while sleep "$interval"; do dl_copy_back || true; done
+    ) &
+    DL_SYNC_PID=$!
+}
+
+dl_stop_sync() {
+    [[ -n "${DL_SYNC_PID:-}" ]] || return 0
+    pkill -P "$DL_SYNC_PID" 2>/dev/null || true  # its sleep
+    kill "$DL_SYNC_PID" 2>/dev/null || true
+    wait "$DL_SYNC_PID" 2>/dev/null || true
+    DL_SYNC_PID=
 }
 
 # dl_stage FILE...: copy these files of models_saved/ into the scratch copy (teacher checkpoints,
@@ -157,8 +181,12 @@ dl_run() {
     fi
     if [[ -n "${SLURM_JOB_ID:-}" ]] && (( stopped )); then
         dl_copy_back
-        dl_log "run saved its state; requeueing job $SLURM_JOB_ID to resume"
-        scontrol requeue "$SLURM_JOB_ID" || dl_log "warning: scontrol requeue failed; resubmit to resume"
+        if [[ "${DL_SIGNALLED:-}" == USR1 ]]; then  # the time limit is near: continue in a new allocation
+            dl_log "run saved its state; requeueing job $SLURM_JOB_ID to resume"
+            scontrol requeue "$SLURM_JOB_ID" || dl_log "warning: scontrol requeue failed; resubmit to resume"
+        else
+            dl_log "run saved its state after SIG${DL_SIGNALLED:-TERM}; not requeued (resubmit the script to resume)"
+        fi
     fi
     return "$status"
 }
@@ -186,6 +214,7 @@ dl_launch() {
         launch=("${torchrun[@]}" --standalone main.py)
         DL_LAUNCHER=torchrun
     fi
+    dl_start_sync
     set +e
     if [[ "$DL_LAUNCHER" == torchrun ]]; then
         # srun delivers a step's signals to every process in it: torchrun must outlive the USR1 that
@@ -203,6 +232,7 @@ dl_launch() {
     status=$?
     set -e
     DL_CHILD=
+    dl_stop_sync
     return "$status"
 }
 

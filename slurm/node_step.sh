@@ -4,7 +4,7 @@
 # rank, copies results back (only rank 0 writes any) and removes the scratch directory.
 # A run stopped by a signal (it saved its state) exits 0 here: srun --kill-on-bad-exit would otherwise
 # kill the other nodes' steps before they remove their scratch copies. The batch shell, which
-# forwarded the signal, requeues the job.
+# forwarded the signal, requeues the job (after SIGUSR1).
 DL_NODE_STEP=1
 # shellcheck source=slurm/common.sh
 source "$DL_REPO/slurm/common.sh"

@@ -3,6 +3,7 @@ import re
 import runpy
 from pathlib import Path
 
+import pytest
 import torch
 
 from pruning_lab.checkpoint import load_checkpoint
@@ -26,5 +27,25 @@ def test_readme_api_example_runs(tmp_path, monkeypatch, capsys):
     last = load_checkpoint(tmp_path / "runs/api/student_last.pth")
     assert last["criterion"]["terms.feature.regressors.0.weight"].shape == (256, 16, 1, 1)
     # Teacher weights never enter the student's checkpoint.
-    assert all(k.startswith("module.") for k in ckpt["state_dict"]) and len(ckpt["state_dict"]) == 4
+    assert set(ckpt["state_dict"]) == set(namespace["student"].state_dict())  # its own keys, as a CLI checkpoint
+    assert len(ckpt["state_dict"]) == 4
     assert torch.isfinite(torch.tensor([r["train_loss"] for r in result["history"]])).all()
+
+
+def test_evaluate_says_why_it_cannot_rebuild_an_api_checkpoint(tmp_path, capsys):
+    import torch.nn as nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from distillation_lab import distill
+    from distillation_lab.main import main
+
+    x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    distill(None, nn.Linear(8, 2), loader, {"val": loader}, loss_weights={"ce": 1.0}, epochs=1,
+            checkpoint_dir=str(tmp_path), name="mine", progress=False)
+    assert main(["evaluate", str(tmp_path / "mine.pth")]) == 2
+    assert "holds your own Linear module (written by the Python API)" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "mine.pth")]) == 2  # the same refusal, nothing changed
+    with pytest.raises(Exception, match="mine.pth exists"):  # a second call never replaces the first run
+        distill(None, nn.Linear(8, 2), loader, {"val": loader}, loss_weights={"ce": 1.0}, epochs=1,
+                checkpoint_dir=str(tmp_path), name="mine", progress=False)

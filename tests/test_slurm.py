@@ -142,14 +142,21 @@ def test_failed_teacher_cancels_its_dependants(cluster, tmp_path):
     assert not (repo / "models_saved/cnn_student_kd.pth").exists()
 
 
-def test_sigterm_requeues_and_the_job_resumes(cluster, tmp_path):
+def test_time_limit_signal_requeues_and_the_job_resumes(cluster, tmp_path):
+    """USR1 (what --signal=B:USR1@300 sends before the time limit): save, requeue, resume, finish; while the
+    job runs its checkpoints are copied back every DL_SYNC_INTERVAL seconds."""
     repo = copy_repo(tmp_path / "requeue repo")
-    env = job_env(DL_SMOKE="1", DL_EXTRA_ARGS="--epochs 60")
+    env = job_env(DL_SMOKE="1", DL_EXTRA_ARGS="--epochs 60", DL_SYNC_INTERVAL="1")
     job = cluster.run(["bash", "submit_best_gpu.sh", "slurm/train_cnn_student_baseline.slurm"], cwd=repo,
                       env=env).stdout.strip()
     log = repo / "slurm/logs" / f"cnn_student-{job}.out"
     wait_for_line(log, "epoch 3/60")
-    assert cluster.run(["scancel", "--signal=TERM", "--batch", job]).returncode == 0
+    synced = repo / "models_saved/cnn_student_last.pth"
+    deadline = time.time() + 30
+    while not synced.exists() and time.time() < deadline:
+        time.sleep(0.5)
+    assert synced.exists() and cluster.state(job) == "RUNNING"  # copied back while the job runs
+    assert cluster.run(["scancel", "--signal=USR1", "--batch", job]).returncode == 0
     info = release_requeued(cluster, job)
     assert "Restarts=1" in info, info
     states = cluster.wait_all([job], timeout=600)
@@ -160,6 +167,34 @@ def test_sigterm_requeues_and_the_job_resumes(cluster, tmp_path):
 
     history = torch.load(repo / "models_saved/cnn_student_last.pth", weights_only=True)["history"]
     assert [row["epoch"] for row in history] == list(range(1, 61))
+    assert list((cluster.dir / "jobtmp").rglob("distill-lab.*")) == []
+
+
+def test_scancel_ends_the_job_and_a_resubmitted_job_finishes_on_its_staged_best(cluster, tmp_path):
+    """A user's scancel (SIGTERM) saves and ends the job, no requeue; submitting the script again with no
+    epochs left ends cleanly on the best checkpoint, which is staged with the last one."""
+    repo = copy_repo(tmp_path / "scancel repo")
+    env = job_env(DL_SMOKE="1", DL_EXTRA_ARGS="--epochs 60")
+    job = cluster.run(["bash", "submit_best_gpu.sh", "slurm/train_cnn_student_baseline.slurm"], cwd=repo,
+                      env=env).stdout.strip()
+    log = repo / "slurm/logs" / f"cnn_student-{job}.out"
+    wait_for_line(log, "epoch 3/60")
+    assert cluster.run(["scancel", job]).returncode == 0
+    states = cluster.wait_all([job], timeout=120)
+    text = log.read_text()
+    assert states[job] == "CANCELLED", text[-3000:]
+    assert "not requeued" in text and "requeueing" not in text
+    assert "Restarts=0" in cluster.run(["scontrol", "show", "job", job]).stdout
+    import torch
+
+    done = torch.load(repo / "models_saved/cnn_student_last.pth", weights_only=True)["progress"]["epoch"]
+    assert done >= 3 and (repo / "models_saved/cnn_student.pth").exists()
+    again = cluster.run(["bash", "submit_best_gpu.sh", "slurm/train_cnn_student_baseline.slurm"], cwd=repo,
+                        env={**env, "DL_EXTRA_ARGS": f"--epochs {done}"}).stdout.strip()
+    states = cluster.wait_all([again], timeout=300)
+    text = (repo / "slurm/logs" / f"cnn_student-{again}.out").read_text()
+    assert states[again] == "COMPLETED", text[-3000:]
+    assert f"has finished its {done} epochs" in text and "test acc" in text
     assert list((cluster.dir / "jobtmp").rglob("distill-lab.*")) == []
 
 
