@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from distillation_lab.chain import CHAIN
 from slurm_cluster import LocalSlurm, available
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,9 +29,8 @@ def test_every_script_parses():
 
 def test_sbatch_headers_come_first_and_name_the_lab_resources():
     names = {s.stem for s in SCRIPTS}
-    assert names == {"train_cnn_teacher", "train_vit_teacher", "train_cnn_student_baseline",
-                     "train_vit_student_baseline", "distill_cnn", "distill_vit", "report", "clos_convert_vit",
-                     "train_tweet_bert", "clos_convert_bert"}
+    assert names == {job.script for job in CHAIN} >= {"train_cnn_teacher", "train_vit_teacher", "distill_cnn",
+                                                      "train_cnn_student_baseline", "report"}
     for script in SCRIPTS:
         lines = [l for l in script.read_text().splitlines()[1:] if l.strip() and not l.startswith("# ")]
         headers = [l for l in lines if l.startswith("#SBATCH")]
@@ -95,16 +95,14 @@ def test_chain_runs_in_dependency_order_and_writes_the_report(cluster, tmp_path)
     proc = cluster.run(["bash", "slurm/submit_chain.sh", "--smoke"], cwd=repo, env=job_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     jobs = dict(re.findall(r"(\w+)=(\d+)", proc.stdout.splitlines()[-1]))
-    assert set(jobs) == {"cnn_teacher", "vit_teacher", "cnn_student", "cnn_student_kd", "vit_student",
-                         "vit_student_kd", "vit_teacher_clos", "tweet_bert", "tweet_bert_clos", "report"}
+    assert set(jobs) == {job.name for job in CHAIN}
     states = cluster.wait_all(list(jobs.values()), timeout=900)
     logs = "\n".join(p.read_text() for p in (repo / "slurm/logs").glob("*.out"))
     assert set(states.values()) == {"COMPLETED"}, (states, logs[-3000:])
     times = {name: sacct_times(cluster, job) for name, job in jobs.items()}
-    for student, teacher in [("cnn_student", "cnn_teacher"), ("cnn_student_kd", "cnn_teacher"),
-                             ("vit_student", "vit_teacher"), ("vit_student_kd", "vit_teacher"),
-                             ("vit_teacher_clos", "vit_teacher"), ("tweet_bert_clos", "tweet_bert")]:
-        assert times[student][0] >= times[teacher][1], (student, times)
+    for job in CHAIN:  # every job started after the jobs it waits for had ended
+        for dep in job.after:
+            assert times[job.name][0] >= times[dep][1], (job.name, dep, times)
     assert all(times["report"][0] >= end for _, end in times.values() if end != times["report"][1])
     for name in ("cnn_teacher", "vit_teacher", "cnn_student", "cnn_student_kd", "vit_student", "vit_student_kd",
                  "tweet_bert"):
@@ -283,8 +281,6 @@ def test_submitit_chain(cluster, tmp_path):
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     jobs = dict(re.findall(r"(\w+)=(\d+)", proc.stdout.splitlines()[0]))
-    from distillation_lab.chain import CHAIN
-
     assert set(jobs) == {job.name for job in CHAIN}  # every job of the table, the Clos conversions too
     assert all(cluster.state(j) == "COMPLETED" for j in jobs.values())
     import json
