@@ -294,11 +294,12 @@ def add_pipeline_parser(sub) -> None:
                        description="Train the preset's jobs of the job table (teachers, then per seed the student "
                                    "baselines and the distilled students), then write the report (report.json in "
                                    "the repository for models_saved/, else beside the checkpoints). Config flags "
-                                   "apply to every job.")
+                                   "apply to every job (--model-args to every model; the loss options to the "
+                                   "distillation jobs only).")
     p.add_argument("--preset", default="demo", help="demo (embedded MNIST, CPU, minutes) or cifar10 (a GPU)")
     p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: 0 1 2 for demo, 0 for cifar10)")
-    add_config_arguments(p, skip=("model", "model_args", "name", "role", "family", "resume", "seed", "teacher",
-                                  "teacher_checkpoint", "init_checkpoint", "loss", "labelled_subset"))
+    add_config_arguments(p, skip=("model", "name", "role", "family", "resume", "seed", "teacher",
+                                  "teacher_checkpoint", "init_checkpoint", "labelled_subset"))
     p.set_defaults(func=cmd_pipeline)
 
 

@@ -30,8 +30,8 @@ def preset_jobs(preset: str) -> tuple[Job, ...]:
 def job_config(job: Job, overrides: dict, seed: int | None = None, seed_in_name: bool = False) -> Config:
     """A training job's config: its recipe, the overrides, its seed and name (NAME_seedS for one of
     several seeds), and a distill job's teacher read from the same output folder."""
-    if job.command != "distill":  # the loss shorthands are the distillation jobs'
-        overrides = {k: v for k, v in overrides.items() if k not in LOSS_SHORTHANDS}
+    if job.command != "distill":  # the loss options are the distillation jobs'
+        overrides = {k: v for k, v in overrides.items() if k not in ("loss", *LOSS_SHORTHANDS)}
     cfg = recipe_config(job.recipe, overrides)
     # Running a preset again continues its runs (finished ones are only evaluated); --overwrite starts afresh.
     cfg = dataclasses.replace(cfg, name=job.name, resume=not cfg.overwrite)

@@ -127,3 +127,13 @@ def test_submit_best_gpu_works_from_any_directory_with_dry_run_anywhere(tmp_path
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["sbatch", "--parsable", "--partition=markov_gpu", "--hold",
                                    str(ROOT / "slurm/report.slurm")]
+
+
+def test_pipeline_options_reach_every_job_and_the_loss_only_distillation():
+    from distillation_lab.pipeline import preset_configs
+
+    configs = preset_configs("demo", {"model_args": {"width": 2}, "alpha": 0.3, "epochs": 1}, seeds=[0])
+    assert [c.name for c in configs] == ["cnn_teacher", "cnn_student", "cnn_student_kd"]
+    assert all(c.model_args == {"width": 2} and c.epochs == 1 and c.resume for c in configs)
+    assert [c.alpha for c in configs] == [None, None, 0.3]
+    assert configs[2].teacher_checkpoint == "models_saved/demo/cnn_teacher.pth"

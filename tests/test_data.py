@@ -88,6 +88,15 @@ def write_fake_cifar10(root, n_per_batch=20):
         pickle.dump({"label_names": [f"c{k}" for k in range(10)]}, f)
 
 
+def test_cifar10_checksum_mismatch_is_named_and_can_be_accepted_knowingly(tmp_path, monkeypatch):
+    write_fake_cifar10(tmp_path)  # the real layout, but not the real files: every checksum differs
+    with pytest.raises(UserError, match="checksum mismatch for .*data_batch_1: the files are damaged"):
+        load_splits("cifar10", tmp_path, val_size=10)
+    monkeypatch.setenv("DL_ACCEPT_CIFAR10_CHECKSUM", "1")
+    _, train, _, test = load_splits("cifar10", tmp_path, val_size=10)
+    assert (len(train), len(test)) == (90, 20)
+
+
 def test_cifar10_on_disk_format(tmp_path, monkeypatch):
     import torchvision.datasets.cifar as cifar
 
