@@ -40,17 +40,24 @@ def job_argv(job: Job, smoke: bool, overrides: dict) -> list[str]:
     return argv + (config_flags(overrides) if job.trains else [])
 
 
-def run_cli(argv: list[str]) -> int:
-    """What one cluster job runs (a plain function: submitit pickles it with its arguments)."""
-    from .main import main
+class CliJob(submitit.helpers.Checkpointable):
+    """What one cluster job runs: `python main.py ARGV`, in-process (submitit pickles it with ARGV).
 
-    env = submitit.JobEnvironment()
-    if env.num_tasks > 1:  # one task per GPU: export RANK, WORLD_SIZE, MASTER_ADDR... for DDP
-        submitit.helpers.TorchDistributedEnvironment().export()
-    status = main(argv)
-    if status != 0:
-        raise RuntimeError(f"python main.py {' '.join(argv)} exited with status {status}")
-    return status
+    Checkpointable: on submitit's time-limit or preemption signal (USR2) the job is requeued with
+    the same arguments, as the batch scripts requeue themselves; training jobs carry --resume, so
+    the new start continues from the last checkpoint (the epoch in progress is trained again).
+    """
+
+    def __call__(self, argv: list[str]) -> int:
+        from .main import main
+
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:  # one task per GPU: export RANK, WORLD_SIZE, MASTER_ADDR... for DDP
+            submitit.helpers.TorchDistributedEnvironment().export()
+        status = main(argv)
+        if status != 0:
+            raise RuntimeError(f"python main.py {' '.join(argv)} exited with status {status}")
+        return status
 
 
 def minutes(time: str) -> int:
@@ -79,5 +86,5 @@ def submit_chain(folder: str, smoke: bool = False, partition: str = "markov_gpu"
                 deps = ":".join(jobs[dep].job_id for dep in job.after)
                 params["slurm_additional_parameters"] = {"dependency": f"afterok:{deps}", "kill_on_invalid_dep": "yes"}
         executor.update_parameters(**params)
-        jobs[job.name] = executor.submit(run_cli, job_argv(job, smoke, overrides))
+        jobs[job.name] = executor.submit(CliJob(), job_argv(job, smoke, overrides))
     return jobs

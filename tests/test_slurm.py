@@ -287,3 +287,33 @@ def test_submitit_chain(cluster, tmp_path):
 
     report = json.loads((repo / "report.json").read_text())
     assert all(v is not None for family in report.values() for v in family.values())
+
+
+def test_submitit_job_requeues_on_its_signal_and_resumes(cluster, tmp_path):
+    """submitit's time-limit/preemption signal (USR2): the job is requeued with the same command line
+    and the training resumes from its last checkpoint to the end."""
+    repo = copy_repo(tmp_path / "submitit requeue repo")
+    script = (
+        "import sys, submitit\n"
+        "from distillation_lab.chain import CHAIN\n"
+        "from distillation_lab.submit import CliJob, job_argv\n"
+        "job = next(j for j in CHAIN if j.name == 'cnn_student')\n"
+        "ex = submitit.AutoExecutor(folder=sys.argv[1])\n"
+        "ex.update_parameters(slurm_partition='markov_gpu', timeout_min=30, cpus_per_task=1, mem_gb=4)\n"
+        "print(ex.submit(CliJob(), job_argv(job, True, {'epochs': 60})).job_id)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "sub")], cwd=repo,
+                          env={**cluster.env, **job_env()}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    job = proc.stdout.split()[-1]
+    out = tmp_path / "sub" / f"{job}_0_log.out"
+    wait_for_line(out, "epoch 3/60")
+    assert cluster.run(["scancel", "--signal=USR2", job]).returncode == 0
+    assert "Restarts=1" in release_requeued(cluster, job)
+    states = cluster.wait_all([job], timeout=600)
+    text = out.read_text()
+    assert states[job] == "COMPLETED", text[-3000:]
+    assert "resuming" in text
+    import torch
+
+    history = torch.load(repo / "models_saved/cnn_student_last.pth", weights_only=True)["history"]
+    assert [row["epoch"] for row in history] == list(range(1, 61))
