@@ -75,10 +75,13 @@ class Job:
         flags = {**SMOKE["training" if self.trains else self.command], **self.smoke}
         return [part for flag, value in flags.items() for part in ([flag] if value is None else [flag, value])]
 
+    def required(self) -> list[str]:
+        """Checkpoints of MODELS_DIR the job cannot run without: its dependencies'."""
+        return [f"{dep}.pth" for dep in self.after]
+
     def staged(self) -> list[str]:
-        """Checkpoints of MODELS_DIR the job reads: its dependencies' and, to resume, its own last one."""
-        own = [f"{self.name}.pth", f"{self.name}_last.pth"] if self.trains else []  # a resumed run ends on its best
-        return [f"{dep}.pth" for dep in self.after] + own
+        """Its own checkpoints, if any, to resume from (a resumed run ends on its best)."""
+        return [f"{self.name}.pth", f"{self.name}_last.pth"] if self.trains else []
 
 
 CHAIN = (
@@ -164,6 +167,14 @@ def shell_lines(head: str, words: list[str], tail: str = "", width: int = 110) -
     return "\n".join(lines + [line + tail])
 
 
+def stage_lines(job: Job) -> list[str]:
+    """The lines that copy a job's inputs into its scratch copy."""
+    if job.command == "report":
+        return ["dl_stage_best_checkpoints"]
+    return ([f"dl_require {' '.join(job.required())}"] if job.required() else []) + \
+        ([f"dl_stage {' '.join(job.staged())}"] if job.staged() else [])
+
+
 def render_script(job: Job) -> str:
     """The batch script slurm/SCRIPT.slurm of a job."""
     header = [f"--job-name={job.name}", "--partition=markov_gpu", f"--gres=gpu:{job.gpus}",
@@ -180,7 +191,7 @@ def render_script(job: Job) -> str:
              "# shellcheck disable=SC2034  # read by dl_run in common.sh when DL_SMOKE=1",
              shell_lines("DL_SMOKE_ARGS=(", job.smoke_argv(), ")"),
              'source "${DL_REPO:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}/slurm/common.sh"',
-             "dl_stage_best_checkpoints" if job.command == "report" else f"dl_stage {' '.join(job.staged())}",
+             *stage_lines(job),
              shell_lines("dl_run", job.argv())]
     return "\n".join(lines) + "\n"
 

@@ -153,6 +153,19 @@ dl_stage() {
     done
 }
 
+# dl_require FILE...: like dl_stage, for inputs the job cannot run without (a teacher checkpoint):
+# a missing one stops the job at once, naming the real models folder and the job that writes it.
+dl_require() {
+    local name
+    for name in "$@"; do
+        if [[ ! -f "$DL_MODELS_DIR/$name" ]]; then
+            dl_log "error: $DL_MODELS_DIR/$name not found: run the job that writes it first (slurm/submit_chain.sh runs them in order)"
+            exit 2
+        fi
+    done
+    dl_stage "$@"
+}
+
 # dl_stage_best_checkpoints: copy every best checkpoint (not the *_last.pth resume states).
 dl_stage_best_checkpoints() {
     local f

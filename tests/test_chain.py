@@ -45,7 +45,7 @@ def test_a_new_row_renders_a_complete_script():
     text = render_script(job)
     assert "#SBATCH --job-name=cnn_pruned\n" in text and "#SBATCH --time=04:00:00\n" in text
     assert "#SBATCH --requeue\n" in text and "KD. Runs after cnn_teacher in the chain.\n" in text
-    assert "dl_stage cnn_teacher.pth cnn_pruned.pth cnn_pruned_last.pth\n" in text
+    assert "dl_require cnn_teacher.pth\ndl_stage cnn_pruned.pth cnn_pruned_last.pth\n" in text
     assert "--teacher-checkpoint models_saved/cnn_teacher.pth --resume\n" in text
     assert "--epochs 2" in text and "--epochs 1" not in text  # the row's smoke flag replaces the preset's
 

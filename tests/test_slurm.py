@@ -72,6 +72,16 @@ def test_local_run_without_slurm_in_a_path_with_spaces(tmp_path):
     assert list(scratch.iterdir()) == []  # the per-job scratch directory is gone
 
 
+def test_a_job_without_its_teacher_stops_at_once_naming_the_real_folder(tmp_path):
+    repo = copy_repo(tmp_path / "no teacher repo")
+    proc = subprocess.run(["bash", str(repo / "slurm/distill_cnn.slurm")], capture_output=True, text=True,
+                          env=job_env(DL_SMOKE="1", TMPDIR=str(tmp_path)), timeout=120)
+    assert proc.returncode == 2
+    assert f"error: {repo}/models_saved/cnn_teacher.pth not found: run the job that writes it first" in proc.stderr
+    assert "python main.py" not in proc.stderr  # nothing ran
+    assert [p.name for p in tmp_path.iterdir()] == ["no teacher repo"]  # the scratch copy is gone
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     if not available():
