@@ -71,12 +71,19 @@ class DeviceLoader:
 
     def __init__(self, loader: Iterable, device: torch.device) -> None:
         self.loader, self.device = loader, device
+        # A DataLoader shuffled with its own generator: each epoch's order is drawn from (its seed, epoch),
+        # so that a resumed epoch sees the same order as the interrupted one did.
+        self.generator = getattr(loader, "generator", None)
+        self.base_seed = self.generator.initial_seed() if self.generator is not None else None
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def epoch(self, epoch: int = 0, start_step: int = 0):
-        """One pass; a resumed epoch skips the batches already trained on (exact for unshuffled or seeded loaders)."""
+        """One pass; a resumed epoch skips the batches already trained on. Exact for unshuffled loaders, loaders
+        shuffled with a seeded generator, and samplers with set_epoch (e.g. DistributedSampler)."""
+        if self.generator is not None:
+            self.generator.manual_seed(self.base_seed + epoch)
         sampler = getattr(self.loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)

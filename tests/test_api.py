@@ -49,3 +49,46 @@ def test_evaluate_says_why_it_cannot_rebuild_an_api_checkpoint(tmp_path, capsys)
     with pytest.raises(Exception, match="mine.pth exists"):  # a second call never replaces the first run
         distill(None, nn.Linear(8, 2), loader, {"val": loader}, loss_weights={"ce": 1.0}, epochs=1,
                 checkpoint_dir=str(tmp_path), name="mine", progress=False)
+
+
+class SigtermAtCall(torch.nn.Module):
+    """A linear student that sends this process a real SIGTERM on its n-th training forward."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.fc, self.n, self.calls = torch.nn.Linear(8, 2), n, 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls == self.n:
+                import os
+                import signal
+
+                os.kill(os.getpid(), signal.SIGTERM)
+        return self.fc(x)
+
+
+def test_resume_with_a_shuffled_seeded_dataloader_is_exact(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from distillation_lab import distill
+    from pruning_lab.train import TrainingInterrupted
+
+    data = TensorDataset(torch.randn(96, 8), torch.randint(0, 2, (96,)))
+
+    def run(student, folder, resume=False):
+        torch.manual_seed(0)
+        student.fc.reset_parameters()
+        loader = DataLoader(data, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(7))
+        return distill(None, student, loader, {"val": DataLoader(data, batch_size=48)}, loss_weights={"ce": 1.0},
+                       epochs=3, optimizer="sgd", lr=0.1, checkpoint_dir=str(folder), name="s", resume=resume,
+                       progress=False)
+
+    with pytest.raises(TrainingInterrupted):
+        run(SigtermAtCall(9), tmp_path / "a")  # mid-epoch 2
+    run(SigtermAtCall(0), tmp_path / "a", resume=True)
+    run(SigtermAtCall(0), tmp_path / "b")
+    a = load_checkpoint(tmp_path / "a/s_last.pth")["state_dict"]
+    b = load_checkpoint(tmp_path / "b/s_last.pth")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
