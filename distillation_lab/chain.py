@@ -76,8 +76,9 @@ class Job:
         return [part for flag, value in flags.items() for part in ([flag] if value is None else [flag, value])]
 
     def required(self) -> list[str]:
-        """Checkpoints of MODELS_DIR the job cannot run without: its dependencies'."""
-        return [f"{dep}.pth" for dep in self.after]
+        """Checkpoints of MODELS_DIR the job cannot run without: the dependency it reads (a distill job's
+        teacher, the model a conversion starts from); a baseline only waits for its teacher's job."""
+        return [f"{dep}.pth" for dep in self.after[:1]] if self.command in ("distill", "clos-convert") else []
 
     def staged(self) -> list[str]:
         """Its own checkpoints, if any, to resume from (a resumed run ends on its best)."""
