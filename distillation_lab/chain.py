@@ -24,7 +24,7 @@ MODELS_DIR = "models_saved"  # where jobs read and write checkpoints, relative t
 SMOKE = {
     "training": {"--dataset": "mnist_embedded", "--epochs": "1", "--max-steps-per-epoch": "2", "--batch-size": "32",
                  "--val-size": "100", "--device": "cpu", "--no-progress": None, "--model-args": "{width: 4}"},
-    "clos-convert": {"--fit-steps": "20", "--als-iterations": "3", "--calibration-images": "64", "--device": "cpu",
+    "clos-convert": {"--fit-steps": "20", "--als-iterations": "3", "--calibration-examples": "64", "--device": "cpu",
                      "--allow-more-parameters": None},  # the smoke models' layers are too small for Clos to pay
     "report": {},
 }
@@ -114,7 +114,7 @@ CHAIN = (
         "layers) by Clos layers (m = 4; 512 calibration tweets, 1,000 fit steps per layer), then fine-tune with KD "
         "from the original for one epoch.",
         args=("--checkpoint", "{models}/tweet_bert.pth", "--multiplier", "4", "--fit-steps", "1000",
-              "--als-iterations", "10", "--calibration-images", "512", "--finetune-epochs", "1", "--finetune-lr", "1e-4",
+              "--als-iterations", "10", "--calibration-examples", "512", "--finetune-epochs", "1", "--finetune-lr", "1e-4",
               "--overwrite",
               "--layers", "*.attention.*,*.intermediate.dense,*.layer.*.output.dense"),
         after=("tweet_bert",), script="clos_convert_bert", time="02:00:00"),

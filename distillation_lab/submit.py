@@ -6,6 +6,7 @@ submitting directory: no scratch staging (use the batch scripts for that).
 """
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 import submitit
@@ -17,8 +18,6 @@ from .chain import CHAIN, MODELS_DIR, Job
 
 def config_flags(overrides: dict) -> list[str]:
     """Command-line flags that set these config values (JSON is YAML, which the flags read)."""
-    import json
-
     flags = []
     for key, value in overrides.items():
         flag = "--" + key.replace("_", "-")
