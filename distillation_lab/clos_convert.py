@@ -14,15 +14,16 @@ import torch.nn.functional as F
 
 from pruning_lab.clos import Clos
 from pruning_lab.clos.fit import fit_clos, fit_to_dense
-from pruning_lab.clos.surgery import matching_linears, replace_module
+from pruning_lab.clos.surgery import matching_linears
+from pruning_lab.surgery import replace_module
 from pruning_lab.checkpoint import build_model, load_checkpoint, save_checkpoint
-from pruning_lab.config import LOSS_SHORTHANDS, Config, from_dict, make_config
+from pruning_lab.config import from_dict
 from pruning_lab.inference import count_parameters, evaluate, open_checkpoint
 from pruning_lab.errors import UserError
 from pruning_lab.models.bert import PAD_ID
 from pruning_lab.train.run_folder import check_writable_folder
 
-from .runs import run_training
+from .runs import finetune_config, run_training
 
 
 class _Captured(Exception):
@@ -141,17 +142,6 @@ class ClosConvertOptions:
         return Path(self.output or Path(self.checkpoint).with_name(stem + ".pth"))
 
 
-def finetune_config(cfg: Config, options: ClosConvertOptions, converted: Path) -> Config:
-    """The KD fine-tuning run of a converted model: the original as teacher, Adam, cosine, the loss options."""
-    base = dataclasses.replace(cfg, loss={}, **{k: None for k in LOSS_SHORTHANDS})  # not the original's loss
-    base = make_config(options.loss, "clos-convert loss options", base=base)
-    return dataclasses.replace(base, init_checkpoint=str(converted), teacher_checkpoint=options.checkpoint,
-                               teacher=cfg.model, name=converted.stem + "_kd", out_dir=str(converted.parent),
-                               epochs=options.finetune_epochs, optimizer="adam", lr=options.finetune_lr,
-                               scheduler="cosine", warmup_epochs=0.0, resume=False, overwrite=options.overwrite,
-                               device=options.device)
-
-
 def clos_convert(options: ClosConvertOptions) -> dict:
     """Convert, evaluate, save (recording the surgery); optionally KD fine-tune; return the summary."""
     o = options
@@ -186,7 +176,8 @@ def clos_convert(options: ClosConvertOptions) -> dict:
                     out)
     summary["output"] = str(out)
     if o.finetune_epochs:
-        tuned = finetune_config(from_dict(ckpt["config"], o.checkpoint), o, out)
+        tuned = finetune_config(from_dict(ckpt["config"], o.checkpoint), out, out.stem + "_kd", o.finetune_epochs,
+                                o.finetune_lr, o.loss, o.checkpoint, ckpt["config"]["model"], o.overwrite, o.device)
         result = run_training(tuned)
         summary.update(finetuned_output=result["checkpoint"], test_accuracy_finetuned=result["test_acc"])
         if "embedding_cosine_after" in summary:

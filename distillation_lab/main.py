@@ -1,4 +1,4 @@
-"""distill-lab command line: train, distill, evaluate, report, run the chain, convert to Clos layers.
+"""distill-lab command line: train, distill, evaluate, report, run the chain, convert to Clos layers, prune.
 
 Every training option comes from one Config (pruning_lab.config): built-in defaults, then a YAML
 recipe (`--config`, or the lab recipe of `--model` when no config is given), then flags.
@@ -142,6 +142,21 @@ def cmd_clos_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    """prune: structured or unstructured pruning, one-shot or gradual, with (KD) fine-tuning."""
+    from .prune import PruneOptions, prune
+
+    loss = {k: v for k, v in vars(args).items() if k in ("loss", *LOSS_SHORTHANDS)}
+    options = {k: v for k, v in vars(args).items() if k in PruneOptions.__dataclass_fields__ and k != "loss"}
+    summary = prune(PruneOptions(**options, loss=loss))
+    print(f"parameters {summary['parameters_before']:,} -> {summary['parameters_after']:,}, MACs "
+          f"{summary['macs_before']:,} -> {summary['macs_after']:,}; test accuracy {summary['test_accuracy_before']:.4f} "
+          f"-> {summary['test_accuracy_pruned']:.4f} pruned"
+          + (f" -> {summary['test_accuracy_finetuned']:.4f} fine-tuned" if "test_accuracy_finetuned" in summary else ""))
+    print(f"saved {summary['output']}" + (f" and {summary['finetuned_output']}" if "finetuned_output" in summary else ""))
+    return 0
+
+
 def cmd_prepare_data(args: argparse.Namespace) -> int:
     """prepare-data: download (where the internet is reachable) and check a dataset."""
     from pruning_lab.data import download, load_splits
@@ -277,6 +292,48 @@ def add_clos_convert_parser(sub) -> None:
     p.set_defaults(func=cmd_clos_convert)
 
 
+def add_prune_parser(sub) -> None:
+    """prune."""
+    from pruning_lab.prune import IMPORTANCES
+    from pruning_lab.prune.structured import STRUCTURED_MODELS
+
+    p = sub.add_parser("prune", help="prune a trained model (structured or unstructured), then fine-tune it",
+                       description="Structured pruning removes channels, hidden units and attention heads for real "
+                                   f"({STRUCTURED_MODELS}; Torch-Pruning's dependency graph), so the model has fewer "
+                                   "parameters and MACs and runs faster. Unstructured pruning zeroes the smallest "
+                                   "weights of all layers (global magnitude): a smaller file, no faster on dense "
+                                   "kernels. In --steps steps, each followed by its share of --finetune-epochs of "
+                                   "fine-tuning that distils from the unpruned model (or --teacher-checkpoint; "
+                                   "--no-kd: labels only). Writes CHECKPOINT_TAG.pth and, fine-tuned, CHECKPOINT_TAG_kd.pth "
+                                   "(or _ft.pth).")
+    p.add_argument("--checkpoint", required=True, help="the trained model (.pth)")
+    p.add_argument("--method", default="structured", choices=("structured", "unstructured"), help="what is removed")
+    p.add_argument("--importance", choices=IMPORTANCES, help="structured: how channels are ranked: weight magnitude "
+                   "(l1, l2), first-order Taylor on training batches, or batch-norm scale (ResNets) [default: l2]")
+    p.add_argument("--amount", type=float, help="fraction removed, in [0, 1): of every layer's channels (structured) "
+                   "or of all weights (unstructured)")
+    p.add_argument("--target-parameters", help="structured: prune until at most N parameters, or Fx fewer (e.g. 4x)")
+    p.add_argument("--target-macs", help="structured: prune until at most N MACs per example, or Fx fewer (e.g. 2x)")
+    p.add_argument("--steps", type=int, default=1, help="gradual pruning: K steps, each removing the same share of "
+                   "what is left and followed by fine-tuning")
+    p.add_argument("--round-to", type=int, default=8, help="structured: channel counts become multiples of this "
+                   "(aligned widths run faster on GPUs; 1 for exact ratios on tiny models)")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs in all, spread over the steps")
+    p.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam learning rate of the fine-tuning")
+    p.add_argument("--teacher-checkpoint", default="", help="distil from this model while fine-tuning "
+                   "[default: the unpruned checkpoint]")
+    p.add_argument("--no-kd", action="store_true", help="fine-tune on the labels alone (the baseline for the KD fine-tuning)")
+    p.add_argument("--calibration-examples", type=int, default=512, help="training examples whose gradients rank "
+                   "channels for --importance taylor")
+    p.add_argument("--output", help="pruned checkpoint path (default: CHECKPOINT_TAG.pth beside it: pruned50, "
+                   "pruned_p19226, pruned_macs2x, sparse70)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    add_config_arguments(p, only=("loss", *LOSS_SHORTHANDS),
+                         title="the KD fine-tuning's loss (as for distill; default alpha 0.5, temperature 4)")
+    p.set_defaults(func=cmd_prune)
+
+
 def add_prepare_data_parser(sub) -> None:
     """prepare-data."""
     p = sub.add_parser("prepare-data", help="download (--download) and check a dataset")
@@ -325,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_pipeline_parser(sub)
     add_submit_parser(sub)
     add_clos_convert_parser(sub)
+    add_prune_parser(sub)
     return parser
 
 

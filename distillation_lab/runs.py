@@ -4,12 +4,13 @@ frozen teacher given by the API); distillation is then the same loop with a loss
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch.nn as nn
 
 from pruning_lab.checkpoint import update_checkpoint
-from pruning_lab.config import Config
+from pruning_lab.config import LOSS_SHORTHANDS, Config, make_config
 from pruning_lab.inference import soft_target_alignment
 from pruning_lab.models import model_family
 from pruning_lab.runtime import resolve_precision
@@ -42,3 +43,17 @@ def run_training(cfg: Config, parts: Optional[RunParts] = None, teacher: Optiona
     if trainer.dist.is_main:
         update_checkpoint(trainer.paths.best, alignment=alignment)
     return {**summary, "teacher_agreement": alignment["agreement"], "teacher_kl": alignment["kl"]}
+
+
+def finetune_config(original: Config, start: Path, name: str, epochs: int, lr: float, loss: dict,
+                    teacher_checkpoint: str, teacher_model: str, overwrite: bool, device: str) -> Config:
+    """The fine-tuning run of a model changed by surgery (Clos layers, pruning), saved as NAME beside
+    `start`: the original run's data, Adam at `lr` with a cosine schedule, from the changed checkpoint;
+    it distills from `teacher_checkpoint` (whose architecture must be `teacher_model` unless "") with the
+    loss options, or trains on the labels alone when there is none."""
+    base = dataclasses.replace(original, loss={}, **{k: None for k in LOSS_SHORTHANDS})  # not the original's loss
+    base = make_config(loss, "fine-tuning loss options", base=base)
+    return dataclasses.replace(base, init_checkpoint=str(start), teacher_checkpoint=teacher_checkpoint,
+                               teacher=teacher_model, name=name, out_dir=str(start.parent), epochs=epochs,
+                               optimizer="adam", lr=lr, scheduler="cosine", warmup_epochs=0.0, resume=False,
+                               overwrite=overwrite, device=device)

@@ -14,8 +14,9 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
-from .clos.surgery import apply_surgery
 from .models import create_model
+from .prune.record import pack_sparse, unpack_sparse
+from .surgery import apply_surgery, sparse_weights
 
 FORMAT = "distill-lab-checkpoint"
 VERSION = 1
@@ -100,12 +101,24 @@ def build_model(ckpt: dict, expect_model: Optional[str] = None, source: str = "c
     if expect_model is not None and arch["name"] != expect_model:
         raise CheckpointError(f"{source} holds a '{arch['name']}' model, but '{expect_model}' was expected")
     model = create_model(arch["name"], arch["num_classes"], arch["in_chans"], arch["image_size"], **arch["kwargs"])
-    apply_surgery(model, ckpt.get("surgery", []))  # e.g. Clos layers in place of dense ones
+    apply_surgery(model, ckpt.get("surgery", []))  # e.g. Clos layers in place of dense ones, pruned widths
     try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
+        model.load_state_dict(checkpoint_weights(ckpt))
+    except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"{source}: weights do not fit '{arch['name']}': {str(e).splitlines()[0]}") from None
     return model
+
+
+def model_weights(model: nn.Module) -> dict:
+    """The checkpoint entries holding a model's weights: `state_dict`, and the sparse weights of an
+    unstructured-pruned model packed in `sparse_weights` (a bit mask and the non-zero values)."""
+    state, packed = pack_sparse(model.state_dict(), sparse_weights(model))
+    return {"state_dict": state, **({"sparse_weights": packed} if packed else {})}
+
+
+def checkpoint_weights(ckpt: dict) -> dict:
+    """The full state dict of a checkpoint (packed sparse weights unpacked)."""
+    return {**ckpt["state_dict"], **unpack_sparse(ckpt.get("sparse_weights", {}))}
 
 
 def code_revision() -> str:

@@ -115,7 +115,7 @@ def test_layer_examples_pair_converted_inputs_with_the_original_outputs():
     import copy
 
     from distillation_lab.clos_convert import layer_examples
-    from pruning_lab.clos.surgery import replace_module
+    from pruning_lab.surgery import replace_module
 
     torch.manual_seed(0)
     original = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()

@@ -27,7 +27,8 @@ from ..errors import UserError
 from ..inference.evaluate import count_parameters, evaluate
 from ..models import create_model
 from . import distributed
-from ..checkpoint import build_model, code_revision, load_checkpoint, save_checkpoint, update_checkpoint
+from ..checkpoint import (build_model, checkpoint_weights, code_revision, load_checkpoint, model_weights, save_checkpoint,
+                          update_checkpoint)
 from .criterion import CrossEntropyCriterion
 from .run_folder import RunLock, RunPaths, check_run_folder
 from .optim import build_optimizer, build_scheduler
@@ -143,7 +144,7 @@ class Trainer:
     def payload(self, with_resume_state: bool) -> dict:
         """The checkpoint dict: weights, architecture, config, metrics (+ everything to resume)."""
         # What the run is (role, family, teacher, surgery) is recorded for the report to find it by.
-        data = {"arch": self.model.arch, "state_dict": self.model.state_dict(), "role": self.cfg.role,
+        data = {"arch": self.model.arch, **model_weights(self.model), "role": self.cfg.role,
                 "family": self.cfg.family, "teacher": None, "surgery": getattr(self.model, "surgery", []),
                 **self.record,
                 "config": to_dict(self.cfg), "data": self.parts.data,
@@ -175,7 +176,7 @@ class Trainer:
             raise UserError(f"cannot resume from {self.paths.last}: it holds {ckpt['arch']['name']} "
                             f"{ckpt['arch']['kwargs']}, this run builds {self.model.arch['name']} "
                             f"{self.model.arch['kwargs']}; use another --name or --out-dir")
-        self.model.load_state_dict(ckpt["state_dict"])
+        self.model.load_state_dict(checkpoint_weights(ckpt))
         self.criterion.load_state_dict(ckpt["criterion"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -288,7 +289,7 @@ class Trainer:
         """Evaluate the best checkpoint on the test split and record the result in it."""
         distributed.barrier(self.dist)
         if self.dist.is_main:  # the file is on rank 0's node only when nodes have their own scratch
-            self.model.load_state_dict(load_checkpoint(self.paths.best)["state_dict"])
+            self.model.load_state_dict(checkpoint_weights(load_checkpoint(self.paths.best)))
         distributed.broadcast_weights(self.model, self.dist)
         test = {"acc": None, "loss": None}
         if self.parts.test_loader is not None:

@@ -1,0 +1,257 @@
+"""prune: make a trained model smaller by structured pruning (channels, hidden units and heads
+removed) or unstructured pruning (weights set to zero), in one step or several, each followed by
+fine-tuning through the training loop, by default distilling from the unpruned model."""
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch.nn as nn
+
+from pruning_lab.checkpoint import model_weights, save_checkpoint
+from pruning_lab.config import from_dict, make_config
+from pruning_lab.errors import UserError
+from pruning_lab.inference import count_flops, count_parameters, evaluate, open_checkpoint
+from pruning_lab.inference.checkpoint_eval import OpenedCheckpoint
+from pruning_lab.inference.evaluate import example_input
+from pruning_lab.models import create_model
+from pruning_lab.prune import IMPORTANCES, prune_structured, prune_unstructured, ratio_for_target, shape_changes, sparsity
+from pruning_lab.prune.structured import accumulate_gradients, importance, pruner_options
+from pruning_lab.train.run_folder import check_writable_folder
+
+from .runs import finetune_config, run_training
+
+METHODS = ("structured", "unstructured")
+
+
+def parse_target(value: Optional[str], what: str) -> Optional[tuple[str, float]]:
+    """'N' (at most N) or 'Fx' (F times fewer than now) -> ('count', N) or ('factor', F)."""
+    if value is None:
+        return None
+    text = str(value).strip().lower().replace("_", "").replace(",", "")
+    try:
+        if text.endswith("x"):
+            factor = float(text[:-1])
+            if math.isfinite(factor) and factor > 1:
+                return "factor", factor
+        elif int(text) >= 1:
+            return "count", int(text)
+    except ValueError:
+        pass
+    raise UserError(f"--target-{what} must be a count (e.g. 19226) or a reduction like 2x (more than 1x); got '{value}'")
+
+
+@dataclass
+class PruneOptions:
+    """What `prune` does: the method and how much, the schedule, the fine-tuning and where it writes."""
+
+    checkpoint: str
+    method: str = "structured"
+    importance: Optional[str] = None  # structured: l1, l2 (default), taylor, bn-scale
+    amount: Optional[float] = None  # fraction of channels (structured) or weights (unstructured) removed
+    target_parameters: Optional[str] = None  # structured: N, or Fx fewer
+    target_macs: Optional[str] = None  # structured: N, or Fx fewer
+    steps: int = 1  # prune a little, fine-tune, repeat
+    round_to: int = 8  # structured: channel counts are multiples of this
+    finetune_epochs: int = 0  # in all, spread over the steps
+    finetune_lr: float = 1e-3
+    teacher_checkpoint: str = ""  # default: the unpruned model
+    no_kd: bool = False  # fine-tune on the labels alone
+    loss: dict = field(default_factory=dict)  # the fine-tuning loss: config keys loss / alpha / temperature / ...
+    calibration_examples: int = 512  # training examples whose gradients rank channels (taylor)
+    output: Optional[str] = None
+    device: str = "auto"
+    overwrite: bool = False
+
+    def tag(self) -> str:
+        """What was asked, for the default file name: pruned50, pruned_p19226, pruned_macs2x, sparse70."""
+        if self.amount is not None:
+            return f"{'sparse' if self.method == 'unstructured' else 'pruned'}{round(self.amount * 100)}"
+        what, value = ("p", self.target_parameters) if self.target_parameters else ("macs", self.target_macs)
+        return f"pruned_{what}" + re.sub(r"[^0-9a-z.]", "", str(value).lower())
+
+    def output_path(self) -> Path:
+        """Where the pruned checkpoint goes: --output, or CHECKPOINT_TAG.pth beside the original."""
+        return Path(self.output or Path(self.checkpoint).with_name(f"{Path(self.checkpoint).stem}_{self.tag()}.pth"))
+
+    def finetuned_path(self) -> Path:
+        """The fine-tuned checkpoint: OUTPUT_kd.pth (distilled) or OUTPUT_ft.pth (labels only)."""
+        out = self.output_path()
+        return out.with_name(out.stem + ("_ft" if self.no_kd else "_kd") + ".pth")
+
+    def check(self) -> None:
+        """Refuse a bad combination of options before any work, naming the option."""
+        if self.method not in METHODS:
+            raise UserError(f"--method must be one of {', '.join(METHODS)}; got '{self.method}'")
+        given = [k for k in ("amount", "target_parameters", "target_macs") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise UserError("give exactly one of --amount, --target-parameters, --target-macs"
+                            + (f" (got {', '.join('--' + g.replace('_', '-') for g in given)})" if given else ""))
+        if self.amount is not None and not (0 <= self.amount < 1):
+            raise UserError(f"--amount must be in [0, 1) (the fraction removed); got {self.amount}")
+        if self.method == "unstructured":
+            if self.amount is None:
+                raise UserError("unstructured pruning takes --amount (the fraction of weights set to zero); "
+                                "--target-parameters and --target-macs are for --method structured")
+            if self.importance is not None:
+                raise UserError("unstructured pruning ranks weights by magnitude; --importance is for --method structured")
+        if self.importance is not None and self.importance not in IMPORTANCES:
+            raise UserError(f"--importance must be one of {', '.join(IMPORTANCES)}; got '{self.importance}'")
+        parse_target(self.target_parameters, "parameters")
+        parse_target(self.target_macs, "macs")
+        for name, low in (("steps", 1), ("round_to", 1), ("finetune_epochs", 0), ("calibration_examples", 1)):
+            if getattr(self, name) < low:
+                raise UserError(f"--{name.replace('_', '-')} must be >= {low}; got {getattr(self, name)}")
+        if not (math.isfinite(self.finetune_lr) and self.finetune_lr > 0):
+            raise UserError(f"--finetune-lr must be a positive number; got {self.finetune_lr}")
+        if self.no_kd and self.teacher_checkpoint:
+            raise UserError("--no-kd fine-tunes without a teacher, but --teacher-checkpoint names one: give one of them")
+        if self.no_kd and self.loss:
+            raise UserError("--no-kd fine-tunes on the labels alone; the loss options are for distillation")
+        make_config(self.loss, "command line")  # a loss given twice is refused here
+
+
+def schedule(total: int, steps: int) -> list[int]:
+    """Fine-tuning epochs after each pruning step: `total` spread as evenly as possible, the rest first."""
+    return [total // steps + (1 if i < total % steps else 0) for i in range(steps)]
+
+
+def model_size(model: nn.Module, input_shape: tuple, what: str) -> int:
+    """Parameters or MACs of a model."""
+    if what == "parameters":
+        return count_parameters(model)
+    return count_flops(model, input_shape, next(model.parameters()).device) // 2
+
+
+def calibration_batches(opened: OpenedCheckpoint, limit: int) -> list:
+    """Up to `limit` training examples in batches (for the Taylor importance)."""
+    batches, seen = [], 0
+    for x, y in opened.loader("train", batch_size=min(limit, 128)):
+        batches.append((x, y))
+        seen += len(x)
+        if seen >= limit:
+            break
+    return batches
+
+
+def final_size(opened: OpenedCheckpoint, o: PruneOptions, original_size: dict) -> tuple[str, float]:
+    """What structured pruning must reach at the last step: (parameters or macs, count). For --amount
+    that is the size one-shot pruning at that amount gives, so gradual steps end where one shot would."""
+    if o.target_parameters or o.target_macs:
+        what = "parameters" if o.target_parameters else "macs"
+        kind, value = parse_target(o.target_parameters or o.target_macs, what)
+        return what, value if kind == "count" else original_size[what] / value
+    example = example_input(opened.model, opened.input_shape, 2, opened.device)
+    one_shot = prune_structured(copy.deepcopy(opened.model), o.amount, example, "l2", o.round_to)
+    return "parameters", model_size(one_shot, opened.input_shape, "parameters")
+
+
+def prune_step(opened: OpenedCheckpoint, o: PruneOptions, step: int, original_size: dict,
+               final: tuple[str, float] | None) -> dict:
+    """Prune the opened model in place by step `step` (1-based) of the schedule; return what it did."""
+    model, shape = opened.model, opened.input_shape
+    done = step / o.steps  # geometric: every step removes the same fraction of what is left
+    if o.method == "unstructured":
+        names = prune_unstructured(model, 1 - (1 - o.amount) ** done)
+        record = {"kind": "sparse", "weights": names, "sparsity": sparsity(model, names)}
+        return {"record": record, "sparsity": record["sparsity"]}
+    example = example_input(model, shape, 2, opened.device)
+    if o.amount is not None and o.steps == 1:
+        ratio = o.amount  # exactly the fraction asked of every layer
+    else:
+        what, last = final
+        target = int(original_size[what] * (last / original_size[what]) ** done)
+        ratio = ratio_for_target(model, lambda m: model_size(m, shape, what), target, example, o.round_to)
+    criterion = o.importance or "l2"
+    gradients = (lambda m: accumulate_gradients(m, calibration_batches(opened, o.calibration_examples))) \
+        if criterion == "taylor" else None
+    prune_structured(model, ratio, example, criterion, o.round_to, gradients)
+    arch = opened.ckpt["arch"]
+    unpruned = create_model(arch["name"], arch["num_classes"], arch["in_chans"], arch["image_size"], **arch["kwargs"])
+    record = {"kind": "prune", "importance": criterion, "round_to": o.round_to, "modules": shape_changes(model, unpruned)}
+    return {"record": record, "ratio": ratio}
+
+
+def check_prunable(opened: OpenedCheckpoint, o: PruneOptions) -> None:
+    """Refuse a model the method does not apply to, before any work."""
+    if any(s.get("kind") == "clos" for s in opened.ckpt.get("surgery", [])):
+        raise UserError(f"{opened.path} has Clos layers: prune the model before converting it, not after")
+    if o.method == "structured":
+        pruner_options(opened.model, 0.0)  # a model structured pruning does not know
+        importance(o.importance or "l2", opened.model)  # e.g. bn-scale without batch norm
+
+
+def save_pruned(opened: OpenedCheckpoint, record: dict, summary: dict, path: Path) -> None:
+    """Write the pruned model: plain weights, the surgery that rebuilds it, and what pruning did."""
+    model, ckpt = opened.model, opened.ckpt
+    others = [s for s in ckpt.get("surgery", []) if s.get("kind") != record["kind"]]  # one record per kind: the latest
+    model.surgery = [*others, record]
+    config = {**ckpt["config"], "name": path.stem, "out_dir": str(path.parent)}  # the report finds it by this name
+    kept = {k: v for k, v in ckpt.items() if k not in ("format", "version", "test", "alignment", "state_dict",
+                                                       "sparse_weights", "surgery", "config", "prune")}
+    save_checkpoint({**kept, "config": config, **model_weights(model), "surgery": model.surgery, "prune": summary},
+                    path)
+
+
+def prune(options: PruneOptions) -> dict:
+    """Prune (in `steps` steps, each fine-tuned), evaluate, save; return the summary."""
+    o = options
+    o.check()
+    out, tuned_out = o.output_path(), o.finetuned_path()
+    steps_dir = out.with_name(out.stem + "_steps")
+    taken = [p for p in (out, tuned_out) if p.exists()] + ([steps_dir] if o.steps > 1 and steps_dir.exists() else [])
+    if taken and not o.overwrite:
+        raise UserError(f"{taken[0]} exists: add --overwrite to replace it, or give another --output")
+    check_writable_folder(out.parent)
+    if o.teacher_checkpoint and not Path(o.teacher_checkpoint).is_file():
+        raise UserError(f"teacher checkpoint not found: {o.teacher_checkpoint}")
+    epochs = schedule(o.finetune_epochs, o.steps)
+    teacher = "" if o.no_kd else (o.teacher_checkpoint or o.checkpoint)
+    opened = open_checkpoint(o.checkpoint, device=o.device)
+    original_cfg = from_dict(opened.ckpt["config"], o.checkpoint)
+    shape = opened.input_shape
+    check_prunable(opened, o)
+    original_size = {"parameters": model_size(opened.model, shape, "parameters"),
+                     "macs": model_size(opened.model, shape, "macs")}
+    final = final_size(opened, o, original_size) if o.method == "structured" else None
+    summary = {"checkpoint": o.checkpoint, "method": o.method, "importance": o.importance, "amount": o.amount,
+               "target_parameters": o.target_parameters, "target_macs": o.target_macs, "steps": o.steps,
+               "round_to": o.round_to, "finetune_epochs": o.finetune_epochs,
+               "teacher_checkpoint": teacher, "parameters_before": original_size["parameters"],
+               "macs_before": original_size["macs"],
+               "test_accuracy_before": evaluate(opened.model, opened.loader("test"))["acc"], "schedule": []}
+    for step in range(1, o.steps + 1):
+        did = prune_step(opened, o, step, original_size, final)
+        record = did.pop("record")
+        last = step == o.steps
+        pruned_path = out if last else steps_dir / f"step{step}.pth"
+        row = {"step": step, **did, "parameters": model_size(opened.model, shape, "parameters"),
+               "macs": model_size(opened.model, shape, "macs"),
+               "test_accuracy_pruned": evaluate(opened.model, opened.loader("test"))["acc"], "checkpoint": str(pruned_path)}
+        summary["schedule"].append(row)
+        save_pruned(opened, record, {**summary, "parameters_after": row["parameters"], "macs_after": row["macs"],
+                                     "test_accuracy_pruned": row["test_accuracy_pruned"]}, pruned_path)
+        print(f"step {step}/{o.steps}: {row['parameters']:,} parameters, {row['macs']:,} MACs"
+              + (f", sparsity {did['sparsity']:.3f}" if "sparsity" in did else "")
+              + f"; test accuracy {row['test_accuracy_pruned']:.4f} before fine-tuning", flush=True)
+        current = pruned_path
+        if epochs[step - 1]:
+            name = tuned_out.stem if last else f"step{step}" + ("_ft" if o.no_kd else "_kd")
+            tuned = finetune_config(original_cfg, pruned_path, name, epochs[step - 1], o.finetune_lr, o.loss, teacher,
+                                    original_cfg.model if teacher == o.checkpoint else "", o.overwrite, o.device)
+            result = run_training(tuned)
+            row.update(finetuned_checkpoint=result["checkpoint"], test_accuracy_finetuned=result["test_acc"])
+            current = Path(result["checkpoint"])
+        if not last:
+            opened = open_checkpoint(str(current), device=o.device)
+    summary.update(output=str(out), parameters_after=summary["schedule"][-1]["parameters"],
+                   macs_after=summary["schedule"][-1]["macs"],
+                   test_accuracy_pruned=summary["schedule"][-1]["test_accuracy_pruned"])
+    if "finetuned_checkpoint" in summary["schedule"][-1]:
+        summary.update(finetuned_output=summary["schedule"][-1]["finetuned_checkpoint"],
+                       test_accuracy_finetuned=summary["schedule"][-1]["test_accuracy_finetuned"])
+    return summary
