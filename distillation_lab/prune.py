@@ -191,8 +191,9 @@ def save_pruned(opened: OpenedCheckpoint, record: dict, summary: dict, path: Pat
     others = [s for s in ckpt.get("surgery", []) if s.get("kind") != record["kind"]]  # one record per kind: the latest
     model.surgery = [*others, record]
     config = {**ckpt["config"], "name": path.stem, "out_dir": str(path.parent)}  # the report finds it by this name
-    kept = {k: v for k, v in ckpt.items() if k not in ("format", "version", "test", "alignment", "state_dict",
-                                                       "sparse_weights", "surgery", "config", "prune")}
+    kept = {k: v for k, v in ckpt.items() if k not in (  # not the original's weights, training record or results
+        "format", "version", "test", "alignment", "state_dict", "sparse_weights", "surgery", "config", "prune",
+        "history", "best_epoch", "best_val_acc")}
     save_checkpoint({**kept, "config": config, **model_weights(model), "surgery": model.surgery, "prune": summary},
                     path)
 

@@ -6,7 +6,9 @@ table's report entries) the teacher, the student without KD and the student with
 exactly the lab plan's keys (test accuracies as fractions, mean over seeds, null where missing); the
 run the job table names is taken when several could fill a key. Every other run appears in
 report_details.json and report.md under its family, converted models in their own list.
-report.png plots accuracy against parameters. Each checkpoint is read once.
+Pruned models (structured or unstructured, fine-tuned or not) are rows of their family beside the
+students. report.png plots, per family, accuracy against parameters and against latency for every
+method. Each checkpoint is read once.
 """
 from __future__ import annotations
 
@@ -54,14 +56,31 @@ class Found:
 
     @property
     def kind(self) -> str:
-        """converted (layer surgery), teacher, student_with_kd, student_without_kd or model."""
-        if self.ckpt.get("surgery"):
+        """converted (Clos layers), pruned, teacher, student_with_kd, student_without_kd or model."""
+        kinds = {step.get("kind") for step in self.ckpt.get("surgery", [])}
+        if "clos" in kinds:
             return "converted"
+        if kinds & {"prune", "sparse"}:
+            return "pruned"
         role = self.ckpt.get("role", "model")
         if role == "student":
             distilled = self.ckpt.get("teacher") or self.ckpt["config"].get("teacher_checkpoint")
             return "student_with_kd" if distilled else "student_without_kd"
         return role
+
+
+def method_of(ckpt: dict, kind: str) -> str:
+    """How a model was made, in a few words (for the report's rows and picture)."""
+    if kind == "converted":
+        return "Clos" + (" + KD fine-tuning" if ckpt.get("teacher") else "")
+    if kind != "pruned":
+        return kind.replace("_", " ")
+    steps = {s["kind"]: s for s in ckpt["surgery"]}
+    what = (f"pruned, structured ({steps['prune'].get('importance', '?')})" if "prune" in steps
+            else f"pruned, {steps['sparse'].get('sparsity', 0):.0%} sparse")
+    if "prune" in ckpt:  # the pruning step's own output: not trained since
+        return what
+    return what + (" + KD fine-tuning" if ckpt.get("teacher") else " + fine-tuning")
 
 
 KIND_OF_KEY = {"teacher_accuracy": "teacher", "student_accuracy_without_kd": "student_without_kd",
@@ -101,9 +120,9 @@ def evaluate_found(f: Found, teacher: Optional[FrozenTeacher]) -> dict:
     card = model_card(f.opened)
     cfg, ckpt = f.opened.config, f.ckpt
     card.update(seed=cfg["seed"], epochs_run=len(ckpt.get("history", [])), epochs_planned=cfg["epochs"],
-                best_val_acc=ckpt.get("best_val_acc"), family=f.family, kind=f.kind,
+                best_val_acc=ckpt.get("best_val_acc"), family=f.family, kind=f.kind, method=method_of(ckpt, f.kind),
                 teacher=(ckpt.get("teacher") or {}).get("name"))
-    if teacher is not None and f.kind.startswith("student"):
+    if teacher is not None and (f.kind.startswith("student") or f.kind == "pruned"):
         try:
             alignment = soft_target_alignment(f.opened.model, teacher, f.opened.loader("test"),
                                               resolve_precision("auto", f.opened.device))
@@ -203,7 +222,8 @@ def converted_models(runs: dict[str, list[Found]]) -> list[dict]:
             card = model_card(f.opened)
             rows.append({"run": name, "status": "ok", "family": f.family, "model": card["model"],
                          "dataset": card["dataset"], "test_accuracy": card["test_accuracy"],
-                         "parameters": card["parameters"], "macs": card["macs"],
+                         "parameters": card["parameters"], "macs": card["macs"], "method": method_of(f.ckpt, f.kind),
+                         **{k: card[k] for k in ("file_megabytes", "latency_ms_batch1", "latency_ms_batch256")},
                          "clos_layers": [s["layer"] for s in f.ckpt["surgery"] if s.get("kind") == "clos"]})
     return rows
 
@@ -230,12 +250,13 @@ def table_row(family: str, what: str, e: dict) -> dict:
     agreement = [r.get("teacher_agreement") for r in e["runs"] if r.get("teacher_agreement") is not None]
     accuracy = f"{e['test_accuracy_mean']:.4f}" + (f" ± {e['test_accuracy_std']:.4f}" if len(e["runs"]) > 1 else "")
     return {**row, "seeds": str(len(e["runs"])), "test accuracy": accuracy,
-            "params": f"{first['parameters']:,}", "MACs": f"{first['macs']:,}",
-            "latency ms (batch 1)": first["latency_ms_batch1"],
+            "params": f"{first['parameters']:,}", "MACs": f"{first['macs']:,}", "file MB": first["file_megabytes"],
+            "latency ms (batch 1)": first["latency_ms_batch1"], "latency ms (batch 256)": first["latency_ms_batch256"],
             "agreement with teacher": f"{statistics.fmean(agreement):.4f}" if agreement else "",
             "best epoch": ", ".join(str(r["best_epoch"]) for r in e["runs"]),
             "model": first["model"], "dataset": first["dataset"],
-            "acc": e["test_accuracy_mean"], "std": e["test_accuracy_std"], "n_params": first["parameters"]}
+            "acc": e["test_accuracy_mean"], "std": e["test_accuracy_std"], "n_params": first["parameters"],
+            "latency": first["latency_ms_batch1"]}
 
 
 def table(details: dict) -> pd.DataFrame:
@@ -246,21 +267,29 @@ def table(details: dict) -> pd.DataFrame:
             continue
         rows += [table_row(family, key.replace("_accuracy", "").replace("_", " "), entry[key])
                  for key in KEYS if key in entry]
-        rows += [table_row(family, e["runs"][0]["kind"].replace("_", " "), e) for e in entry["other_runs"]]
+        rows += [table_row(family, e["runs"][0]["method"], e) for e in entry["other_runs"]]
     return pd.DataFrame(rows)
 
 
 def markdown(details: dict, frame: pd.DataFrame) -> str:
     """report.md: the table, converted models and the paired KD differences."""
-    shown = frame.drop(columns=[c for c in ("acc", "std", "n_params") if c in frame.columns]).astype(object).fillna("")
+    shown = frame.drop(columns=[c for c in ("acc", "std", "n_params", "latency") if c in frame.columns])
+    shown = shown.astype(object).fillna("")
     lines = ["# distill-lab report", "", "Test accuracy on each checkpoint's test split (mean ± sample std over seeds "
              "where a run has several).",
              "", shown.to_markdown(index=False), ""]
     if details["converted"]:
         converted = pd.DataFrame([{"run": r["run"], "model": r["model"], "Clos layers": len(r["clos_layers"]),
-                                   "params": f"{r['parameters']:,}", "test accuracy": f"{r['test_accuracy']:.4f}"}
-                                  for r in details["converted"]])
+                                   "params": f"{r['parameters']:,}", "MACs": f"{r['macs']:,}",
+                                   "test accuracy": f"{r['test_accuracy']:.4f}",
+                                   "latency ms (batch 1)": r["latency_ms_batch1"],
+                                   "latency ms (batch 256)": r["latency_ms_batch256"]} for r in details["converted"]])
         lines += ["Converted models (Clos layers):", "", converted.to_markdown(index=False), ""]
+    if "what" in frame.columns and frame["what"].astype(str).str.contains("sparse").any():
+        lines.append("- Unstructured pruning sets weights to zero but keeps every shape: dense kernels do the same "
+                     "work on zeros, so those models are no faster (compare their latency with the unpruned model's); "
+                     "only their files are smaller (the zeros are stored as a bit mask). Structured pruning removes "
+                     "channels, units and heads for real.")
     for r in details["unreadable"]:
         lines.append(f"- unreadable: {r['run']}: {'; '.join(r['errors'])}")
     for family in FAMILIES:
@@ -271,28 +300,46 @@ def markdown(details: dict, frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(frame: pd.DataFrame, path: Path) -> None:
-    """report.png: test accuracy against parameters, one marker per run."""
+def plot_points(frame: pd.DataFrame, details: dict) -> pd.DataFrame:
+    """Every evaluated model of the report as (family, method, run, parameters, latency, accuracy, std)."""
+    points = [{"family": r["family"], "method": r["what"], "run": r["run"], "parameters": r["n_params"],
+               "latency": r["latency"], "acc": r["acc"], "std": r["std"]}
+              for _, r in frame.iterrows() if "acc" in frame.columns and pd.notna(r["acc"])]
+    points += [{"family": r["family"], "method": r["method"], "run": r["run"], "parameters": r["parameters"],
+                "latency": r["latency_ms_batch1"], "acc": r["test_accuracy"], "std": 0.0} for r in details["converted"]]
+    return pd.DataFrame(points, columns=["family", "method", "run", "parameters", "latency", "acc", "std"])
+
+
+def plot(points: pd.DataFrame, path: Path) -> None:
+    """report.png: per family, test accuracy against parameters and against batch-1 latency, one colour
+    and marker per compression method, so that which method wins at which size shows at a glance."""
     import matplotlib
     import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ok = frame[frame["acc"].notna()] if "acc" in frame.columns else frame.iloc[0:0]
-    for _, row in ok.iterrows():
-        ax.errorbar(row["n_params"], row["acc"], yerr=row["std"], fmt="o", capsize=3)
-        ax.annotate(f"{row['family']} {row['what']}", (row["n_params"], row["acc"]), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("parameters")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("accuracy against size")
-    ax.grid(alpha=0.3)
+    families = list(dict.fromkeys(points["family"])) or ["(none)"]
+    fig, axes = plt.subplots(len(families), 2, figsize=(11, 4 * len(families)), squeeze=False)
+    methods = list(dict.fromkeys(points["method"]))
+    style = {m: (f"C{i % 10}", "osD^v<>ph*"[i % 10]) for i, m in enumerate(methods)}
+    for row, family in zip(axes, families):
+        mine = points[points["family"] == family]
+        for ax, x, label in ((row[0], "parameters", "parameters"), (row[1], "latency", "latency, batch 1 (ms)")):
+            for method, group in mine.groupby("method", sort=False):
+                colour, marker = style[method]
+                ax.errorbar(group[x], group["acc"], yerr=group["std"], fmt=marker, color=colour, capsize=3,
+                            label=method)
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel(label)
+            ax.set_ylabel("test accuracy")
+            ax.set_title(f"{family}: accuracy against {x}")
+            ax.grid(alpha=0.3)
+        if len(mine):
+            row[0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -315,5 +362,5 @@ def write_report(models_dir: str, output: str = "report.json", device: str = "au
     out.write_text(json.dumps(report, indent=2) + "\n")
     out.with_name(out.stem + "_details.json").write_text(json.dumps(details, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(details, frame))
-    plot(frame, out.with_suffix(".png"))
+    plot(plot_points(frame, details), out.with_suffix(".png"))
     return report

@@ -5,6 +5,7 @@ with its recorded surgery, the dataset it was trained on loaded with the same sp
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -64,14 +65,17 @@ def open_checkpoint(path: str, expect_model: Optional[str] = None, data_dir: Opt
 
 
 def model_card(opened: OpenedCheckpoint, batch_size: int = 256) -> dict:
-    """Test accuracy and loss, parameters, FLOPs, MACs and batch-1 latency of an opened checkpoint."""
+    """Test accuracy and loss, parameters, FLOPs, MACs, file size and batch-1 and batch-256 latency of an
+    opened checkpoint (latency on the device it is opened on)."""
     model, dev, ckpt = opened.model, opened.device, opened.ckpt
     result = evaluate(model, opened.loader("test", batch_size), resolve_precision("auto", dev))
     flops = count_flops(model, opened.input_shape, dev)
     return {"checkpoint": opened.path, "model": ckpt["arch"]["name"], "role": ckpt.get("role", "model"),
             "dataset": opened.config["dataset"], "test_images": result["n"], "test_accuracy": round(result["acc"], 6),
             "test_loss": round(result["loss"], 6), "parameters": count_parameters(model), "flops": flops,
-            "macs": flops // 2, "latency_ms_batch1": round(measure_latency(model, opened.input_shape, dev), 3),
+            "macs": flops // 2, "file_megabytes": round(os.path.getsize(opened.path) / 1e6, 3),
+            "latency_ms_batch1": round(measure_latency(model, opened.input_shape, dev), 3),
+            "latency_ms_batch256": round(measure_latency(model, opened.input_shape, dev, 256, repeats=5, warmup=2), 3),
             "best_epoch": ckpt.get("best_epoch"), "device": str(dev), "code_revision": ckpt.get("code_revision")}
 
 

@@ -9,6 +9,7 @@ needed to resume. SIGTERM/SIGUSR1 (a SLURM time limit or preemption) save and st
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 import threading
 import time
@@ -104,7 +105,11 @@ def build_parts(cfg: Config) -> RunParts:
     spec = dataclasses.replace(spec, flip=spec.flip and cfg.flip)
     torch.manual_seed(cfg.seed)
     if cfg.init_checkpoint:  # start from saved weights (and their layer surgery), e.g. a converted model
-        model = build_model(load_checkpoint(cfg.init_checkpoint), cfg.model, source=cfg.init_checkpoint).to(device)
+        start = load_checkpoint(cfg.init_checkpoint)
+        model = build_model(start, cfg.model, source=cfg.init_checkpoint).to(device)
+        if cfg.model_args != start["arch"]["kwargs"]:  # the config records the model that really trains
+            raise UserError(f"model_args {cfg.model_args} differ from those of {cfg.init_checkpoint} "
+                            f"({start['arch']['kwargs']}): give --model-args '{json.dumps(start['arch']['kwargs'])}'")
     else:
         model = create_model(cfg.model, spec.num_classes, spec.channels, spec.input_size, **cfg.model_args).to(device)
     channels_last = device.type == "cuda"  # faster convolutions on tensor cores
