@@ -26,6 +26,7 @@ SMOKE = {
                  "--val-size": "100", "--device": "cpu", "--no-progress": None, "--model-args": "{width: 4}"},
     "clos-convert": {"--fit-steps": "20", "--als-iterations": "3", "--calibration-examples": "64", "--device": "cpu",
                      "--allow-more-parameters": None},  # the smoke models' layers are too small for Clos to pay
+    "prune": {"--device": "cpu", "--round-to": "1", "--finetune-epochs": "1"},  # the smoke models' widths are 4-32
     "report": {},
 }
 SMOKE_VIT = {"--model-args": "{depth: 1, embed_dim: 16, num_heads: 2}"}
@@ -34,7 +35,8 @@ SMOKE_BERT = {"--dataset": "tweets", "--model-args": "{pretrained: false, hidden
 
 @dataclass(frozen=True)
 class Job:
-    """One job of the chain; its checkpoint is MODELS_DIR/NAME.pth (clos-convert: NAME_clos_mM.pth)."""
+    """One job of the chain; its checkpoint is MODELS_DIR/NAME.pth (clos-convert: NAME_clos_mM.pth; prune: its
+    --output and OUTPUT_kd.pth)."""
 
     name: str  # job name and run name
     command: str  # the main.py subcommand
@@ -78,7 +80,7 @@ class Job:
     def required(self) -> list[str]:
         """Checkpoints of MODELS_DIR the job cannot run without: the dependency it reads (a distill job's
         teacher, the model a conversion starts from); a baseline only waits for its teacher's job."""
-        return [f"{dep}.pth" for dep in self.after[:1]] if self.command in ("distill", "clos-convert") else []
+        return [f"{dep}.pth" for dep in self.after[:1]] if self.command in ("distill", "clos-convert", "prune") else []
 
     def staged(self) -> list[str]:
         """Its own checkpoints, if any, to resume from (a resumed run ends on its best)."""
@@ -118,10 +120,22 @@ CHAIN = (
               "--overwrite",
               "--layers", "*.attention.*,*.intermediate.dense,*.layer.*.output.dense"),
         after=("tweet_bert",), script="clos_convert_bert", time="02:00:00"),
+    Job("cnn_teacher_pruned", "prune", "Prune the ResNet-18 teacher structurally (channels, l2 importance, widths in "
+        "multiples of 8) to the ResNet-8 student's 4,903,242 parameters, then fine-tune it for 30 epochs distilling "
+        "from the unpruned teacher.",
+        args=("--checkpoint", "{models}/cnn_teacher.pth", "--target-parameters", "4903242", "--finetune-epochs", "30",
+              "--output", "{models}/cnn_teacher_pruned.pth", "--overwrite"),
+        after=("cnn_teacher",), script="prune_cnn", time="08:00:00", smoke={"--target-parameters": "2x"}),
+    Job("vit_teacher_pruned", "prune", "Prune the ViT-Tiny teacher's MLP hidden units and whole attention heads to 2x "
+        "fewer MACs, then fine-tune it for 30 epochs distilling from the unpruned teacher.",
+        args=("--checkpoint", "{models}/vit_teacher.pth", "--target-macs", "2x", "--finetune-epochs", "30",
+              "--output", "{models}/vit_teacher_pruned.pth", "--overwrite"),
+        after=("vit_teacher",), script="prune_vit", time="08:00:00"),
     Job("report", "report", "Re-evaluate every checkpoint in models_saved/ and write report.json (+ details, .md, "
         ".png) at the repository root.", args=("--models-dir", "{models}", "--output", "report.json"),
         after=("cnn_teacher", "vit_teacher", "cnn_student", "cnn_student_kd", "vit_student", "vit_student_kd",
-               "vit_teacher_clos", "tweet_bert_clos"), script="report", time="01:00:00"),
+               "vit_teacher_clos", "tweet_bert_clos", "cnn_teacher_pruned", "vit_teacher_pruned"), script="report",
+        time="01:00:00"),
 )
 
 # The embedded-data demo of `python main.py pipeline` (CPU, minutes): the cnn family of the chain.

@@ -20,7 +20,7 @@ from pruning_lab.inference.checkpoint_eval import OpenedCheckpoint
 from pruning_lab.inference.evaluate import example_input
 from pruning_lab.models import create_model
 from pruning_lab.prune import IMPORTANCES, prune_structured, prune_unstructured, ratio_for_target, shape_changes, sparsity
-from pruning_lab.prune.structured import accumulate_gradients, importance, pruner_options
+from pruning_lab.prune.structured import accumulate_gradients, check_structured
 from pruning_lab.train.run_folder import check_writable_folder
 
 from .runs import finetune_config, run_training
@@ -181,8 +181,7 @@ def check_prunable(opened: OpenedCheckpoint, o: PruneOptions) -> None:
     if any(s.get("kind") == "clos" for s in opened.ckpt.get("surgery", [])):
         raise UserError(f"{opened.path} has Clos layers: prune the model before converting it, not after")
     if o.method == "structured":
-        pruner_options(opened.model, 0.0)  # a model structured pruning does not know
-        importance(o.importance or "l2", opened.model)  # e.g. bn-scale without batch norm
+        check_structured(opened.model, o.importance or "l2")  # e.g. bn-scale without batch norm
 
 
 def save_pruned(opened: OpenedCheckpoint, record: dict, summary: dict, path: Path) -> None:

@@ -42,9 +42,12 @@ after() { echo "--dependency=afterok:$1" --kill-on-invalid-dep=yes; }
     vit_student_kd=$(submit slurm/distill_vit.slurm $(after "$vit_teacher") "$@")
     vit_teacher_clos=$(submit slurm/clos_convert_vit.slurm $(after "$vit_teacher") "$@")
     tweet_bert_clos=$(submit slurm/clos_convert_bert.slurm $(after "$tweet_bert") "$@")
-    report=$(submit slurm/report.slurm $(after "$cnn_teacher:$vit_teacher:$cnn_student:$cnn_student_kd:$vit_student:$vit_student_kd:$vit_teacher_clos:$tweet_bert_clos") "$@")
+    cnn_teacher_pruned=$(submit slurm/prune_cnn.slurm $(after "$cnn_teacher") "$@")
+    vit_teacher_pruned=$(submit slurm/prune_vit.slurm $(after "$vit_teacher") "$@")
+    report=$(submit slurm/report.slurm $(after "$cnn_teacher:$vit_teacher:$cnn_student:$cnn_student_kd:$vit_student:$vit_student_kd:$vit_teacher_clos:$tweet_bert_clos:$cnn_teacher_pruned:$vit_teacher_pruned") "$@")
 }
 echo "submitted: cnn_teacher=$cnn_teacher vit_teacher=$vit_teacher tweet_bert=$tweet_bert" \
      "cnn_student=$cnn_student cnn_student_kd=$cnn_student_kd vit_student=$vit_student" \
      "vit_student_kd=$vit_student_kd vit_teacher_clos=$vit_teacher_clos" \
-     "tweet_bert_clos=$tweet_bert_clos report=$report"
+     "tweet_bert_clos=$tweet_bert_clos cnn_teacher_pruned=$cnn_teacher_pruned" \
+     "vit_teacher_pruned=$vit_teacher_pruned report=$report"

@@ -130,6 +130,11 @@ def test_chain_runs_in_dependency_order_and_writes_the_report(cluster, tmp_path)
     assert len(converted["tweet_bert_clos_m4"]["clos_layers"]) == 12  # 2 smoke layers x (q, k, v, out, 2 MLP)
     assert converted["tweet_bert_clos_m4_kd"]["dataset"] == "tweets"
     assert "Converted models" in (repo / "report.md").read_text()
+    pruned = {r["run"]: r["runs"][0] for family in ("cnn", "vit") for r in details[family]["other_runs"]}
+    assert {"cnn_teacher_pruned", "cnn_teacher_pruned_kd", "vit_teacher_pruned", "vit_teacher_pruned_kd"} <= set(pruned)
+    teacher_params = details["cnn"]["teacher_accuracy"]["runs"][0]["parameters"]
+    assert pruned["cnn_teacher_pruned_kd"]["parameters"] <= teacher_params / 2  # the smoke target: 2x fewer
+    assert pruned["vit_teacher_pruned_kd"]["method"] == "pruned, structured (l2) + KD fine-tuning"
     leftovers = [p for p in (cluster.dir / "jobtmp").rglob("distill-lab.*")]
     assert leftovers == []  # every job removed its scratch directory
     assert "warning: 'module' is not available" in logs

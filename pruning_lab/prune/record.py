@@ -18,7 +18,8 @@ from ..errors import UserError
 
 # Attributes that define a module's width, as torch, timm and our models name them.
 SHAPE_ATTRS = ("in_channels", "out_channels", "in_features", "out_features", "num_features", "normalized_shape",
-               "num_heads", "head_dim", "attn_dim", "feature_widths")
+               "num_heads", "head_dim", "attn_dim", "num_attention_heads", "attention_head_size", "all_head_size",
+               "feature_widths")
 
 
 def module_shapes(module: nn.Module) -> dict:

@@ -1,10 +1,12 @@
-"""Structured pruning: channels of the ResNets, hidden units and attention heads of the ViTs, hidden
-units of the MLP, removed for real so that the model has fewer parameters and MACs.
+"""Structured pruning: channels of the ResNets, hidden units and attention heads of the ViTs and the
+BERT, hidden units of the MLP, removed for real so that the model has fewer parameters and MACs.
 
-Torch-Pruning's dependency graph does the bookkeeping (a channel removed from a convolution is removed
-from its batch norm, from the residual additions it feeds and from every layer that reads it). Each
-layer keeps the same fraction of its channels (local pruning), rounded down to a multiple of
-`round_to`: unaligned channel counts are the usual reason a pruned model is no faster on a GPU.
+Torch-Pruning's dependency graph does the bookkeeping for the ResNets, ViTs and the MLP (a channel
+removed from a convolution is removed from its batch norm, from the residual additions it feeds and
+from every layer that reads it); for the BERT, transformers' own `prune_heads` and
+`prune_linear_layer` do it. Each layer keeps the same fraction of its channels (local pruning),
+rounded down to a multiple of `round_to`: unaligned channel counts are the usual reason a pruned
+model is no faster on a GPU.
 """
 from __future__ import annotations
 
@@ -17,17 +19,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..models.bert import BertClassifier
 from ..models.mlp import MLP
 from ..models.resnet import CifarResNet
 from ..models.vit import ViT
 
 IMPORTANCES = ("l1", "l2", "taylor", "bn-scale")
-STRUCTURED_MODELS = "the ResNets (channels), the ViTs (MLP hidden units and attention heads) and the MLP (hidden units)"
+STRUCTURED_MODELS = ("the ResNets (channels), the ViTs and the BERT (MLP hidden units and attention heads) and the "
+                     "MLP (hidden units)")
 
 
 def prunable(model: nn.Module) -> bool:
     """Whether structured pruning knows this model's structure."""
-    return isinstance(model, (CifarResNet, ViT, MLP))
+    return isinstance(model, (CifarResNet, ViT, MLP, BertClassifier))
+
+
+def check_structured(model: nn.Module, criterion: str) -> None:
+    """Refuse a model structured pruning does not know, or a criterion that does not apply to it."""
+    if not prunable(model):
+        raise UserError(f"structured pruning knows {STRUCTURED_MODELS}; a {type(model).__name__} is none of them "
+                        "(--method unstructured works on any model)")
+    importance(criterion, model)
 
 
 def pruner_options(model: nn.Module, ratio: float) -> dict:
@@ -41,7 +53,7 @@ def pruner_options(model: nn.Module, ratio: float) -> dict:
         vit = model.vit
         ratios = {block.mlp.fc1: ratio for block in vit.blocks}
         heads = vit.blocks[0].attn.num_heads
-        removed = min(heads - 1, round(ratio * heads))  # whole heads; at least one stays
+        removed = heads_removed(ratio, heads)
         # Torch-Pruning removes ceil(ratio * heads) heads: just under removed / heads gives exactly `removed`.
         head_ratio = (removed - 0.5) / heads if removed else 0.0
         if removed:
@@ -51,8 +63,8 @@ def pruner_options(model: nn.Module, ratio: float) -> dict:
                 "num_heads": {block.attn.qkv: block.attn.num_heads for block in vit.blocks},
                 "prune_num_heads": True, "prune_head_dims": False, "head_pruning_ratio": head_ratio,
                 "unwrapped_parameters": unwrapped}
-    raise UserError(f"structured pruning knows {STRUCTURED_MODELS}; a {type(model).__name__} is none of them "
-                    "(--method unstructured works on any model)")
+    check_structured(model, "l2")
+    raise AssertionError("unreachable: every prunable model has options above")
 
 
 def importance(name: str, model: nn.Module):
@@ -70,6 +82,51 @@ def importance(name: str, model: nn.Module):
     if name not in choices:
         raise UserError(f"unknown importance '{name}'; choose one of {', '.join(IMPORTANCES)}")
     return choices[name]()
+
+
+def heads_removed(ratio: float, heads: int) -> int:
+    """Whole heads a ratio removes from a layer of `heads` heads; at least one stays."""
+    return min(heads - 1, round(ratio * heads))
+
+
+def kept_units(units: int, ratio: float, round_to: int) -> int:
+    """Hidden units kept of `units` at `ratio`: rounded down to a multiple of round_to, at least round_to."""
+    kept = int(units * (1 - ratio))
+    return max(min(units, round_to), kept - kept % round_to)
+
+
+def score(tensors: list[tuple[torch.Tensor, int]], criterion: str) -> torch.Tensor:
+    """Importance of the slices of several weights along the given dims (magnitude, or |w * grad| for taylor)."""
+    total = 0
+    for w, dim in tensors:
+        w2 = w.movedim(dim, 0).reshape(w.shape[dim], -1)
+        if criterion == "taylor":
+            g = w.grad.movedim(dim, 0).reshape(w.shape[dim], -1) if w.grad is not None else torch.zeros_like(w2)
+            total = total + (w2 * g).sum(1).abs()
+        else:
+            total = total + w2.abs().pow(1 if criterion == "l1" else 2).sum(1)
+    return total
+
+
+@torch.no_grad()
+def prune_bert(model: BertClassifier, ratio: float, criterion: str, round_to: int) -> None:
+    """Remove whole attention heads and MLP hidden units from every layer of a BERT, with transformers'
+    own tools (`prune_heads` keeps the attention's head count and sizes consistent)."""
+    from transformers.pytorch_utils import prune_linear_layer
+
+    for layer in model.hf.bert.encoder.layer:
+        attention, self_attention = layer.attention, layer.attention.self
+        heads, size = self_attention.num_attention_heads, self_attention.attention_head_size
+        n_removed = heads_removed(ratio, heads)
+        if n_removed:
+            per_head = score([(self_attention.query.weight, 0), (self_attention.key.weight, 0),
+                              (self_attention.value.weight, 0), (attention.output.dense.weight, 1)], criterion)
+            per_head = per_head.reshape(heads, size).sum(1)
+            attention.prune_heads(per_head.argsort()[:n_removed].tolist())
+        up, down = layer.intermediate.dense, layer.output.dense
+        keep = score([(up.weight, 0), (down.weight, 1)], criterion).argsort(descending=True)
+        keep = keep[: kept_units(up.out_features, ratio, round_to)].sort().values
+        layer.intermediate.dense, layer.output.dense = prune_linear_layer(up, keep, 0), prune_linear_layer(down, keep, 1)
 
 
 def accumulate_gradients(model: nn.Module, batches: Iterable) -> None:
@@ -105,6 +162,13 @@ def prune_structured(model: nn.Module, ratio: float, example: torch.Tensor, crit
     important by `criterion`; `gradients(model)` fills .grad first where the criterion needs them."""
     import torch_pruning as tp
 
+    if isinstance(model, BertClassifier):
+        check_structured(model, criterion)
+        if criterion == "taylor":
+            gradients(model)
+        prune_bert(model, ratio, criterion, round_to)
+        model.zero_grad(set_to_none=True)
+        return model
     options = pruner_options(model, ratio)
     imp = importance(criterion, model)
     with warnings.catch_warnings():  # Torch-Pruning's notes on parameters it was told about
@@ -134,25 +198,22 @@ def ratio_for_target(model: nn.Module, size: Callable[[nn.Module], int], target:
     sizes: dict[float, int] = {}
 
     def fits(ratio: float) -> bool:
+        """Small enough, or too far (a layer would lose every channel): look at smaller ratios."""
         try:
             sizes[ratio] = size(prune_structured(copy.deepcopy(model), ratio, example, "l2", round_to))
-        except UserError:  # a layer would lose every channel: too far
-            return False
+        except UserError:
+            return True
         return sizes[ratio] <= target
 
     if size(model) <= target:
         return 0.0
     low, high = 0.0, max_ratio
-    if not fits(high):
-        for _ in range(14):  # not monotone near the top (rounding can empty or skip a layer): look below
-            high *= 0.8
-            if fits(high):
-                break
-        else:
-            raise UserError(f"structured pruning cannot bring this model to {target:,}: the smallest it reaches with "
-                            f"channels rounded to multiples of {round_to} is {min(sizes.values(), default=size(model)):,}"
-                            + (" (try --round-to 1)" if round_to > 1 else ""))
-    for _ in range(14):
+    fits(high)
+    for _ in range(16):
         mid = (low + high) / 2
         low, high = (low, mid) if fits(mid) else (mid, high)
+    if sizes.get(high, target + 1) > target:  # even the ratio found empties a layer, or is still too big
+        raise UserError(f"structured pruning cannot bring this model to {target:,}: the smallest it reaches with "
+                        f"channels rounded to multiples of {round_to} is {min(sizes.values(), default=size(model)):,}"
+                        + (" (try --round-to 1)" if round_to > 1 else ""))
     return high
