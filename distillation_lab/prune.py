@@ -21,6 +21,7 @@ from pruning_lab.inference.evaluate import example_input
 from pruning_lab.models import create_model
 from pruning_lab.prune import IMPORTANCES, prune_structured, prune_unstructured, ratio_for_target, shape_changes, sparsity
 from pruning_lab.prune.structured import accumulate_gradients, check_structured
+from pruning_lab.prune.unstructured import layer_sparsity
 from pruning_lab.train.run_folder import check_writable_folder
 
 from .runs import finetune_config, run_training
@@ -157,7 +158,8 @@ def prune_step(opened: OpenedCheckpoint, o: PruneOptions, step: int, original_si
     done = step / o.steps  # geometric: every step removes the same fraction of what is left
     if o.method == "unstructured":
         names = prune_unstructured(model, 1 - (1 - o.amount) ** done)
-        record = {"kind": "sparse", "weights": names, "sparsity": sparsity(model, names)}
+        record = {"kind": "sparse", "weights": names, "sparsity": sparsity(model, names),
+                  "layer_sparsity": layer_sparsity(model, names)}
         return {"record": record, "sparsity": record["sparsity"]}
     example = example_input(model, shape, 2, opened.device)
     if o.amount is not None and o.steps == 1:

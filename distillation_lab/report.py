@@ -307,12 +307,15 @@ def plot_points(frame: pd.DataFrame, details: dict) -> pd.DataFrame:
               for _, r in frame.iterrows() if "acc" in frame.columns and pd.notna(r["acc"])]
     points += [{"family": r["family"], "method": r["method"], "run": r["run"], "parameters": r["parameters"],
                 "latency": r["latency_ms_batch1"], "acc": r["test_accuracy"], "std": 0.0} for r in details["converted"]]
+    # A pruned model before its fine-tuning is near chance and would squash every other point: table only.
+    points = [p for p in points if not (p["method"].startswith("pruned") and "fine-tuning" not in p["method"])]
     return pd.DataFrame(points, columns=["family", "method", "run", "parameters", "latency", "acc", "std"])
 
 
 def plot(points: pd.DataFrame, path: Path) -> None:
     """report.png: per family, test accuracy against parameters and against batch-1 latency, one colour
-    and marker per compression method, so that which method wins at which size shows at a glance."""
+    and marker per compression method, so that which method wins at which size shows at a glance
+    (pruned models before fine-tuning are left to the table)."""
     import matplotlib
     import matplotlib.ticker
 

@@ -107,6 +107,7 @@ def test_unstructured_sparsity_is_reached_kept_through_fine_tuning_and_stored_sm
                  "--finetune-epochs", "2", "--no-kd", "--device", "cpu"]) == 0
     pruned, tuned = load_checkpoint(trained / "cnn_sparse80.pth"), load_checkpoint(trained / "cnn_sparse80_ft.pth")
     names = pruned["surgery"][0]["weights"]
+    assert set(pruned["surgery"][0]["layer_sparsity"]) == set(names)  # per layer, as global pruning left it
     assert abs(sparsity(build_model(pruned), names) - 0.8) < 1e-3
     assert abs(sparsity(build_model(tuned), names) - 0.8) < 1e-3  # the zeros stay zero while fine-tuning
     assert [s["sparsity"] for s in pruned["prune"]["schedule"]] == pytest.approx([1 - 0.2 ** 0.5, 0.8], abs=1e-3)
@@ -168,11 +169,16 @@ def test_a_method_that_does_not_apply_and_a_record_naming_missing_layers_are_ref
     target.unlink()
 
 
-def test_unstructured_pruning_of_any_model_and_sparsity_helper():
+def test_unstructured_pruning_of_any_model_even_with_a_shared_layer():
     torch.manual_seed(0)
     model = create_model("resnet8", 10, 3, 32, width=8)
     names = prune_unstructured(model, 0.6)
     assert abs(sparsity(model, names) - 0.6) < 1e-3 and not any("orig" in k for k in model.state_dict())
+    shared = torch.nn.Linear(16, 16)
+    net = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)  # one layer used twice
+    names = prune_unstructured(net, 0.5)
+    assert names == ["0.weight"] and (shared.weight == 0).float().mean() == 0.5
+    assert net[2].weight is shared.weight and net(torch.randn(2, 16)).shape == (2, 16)
 
 
 def test_bert_heads_and_mlp_units_pruned_with_transformers_tools_and_replayed():

@@ -28,3 +28,9 @@ def sparsity(model: nn.Module, names: list[str]) -> float:
     params = dict(model.named_parameters())
     total = sum(params[n].numel() for n in names)
     return sum(int((params[n] == 0).sum()) for n in names) / max(total, 1)
+
+
+def layer_sparsity(model: nn.Module, names: list[str]) -> dict[str, float]:
+    """Fraction of zeros in each named weight (global pruning spreads the zeros unevenly)."""
+    params = dict(model.named_parameters())
+    return {n: round(float((params[n] == 0).float().mean()), 4) for n in names}
