@@ -35,6 +35,9 @@ class Config:
     model: str = _opt("resnet8", "registered model name (listed in the description above)")
     model_args: dict = _opt({}, "extra model constructor arguments, e.g. {width: 16} (YAML or JSON)")
     init_checkpoint: str = _opt("", "start from this checkpoint's weights (and recorded layer surgery)")
+    keep_layers: list = _opt([], "with init_checkpoint: keep only these of its transformer layers (0-based, "
+                                 "increasing), initialised from its weights: a DistilBERT-style student, e.g. 0 2 4 "
+                                 "of a 6-layer BERT or ViT")
     name: str = _opt("", "run name: checkpoints are OUT_DIR/NAME.pth (best) and NAME_last.pth; default: the model name")
     role: str = _opt("model", "what the run produces, recorded in the checkpoint", ("teacher", "student", "model"))
     family: str = _opt("", "the report family the run belongs to, recorded in the checkpoint (default: the "
@@ -108,6 +111,7 @@ RANGES = {
     "weight_decay": (">= 0", lambda v: v >= 0), "gamma": ("> 0", lambda v: v > 0),
     "warmup_epochs": (">= 0", lambda v: v >= 0), "label_smoothing": ("in [0, 1)", lambda v: 0 <= v < 1),
     "milestones": ("epochs >= 0", lambda v: all(m >= 0 for m in v)),
+    "keep_layers": ("increasing layer indices >= 0", lambda v: all(a >= 0 for a in v) and v == sorted(set(v))),
     "alpha": ("in [0, 1]", lambda v: 0 <= v <= 1), "temperature": ("> 0", lambda v: v > 0),
     "feature_weight": (">= 0", lambda v: v >= 0),
 }

@@ -2,7 +2,8 @@
 
 Each step of a checkpoint's `surgery` list is plain data: `clos` (a linear layer replaced by a Clos
 layer), `prune` (modules made narrower by structured pruning) or `sparse` (weights with zeros that
-stay zero). Replaying the list before loading the weights rebuilds the model that was saved.
+stay zero) or `keep_layers` (a transformer's layers thinned to some of them: a DistilBERT-style
+student). Replaying the list before loading the weights rebuilds the model that was saved.
 """
 from __future__ import annotations
 
@@ -30,9 +31,43 @@ def apply_surgery(model: nn.Module, surgery: list[dict]) -> nn.Module:
             resize_modules(model, step["modules"])
         elif kind == "sparse":
             keep_zeros(model, step["weights"])
+        elif kind == "keep_layers":
+            keep_layers(model, step["layers"])
         else:
             raise UserError(f"unknown layer surgery {kind!r} recorded in the checkpoint")
     model.surgery = list(surgery)
+    return model
+
+
+def layer_stack(model: nn.Module) -> tuple[nn.Module, str]:
+    """(parent, attribute) of a transformer's stack of layers: a BERT's encoder layers, a ViT's blocks."""
+    from .models.bert import BertClassifier
+    from .models.vit import ViT
+
+    if isinstance(model, BertClassifier):
+        return model.hf.bert.encoder, "layer"
+    if isinstance(model, ViT):
+        return model.vit, "blocks"
+    raise UserError(f"keep_layers thins the layers of a BERT or a ViT; a {type(model).__name__} has no such stack")
+
+
+def keep_layers(model: nn.Module, layers: list[int]) -> nn.Module:
+    """Keep only the listed layers (0-based, increasing) of a transformer, with their weights, in place."""
+    from .models.vit import ViT, feature_blocks
+
+    parent, attribute = layer_stack(model)
+    stack = getattr(parent, attribute)
+    if not layers or layers != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= len(stack):
+        raise UserError(f"keep_layers must be increasing indices of the model's {len(stack)} layers "
+                        f"(0 to {len(stack) - 1}); got {layers}")
+    kept = [stack[i] for i in layers]
+    setattr(parent, attribute, nn.ModuleList(kept) if isinstance(stack, nn.ModuleList) else nn.Sequential(*kept))
+    if isinstance(model, ViT):
+        model.feature_blocks = feature_blocks(len(layers))
+        model.feature_widths = [model.vit.embed_dim] * len(model.feature_blocks)
+    else:
+        model.hf.config.num_hidden_layers = len(layers)
+    model.surgery = [*getattr(model, "surgery", []), {"kind": "keep_layers", "layers": list(layers)}]
     return model
 
 

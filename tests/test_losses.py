@@ -105,3 +105,15 @@ def test_dkd_closed_form():
     expected = temp**2 * (alpha * tckd + beta * nckd) / 2
     assert dkd_loss(S, T, Y, alpha, beta, temp).item() == pytest.approx(expected, rel=1e-4)
     assert dkd_loss(T, T, Y).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_f1_and_mcc_match_a_hand_computed_case():
+    """Three classes, six examples: classes 0 and 1 each 1 right, 1 wrong, 1 missed (F1 1/2), class 2 exact
+    (F1 1): macro F1 2/3; MCC from its closed form."""
+    from pruning_lab.inference.evaluate import classification_scores
+
+    truth, predicted = [0, 0, 1, 1, 2, 2], [0, 1, 1, 0, 2, 2]
+    scores = classification_scores(truth, predicted)
+    assert scores["f1_macro"] == pytest.approx(2 / 3)
+    # MCC = (c*s - sum_k p_k*t_k) / sqrt((s^2 - sum p_k^2)(s^2 - sum t_k^2)), c = 4 correct, s = 6, p = t = (2, 2, 2)
+    assert scores["mcc"] == pytest.approx((4 * 6 - 12) / ((36 - 12) * (36 - 12)) ** 0.5)

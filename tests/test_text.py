@@ -69,3 +69,33 @@ def test_small_bert_learns_tweets_in_the_one_loop_and_converts_to_clos(tmp_path,
     assert tuned["surgery"] == ckpt["surgery"] and tuned["test"]["acc"] > 0.34
     # The converted checkpoint evaluates like any other (FLOPs and latency on token ids).
     assert main(["evaluate", str(out / "bert_clos_m2.pth"), "--device", "cpu"]) == 0
+
+
+def test_distilbert_style_student_keeps_the_teachers_layers_it_copies(tmp_path, capsys):
+    """A 4-layer BERT thinned to its layers 1 and 3 (keep_layers): the student starts with exactly those
+    layers' weights, trains and distills through the same loop, and reloads as a 2-layer model."""
+    out = tmp_path / "models"
+    bert = "{pretrained: false, hidden: 32, layers: 4, heads: 2}"
+    common = ["--model", "minilm_bert", "--model-args", bert, "--dataset", "tweets", "--data-dir", str(tmp_path),
+              "--epochs", "1", "--batch-size", "32", "--train-subset", "256", "--val-size", "100",
+              "--optimizer", "adamw", "--lr", "1e-3", "--out-dir", str(out), "--no-progress"]
+    assert main(["train-teacher", *common, "--name", "teacher"]) == 0
+    teacher = build_model(load_checkpoint(out / "teacher.pth"))
+    student_args = [*common, "--init-checkpoint", str(out / "teacher.pth"), "--keep-layers", "1", "3", "--lr", "1e-12"]
+    assert main(["train-student", *student_args, "--name", "student", "--max-steps-per-epoch", "1"]) == 0
+    student_ckpt = load_checkpoint(out / "student.pth")
+    assert student_ckpt["surgery"] == [{"kind": "keep_layers", "layers": [1, 3]}]
+    student = build_model(student_ckpt)
+    assert len(student.hf.bert.encoder.layer) == 2
+    for s_layer, t_layer in zip(student.hf.bert.encoder.layer, [teacher.hf.bert.encoder.layer[i] for i in (1, 3)]):
+        for (name, a), (_, b) in zip(s_layer.state_dict().items(), t_layer.state_dict().items()):
+            assert torch.allclose(a, b, atol=1e-6), name  # copied (a 1e-12 learning rate leaves them so)
+    assert main(["distill", *student_args, "--name", "student_kd", "--teacher-checkpoint", str(out / "teacher.pth"),
+                 "--feature-distill"]) == 0
+    assert len(build_model(load_checkpoint(out / "student_kd.pth")).hf.bert.encoder.layer) == 2
+    capsys.readouterr()
+    assert main(["train-student", *common, "--keep-layers", "0", "2", "--name", "x"]) == 2
+    assert "keep_layers picks layers of the model in init_checkpoint" in capsys.readouterr().err
+    assert main(["train-student", *common, "--init-checkpoint", str(out / "teacher.pth"), "--keep-layers", "1", "7",
+                 "--name", "y"]) == 2
+    assert "keep_layers must be increasing indices of the model's 4 layers (0 to 3); got [1, 7]" in capsys.readouterr().err

@@ -15,20 +15,33 @@ from ..runtime import autocast
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, precision: str = "fp32") -> dict:
-    """Mean cross-entropy and top-1 accuracy of `model` over every batch of `loader`."""
+    """Mean cross-entropy, top-1 accuracy, macro F1 and Matthews correlation of `model` over every
+    batch of `loader` (F1 and MCC by scikit-learn; they tell more than accuracy on unbalanced classes,
+    e.g. the GLUE tasks)."""
     was_training = model.training
     model.eval()
-    loss_sum, correct, n = 0.0, 0.0, 0
+    loss_sum, predictions, labels = 0.0, [], []
     for x, y in loader:
         with autocast(precision, x.device):
             logits, _ = model(x)
         loss_sum = loss_sum + F.cross_entropy(logits.float(), y, reduction="sum")
-        correct = correct + (logits.argmax(1) == y).sum()
-        n += len(y)
+        predictions.append(logits.argmax(1))
+        labels.append(y)
     model.train(was_training)
-    if n == 0:
-        return {"loss": float("nan"), "acc": float("nan"), "n": 0}
-    return {"loss": float(loss_sum) / n, "acc": float(correct) / n, "n": n}
+    if not labels:
+        return {"loss": float("nan"), "acc": float("nan"), "n": 0, "f1_macro": float("nan"), "mcc": float("nan")}
+    predicted, truth = torch.cat(predictions).cpu().numpy(), torch.cat(labels).cpu().numpy()  # one transfer
+    n = len(truth)
+    return {"loss": float(loss_sum) / n, "acc": float((predicted == truth).mean()), "n": n,
+            **classification_scores(truth, predicted)}
+
+
+def classification_scores(truth, predicted) -> dict:
+    """Macro-averaged F1 and Matthews correlation coefficient of predicted against true labels."""
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    return {"f1_macro": float(f1_score(truth, predicted, average="macro", zero_division=0)),
+            "mcc": float(matthews_corrcoef(truth, predicted))}
 
 
 def count_parameters(model: nn.Module) -> int:

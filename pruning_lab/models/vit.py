@@ -9,6 +9,11 @@ from timm.models.vision_transformer import VisionTransformer
 from .registry import register_model
 
 
+def feature_blocks(depth: int) -> list[int]:
+    """The (up to) 4 spread-out blocks whose outputs are the features of a ViT of `depth` blocks."""
+    return sorted({max(0, round((i + 1) * depth / 4) - 1) for i in range(4)})
+
+
 class ViT(nn.Module):
     """A timm VisionTransformer returning (logits, features): patch tokens [B, N, D] of 4 spread-out blocks."""
 
@@ -16,8 +21,7 @@ class ViT(nn.Module):
         super().__init__()
         self.vit = vit
         self.image_size = image_size
-        depth = len(vit.blocks)
-        self.feature_blocks = sorted({max(0, round((i + 1) * depth / 4) - 1) for i in range(4)})
+        self.feature_blocks = feature_blocks(len(vit.blocks))
         self.feature_widths = [vit.embed_dim] * len(self.feature_blocks)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -27,6 +27,7 @@ from ..data import BatchLoader, load_splits
 from ..errors import UserError
 from ..inference.evaluate import count_parameters, evaluate
 from ..models import create_model
+from ..surgery import keep_layers
 from . import distributed
 from ..checkpoint import (build_model, checkpoint_weights, code_revision, load_checkpoint, model_weights, save_checkpoint,
                           update_checkpoint)
@@ -110,6 +111,10 @@ def build_parts(cfg: Config) -> RunParts:
         if cfg.model_args != start["arch"]["kwargs"]:  # the config records the model that really trains
             raise UserError(f"model_args {cfg.model_args} differ from those of {cfg.init_checkpoint} "
                             f"({start['arch']['kwargs']}): give --model-args '{json.dumps(start['arch']['kwargs'])}'")
+        if cfg.keep_layers:
+            keep_layers(model, cfg.keep_layers)
+    elif cfg.keep_layers:
+        raise UserError("keep_layers picks layers of the model in init_checkpoint: give --init-checkpoint too")
     else:
         model = create_model(cfg.model, spec.num_classes, spec.channels, spec.input_size, **cfg.model_args).to(device)
     channels_last = device.type == "cuda"  # faster convolutions on tensor cores
