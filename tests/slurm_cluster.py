@@ -38,7 +38,8 @@ SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 SlurmdParameters=config_overrides
 ReturnToService=2
-KillWait=5
+# SLURM's default time from SIGTERM to SIGKILL: a cancelled job saves and copies back in it, even on a loaded machine
+KillWait=30
 MinJobAge=600
 StateSaveLocation={dir}/state
 SlurmdSpoolDir={dir}/spool/%n
