@@ -259,7 +259,7 @@ def add_submit_parser(sub) -> None:
     p.add_argument("--cluster", choices=("slurm", "local"), help="force submitit's executor (default: detect)")
     p.add_argument("--wait", action="store_true", help="wait for every job and fail if one fails")
     add_config_arguments(p, skip=("model", "model_args", "name", "role", "family", "resume", "teacher",
-                                  "teacher_checkpoint", "init_checkpoint"))
+                                  "teacher_checkpoint", "init_checkpoint", "keep_layers", "bottleneck"))
     p.set_defaults(func=cmd_submit)
 
 
@@ -356,7 +356,7 @@ def add_pipeline_parser(sub) -> None:
     p.add_argument("--preset", default="demo", help="demo (embedded MNIST, CPU, minutes) or cifar10 (a GPU)")
     p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: 0 1 2 for demo, 0 for cifar10)")
     add_config_arguments(p, skip=("model", "name", "role", "family", "resume", "seed", "teacher",
-                                  "teacher_checkpoint", "init_checkpoint", "labelled_subset"))
+                                  "teacher_checkpoint", "init_checkpoint", "keep_layers", "bottleneck", "labelled_subset"))
     p.set_defaults(func=cmd_pipeline)
 
 

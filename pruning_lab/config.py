@@ -35,6 +35,9 @@ class Config:
     model: str = _opt("resnet8", "registered model name (listed in the description above)")
     model_args: dict = _opt({}, "extra model constructor arguments, e.g. {width: 16} (YAML or JSON)")
     init_checkpoint: str = _opt("", "start from this checkpoint's weights (and recorded layer surgery)")
+    bottleneck: dict = _opt({}, "a discrete key-value bottleneck in place of the classifier, e.g. {codebooks: 8, "
+                                "keys: 512, decay: 0.9}: keys fitted to the encoder's outputs on the training data, "
+                                "then frozen; values trained (no gradient reaches the encoder through it)")
     keep_layers: list = _opt([], "with init_checkpoint: keep only these of its transformer layers (0-based, "
                                  "increasing), initialised from its weights: a DistilBERT-style student, e.g. 0 2 4 "
                                  "of a 6-layer BERT or ViT")

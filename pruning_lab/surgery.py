@@ -3,7 +3,7 @@
 Each step of a checkpoint's `surgery` list is plain data: `clos` (a linear layer replaced by a Clos
 layer), `prune` (modules made narrower by structured pruning) or `sparse` (weights with zeros that
 stay zero) or `keep_layers` (a transformer's layers thinned to some of them: a DistilBERT-style
-student). Replaying the list before loading the weights rebuilds the model that was saved.
+student) or `bottleneck` (the classifier replaced by a discrete key-value bottleneck). Replaying the list before loading the weights rebuilds the model that was saved.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def apply_surgery(model: nn.Module, surgery: list[dict]) -> nn.Module:
     """Replay recorded surgery on a freshly built model (before its weights are loaded)."""
     from .clos.layer import Clos
+    from .models.bottleneck import KeyValueBottleneck, freeze_encoder
     from .prune.record import keep_zeros, resize_modules
 
     for step in surgery:
@@ -33,6 +34,9 @@ def apply_surgery(model: nn.Module, surgery: list[dict]) -> nn.Module:
             keep_zeros(model, step["weights"])
         elif kind == "keep_layers":
             keep_layers(model, step["layers"])
+        elif kind == "bottleneck":
+            replace_module(model, step["layer"], KeyValueBottleneck(**step["config"]))
+            freeze_encoder(model)
         else:
             raise UserError(f"unknown layer surgery {kind!r} recorded in the checkpoint")
     model.surgery = list(surgery)

@@ -27,6 +27,7 @@ from ..data import BatchLoader, load_splits
 from ..errors import UserError
 from ..inference.evaluate import count_parameters, evaluate
 from ..models import create_model
+from ..models.bottleneck import add_bottleneck, find_bottleneck, init_keys, keys_ready
 from ..surgery import keep_layers
 from . import distributed
 from ..checkpoint import (build_model, checkpoint_weights, code_revision, load_checkpoint, model_weights, save_checkpoint,
@@ -117,6 +118,9 @@ def build_parts(cfg: Config) -> RunParts:
         raise UserError("keep_layers picks layers of the model in init_checkpoint: give --init-checkpoint too")
     else:
         model = create_model(cfg.model, spec.num_classes, spec.channels, spec.input_size, **cfg.model_args).to(device)
+    bottleneck = find_bottleneck(model)
+    if cfg.bottleneck and bottleneck is None:
+        bottleneck = add_bottleneck(model, cfg.bottleneck)
     channels_last = device.type == "cuda"  # faster convolutions on tensor cores
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -127,6 +131,8 @@ def build_parts(cfg: Config) -> RunParts:
                            max_steps=cfg.max_steps_per_epoch if train else None,
                            shard=(info.rank, info.world_size) if train else (0, 1))
 
+    if bottleneck is not None and not keys_ready(bottleneck):  # a resumed run loads its keys afterwards
+        init_keys(model, loader(train_split))
     data = {"dataset": cfg.dataset, **vars(spec), "mean": list(spec.mean), "std": list(spec.std)}
     return RunParts(model, loader(train_split, train=True), {"val": loader(val_split)} if len(val_split) else {},
                     loader(test_split), data, device)

@@ -18,7 +18,7 @@ from ..config import Config, to_dict
 from ..errors import UserError
 
 # Config keys that define a run besides its model: resuming with other values would train another run.
-RESUME_KEYS = ("init_checkpoint", "keep_layers", "dataset", "train_subset", "labelled_subset", "val_size", "image_size", "augment",
+RESUME_KEYS = ("init_checkpoint", "keep_layers", "bottleneck", "dataset", "train_subset", "labelled_subset", "val_size", "image_size", "augment",
                "batch_size", "optimizer", "lr", "momentum", "weight_decay", "scheduler", "milestones", "gamma",
                "warmup_epochs", "label_smoothing", "loss", "teacher_checkpoint", "seed")
 

@@ -1,0 +1,153 @@
+"""The discrete key-value bottleneck (Träuble et al., 2023), in place of a model's classifier.
+
+The encoder's output [B, D] is split into `codebooks` heads of D / codebooks dimensions; each head
+is looked up in its own codebook of `keys` keys (vector quantisation by vector-quantize-pytorch),
+and each key holds a learnable value of `num_classes` numbers; the logits are the mean of the
+selected values. The keys are initialised from encoder outputs on training data (k-means on the
+first batch, then an exponential moving average over the data) and then frozen, so training
+changes only the values of the keys an input selects: updates stay local, which is why a model
+with the bottleneck forgets less when it learns classes one after another. The lookup is hard, so
+no gradient reaches the encoder through it: the bottleneck is meant for a pretrained encoder
+(`--init-checkpoint`), which it keeps frozen (its weights, and its batch-norm statistics and dropout
+in eval mode even while the values train), so that the keys keep matching what it outputs.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from ..errors import UserError
+
+OPTIONS = {"codebooks": int, "keys": int, "decay": float}  # bottleneck config keys and their types
+
+
+def check_options(options: dict, width: int) -> dict:
+    """The bottleneck options with defaults, or a one-line error naming the bad one."""
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise UserError(f"unknown bottleneck option(s) {', '.join(sorted(unknown))}; allowed: {', '.join(OPTIONS)}")
+    merged = {"codebooks": 8, "keys": 512, "decay": 0.9, **options}
+    if not all(isinstance(merged[k], int) and not isinstance(merged[k], bool) and merged[k] >= 1
+               for k in ("codebooks", "keys")):
+        raise UserError(f"bottleneck codebooks and keys must be integers >= 1; got {merged['codebooks']!r}, "
+                        f"{merged['keys']!r}")
+    if not (isinstance(merged["decay"], (int, float)) and 0 < merged["decay"] < 1):
+        raise UserError(f"bottleneck decay must be in (0, 1); got {merged['decay']!r}")
+    if width % merged["codebooks"]:
+        raise UserError(f"bottleneck codebooks {merged['codebooks']} must divide the encoder's output width {width} "
+                        "(each codebook looks up an equal slice of it)")
+    return {**merged, "decay": float(merged["decay"])}
+
+
+class KeyValueBottleneck(nn.Module):
+    """Encoder output [B, D] -> logits [B, num_classes] through frozen keys and learnable values."""
+
+    def __init__(self, in_features: int, num_classes: int, codebooks: int = 8, keys: int = 512,
+                 decay: float = 0.9) -> None:
+        super().__init__()
+        from loguru import logger
+        from vector_quantize_pytorch import VectorQuantize
+
+        logger.disable("vector_quantize_pytorch")  # its k-means notes on small first batches
+        options = check_options({"codebooks": codebooks, "keys": keys, "decay": decay}, in_features)
+        self.config = {"in_features": in_features, "num_classes": num_classes, **options}
+        self.in_features, self.out_features = in_features, num_classes
+        # codebook_dim = D / heads: each head looks up its own slice, with no learned projection in between.
+        self.quantizer = VectorQuantize(dim=in_features, codebook_dim=in_features // codebooks, codebook_size=keys,
+                                        heads=codebooks, separate_codebook_per_head=True, decay=decay,
+                                        kmeans_init=True, commitment_weight=0.0)
+        self.values = nn.Parameter(torch.randn(codebooks, keys, num_classes) * 0.01)
+        self.updating_keys = False  # set by init_keys
+
+    def key_indices(self, x: torch.Tensor) -> torch.Tensor:
+        """The key each codebook selects for each input: [B, codebooks]."""
+        frozen = not (self.updating_keys and self.training)
+        with torch.autocast(x.device.type, enabled=False):
+            _, indices, _ = self.quantizer(x.float().detach().unsqueeze(1), freeze_codebook=frozen)
+        return indices[:, 0, :]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        indices = self.key_indices(x)
+        heads = torch.arange(indices.shape[1], device=indices.device)
+        return self.values[heads, indices].mean(1)  # [B, codebooks, classes] -> [B, classes]
+
+
+def classifier_name(model: nn.Module) -> str:
+    """The name of the model's final classifier layer, which the bottleneck replaces."""
+    from .bert import BertClassifier
+    from .mlp import MLP
+    from .resnet import CifarResNet
+    from .vit import ViT
+
+    for cls, name in ((CifarResNet, "fc"), (MLP, "fc3"), (ViT, "vit.head"), (BertClassifier, "hf.classifier")):
+        if isinstance(model, cls):
+            return name
+    raise UserError(f"the bottleneck replaces the classifier of the registered models; a {type(model).__name__} "
+                    "is not one of them")
+
+
+@torch.no_grad()
+def init_keys(model: nn.Module, batches: Iterable, passes: int = 1) -> None:
+    """Fit the bottleneck's keys to the encoder's outputs on `batches` (k-means, then EMA), then freeze them.
+    The encoder runs in eval mode (its batch-norm statistics stay as they are)."""
+    bottleneck = find_bottleneck(model)
+    was_training = model.training
+    model.eval()
+    bottleneck.train()
+    bottleneck.updating_keys = True
+    try:
+        for _ in range(passes):
+            for x, _ in batches:
+                model(x)
+    finally:
+        bottleneck.updating_keys = False
+        model.train(was_training)
+
+
+def find_bottleneck(model: nn.Module) -> KeyValueBottleneck | None:
+    """The model's bottleneck, if it has one."""
+    return next((m for m in model.modules() if isinstance(m, KeyValueBottleneck)), None)
+
+
+def _encoder_in_eval_mode(model: nn.Module, inputs: tuple) -> None:
+    """Forward pre-hook: every module but the bottleneck (and the containers holding it) runs in eval
+    mode, as a frozen encoder should."""
+    name = next(n for n, m in model.named_modules() if isinstance(m, KeyValueBottleneck))
+    holders = {".".join(name.split(".")[:i]) for i in range(len(name.split(".")))}
+    for module_name, module in model.named_modules():
+        if module_name not in holders and not (module_name + ".").startswith(name + "."):
+            module.training = False
+
+
+def freeze_encoder(model: nn.Module) -> None:
+    """Keep the encoder of a model with a bottleneck frozen: no gradients, eval-mode behaviour."""
+    if getattr(model, "_encoder_frozen", False):
+        return
+    bottleneck = find_bottleneck(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    bottleneck.values.requires_grad_(True)
+    model.register_forward_pre_hook(_encoder_in_eval_mode)
+    model._encoder_frozen = True
+
+
+def add_bottleneck(model: nn.Module, options: dict) -> KeyValueBottleneck:
+    """Replace the model's classifier by a bottleneck of the same input width and classes (recorded as
+    surgery); its keys still need `init_keys`."""
+    from ..surgery import replace_module
+
+    name = classifier_name(model)
+    classifier = model.get_submodule(name)
+    bottleneck = KeyValueBottleneck(classifier.in_features, classifier.out_features,
+                                    **check_options(options, classifier.in_features)).to(classifier.weight.device)
+    replace_module(model, name, bottleneck)
+    model.surgery = [*getattr(model, "surgery", []), {"kind": "bottleneck", "layer": name, "config": bottleneck.config}]
+    freeze_encoder(model)
+    return bottleneck
+
+
+def keys_ready(bottleneck: KeyValueBottleneck) -> bool:
+    """Whether the keys were fitted (loaded from a checkpoint, or by init_keys)."""
+    return bool(bottleneck.quantizer._codebook.initted)

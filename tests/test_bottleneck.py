@@ -1,0 +1,65 @@
+"""The discrete key-value bottleneck: keys fitted then frozen, values trained, rebuilt from checkpoints."""
+import torch
+
+from distillation_lab.main import main
+from pruning_lab.checkpoint import build_model, load_checkpoint
+from pruning_lab.models import create_model
+from pruning_lab.models.bottleneck import KeyValueBottleneck, add_bottleneck, find_bottleneck, init_keys
+
+TINY = ["--dataset", "mnist_embedded", "--model-args", "{width: 4}", "--epochs", "2", "--train-subset", "512",
+        "--val-size", "100", "--batch-size", "64", "--optimizer", "adam", "--lr", "1e-2", "--no-progress"]
+
+
+def test_keys_are_fitted_then_frozen_while_the_values_train_on_a_frozen_encoder(tmp_path):
+    out = tmp_path / "models"
+    assert main(["train-teacher", *TINY, "--model", "resnet8", "--out-dir", str(out), "--name", "encoder"]) == 0
+    encoder = load_checkpoint(out / "encoder.pth")
+    with_bottleneck = [*TINY, "--init-checkpoint", str(out / "encoder.pth"), "--bottleneck", "{codebooks: 8, keys: 16}",
+                       "--out-dir", str(out), "--name", "kvb"]
+    assert main(["train-student", *with_bottleneck, "--epochs", "1", "--max-steps-per-epoch", "1"]) == 0
+    first = load_checkpoint(out / "kvb.pth")
+    assert first["surgery"] == [{"kind": "bottleneck", "layer": "fc", "config": {
+        "in_features": 32, "num_classes": 10, "codebooks": 8, "keys": 16, "decay": 0.9}}]
+    assert main(["train-student", *with_bottleneck, "--resume", "--resume-changes"]) == 0  # one more epoch
+    last = load_checkpoint(out / "kvb_last.pth")
+    keys = "fc.quantizer._codebook.embed"
+    assert torch.equal(first["state_dict"][keys], last["state_dict"][keys])  # frozen once fitted
+    assert not torch.equal(first["state_dict"]["fc.values"], last["state_dict"]["fc.values"])  # trained
+    for name, tensor in encoder["state_dict"].items():  # the encoder, batch-norm statistics included, is frozen
+        if not name.startswith("fc."):
+            assert torch.equal(tensor, last["state_dict"][name]), name
+    assert load_checkpoint(out / "kvb.pth")["test"]["acc"] > 0.3  # chance is 0.1
+    model = build_model(load_checkpoint(out / "kvb.pth"))
+    assert isinstance(model.fc, KeyValueBottleneck)
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(model.eval()(x)[0], build_model(load_checkpoint(out / "kvb.pth")).eval()(x)[0])
+
+
+def test_the_keys_move_while_fitted_and_only_the_selected_values_get_gradients():
+    torch.manual_seed(0)
+    model = create_model("mnist_mlp", 10, 1, 28, hidden=[32, 16])
+    bottleneck = add_bottleneck(model, {"codebooks": 4, "keys": 8})
+    batches = [(torch.randn(64, 1, 28, 28), torch.zeros(64, dtype=torch.long)) for _ in range(3)]
+    before = bottleneck.quantizer._codebook.embed.clone()
+    init_keys(model, batches)
+    fitted = bottleneck.quantizer._codebook.embed.clone()
+    assert not torch.equal(before, fitted)  # k-means on the first batch, then the moving average
+    model.train()
+    logits, _ = model(batches[0][0][:1])
+    logits.sum().backward()
+    assert torch.equal(fitted, bottleneck.quantizer._codebook.embed)  # training mode does not move them
+    touched = (bottleneck.values.grad.abs().sum(-1) > 0).sum()
+    assert touched == 4  # one key per codebook for one input
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for n, p in model.named_parameters() if n.startswith("fc1"))
+    assert find_bottleneck(model) is bottleneck
+
+
+def test_bad_bottleneck_settings_are_one_line_errors(tmp_path, capsys):
+    out = tmp_path / "models"
+    for setting, message in (("{codebooks: 5}", "codebooks 5 must divide the encoder's output width 32"),
+                             ("{books: 2}", "unknown bottleneck option(s) books"),
+                             ("{keys: 0}", "codebooks and keys must be integers >= 1")):
+        assert main(["train-student", *TINY, "--bottleneck", setting, "--out-dir", str(out), "--name", "b"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and message in err, err
+        assert not (out / "b.pth").exists()
