@@ -111,26 +111,29 @@ def find_bottleneck(model: nn.Module) -> KeyValueBottleneck | None:
     return next((m for m in model.modules() if isinstance(m, KeyValueBottleneck)), None)
 
 
-def _encoder_in_eval_mode(model: nn.Module, inputs: tuple) -> None:
-    """Forward pre-hook: every module but the bottleneck (and the containers holding it) runs in eval
-    mode, as a frozen encoder should."""
-    name = next(n for n, m in model.named_modules() if isinstance(m, KeyValueBottleneck))
-    holders = {".".join(name.split(".")[:i]) for i in range(len(name.split(".")))}
-    for module_name, module in model.named_modules():
-        if module_name not in holders and not (module_name + ".").startswith(name + "."):
+def _only_head_trains(model: nn.Module, inputs: tuple) -> None:
+    """Forward pre-hook: every module but the head (and the containers holding it) runs in eval mode."""
+    head = model._trainable_head
+    holders = {".".join(head.split(".")[:i]) for i in range(len(head.split(".")))}
+    for name, module in model.named_modules():
+        if name not in holders and not (name + ".").startswith(head + "."):
             module.training = False
 
 
+def freeze_all_but(model: nn.Module, head: str) -> None:
+    """Freeze everything but the submodule `head`: no gradients, and eval-mode behaviour (batch-norm
+    statistics, dropout) even while the model trains: a frozen encoder under a trained head."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(head + "."))
+    if getattr(model, "_trainable_head", None) is None:
+        model.register_forward_pre_hook(_only_head_trains)
+    model._trainable_head = head
+
+
 def freeze_encoder(model: nn.Module) -> None:
-    """Keep the encoder of a model with a bottleneck frozen: no gradients, eval-mode behaviour."""
-    if getattr(model, "_encoder_frozen", False):
-        return
-    bottleneck = find_bottleneck(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    bottleneck.values.requires_grad_(True)
-    model.register_forward_pre_hook(_encoder_in_eval_mode)
-    model._encoder_frozen = True
+    """Keep the encoder of a model with a bottleneck frozen; only the bottleneck's values train."""
+    name = next(n for n, m in model.named_modules() if isinstance(m, KeyValueBottleneck))
+    freeze_all_but(model, name)
 
 
 def add_bottleneck(model: nn.Module, options: dict) -> KeyValueBottleneck:

@@ -1,0 +1,60 @@
+"""A 3-layer DistilBERT-style student of the tweet BERT: alone, distilled from logits, and from logits +
+sentence embeddings.
+
+    python -m benchmarks.text_students [--seed 0] [--out-dir models_saved/text]
+
+The teacher is the pretrained MiniLM-L6 BERT fine-tuned on the real tweets (distillation_lab/configs/
+tweet_bert.yaml: 4,000 training tweets, 2 epochs). Each student keeps the teacher's layers 0, 2 and 4
+(`--init-checkpoint` + `--keep-layers 0 2 4`, initialised from the fine-tuned teacher's weights, as
+DistilBERT took every second layer of BERT) and is trained with the teacher's recipe: on the labels
+alone; with 0.5 CE + 0.5 T^2 KL (T = 4) on the logits; and with a cosine term (weight 1) between the
+student's and the teacher's mean-pooled last hidden states (the sentence embeddings) added. Prints
+test accuracy, macro F1, MCC, parameters and batch-1 latency (CPU) of the teacher and the students.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from distillation_lab.main import main
+from pruning_lab.inference import evaluate_checkpoint
+
+RECIPE = "distillation_lab/configs/tweet_bert.yaml"
+KD = "{ce: {weight: 0.5}, kd: {weight: 0.5, temperature: 4.0}}"
+KD_HIDDEN = "{ce: {weight: 0.5}, kd: {weight: 0.5, temperature: 4.0}, feature: {weight: 1.0, kind: cosine}}"
+
+
+def run(argv: list[str]) -> None:
+    """One CLI command; stop on failure."""
+    print("\n$ python main.py " + " ".join(argv), flush=True)
+    if main(argv) != 0:
+        raise SystemExit(f"failed: {' '.join(argv)}")
+
+
+def main_(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", default="models_saved/text")
+    args = parser.parse_args(argv)
+    out = Path(args.out_dir)
+    common = ["--config", RECIPE, "--out-dir", str(out), "--resume", "--no-progress"]
+    run(["train-teacher", *common, "--name", "tweet_bert"])
+    teacher = str(out / "tweet_bert.pth")
+    student = [*common, "--init-checkpoint", teacher, "--keep-layers", "0", "2", "4", "--seed", str(args.seed)]
+    runs = {"teacher (6 layers)": "tweet_bert", "student alone": f"student3_seed{args.seed}",
+            "student, KD on logits": f"student3_kd_seed{args.seed}",
+            "student, KD on logits + sentence embeddings": f"student3_kd_hidden_seed{args.seed}"}
+    run(["train-student", *student, "--name", runs["student alone"]])
+    run(["distill", *student, "--teacher-checkpoint", teacher, "--loss", KD, "--name", runs["student, KD on logits"]])
+    run(["distill", *student, "--teacher-checkpoint", teacher, "--loss", KD_HIDDEN,
+         "--name", runs["student, KD on logits + sentence embeddings"]])
+    print("\n| model | test accuracy | macro F1 | MCC | parameters | latency ms (batch 1) |")
+    print("|---|---|---|---|---|---|")
+    for label, name in runs.items():
+        card = evaluate_checkpoint(str(out / f"{name}.pth"), device="cpu")
+        print(f"| {label} | {card['test_accuracy']:.4f} | {card['test_f1_macro']:.4f} | {card['test_mcc']:.4f} | "
+              f"{card['parameters']:,} | {card['latency_ms_batch1']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main_()
