@@ -63,3 +63,21 @@ def test_bad_bottleneck_settings_are_one_line_errors(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and message in err, err
         assert not (out / "b.pth").exists()
+
+
+def test_a_bert_with_the_bottleneck_trains_only_the_values_and_replays():
+    from pruning_lab.surgery import apply_surgery
+
+    torch.manual_seed(0)
+    kwargs = dict(pretrained=False, hidden=32, layers=2, heads=2)
+    model = create_model("minilm_bert", 3, 1, 16, **kwargs)
+    add_bottleneck(model, {"codebooks": 4, "keys": 8})
+    x = model.example_input(8, "cpu")
+    init_keys(model, [(x, torch.zeros(8, dtype=torch.long))])
+    model.train()
+    model(x)[0].sum().backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["hf.classifier.values"]
+    assert not model.hf.bert.encoder.layer[0].attention.self.dropout.training  # a frozen encoder: no dropout
+    rebuilt = apply_surgery(create_model("minilm_bert", 3, 1, 16, **kwargs), model.surgery)
+    rebuilt.load_state_dict(model.state_dict())
+    assert torch.equal(rebuilt.eval()(x)[0], model.eval()(x)[0])
