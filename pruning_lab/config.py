@@ -182,6 +182,10 @@ def check_value(name: str, value: Any, source: str) -> Any:
     elif base is dict:
         if not isinstance(value, dict):
             raise bad
+        glued = [k for k, v in value.items() if v is None and isinstance(k, str) and ":" in k]
+        if glued:  # YAML reads {width:4} as one key 'width:4' with no value
+            raise UserError(f"config key '{name}' in {source} has a key '{glued[0]}' without a value: write a space "
+                            f"after the colon, e.g. {{{glued[0].replace(':', ': ', 1)}}}")
     if isinstance(value, float) and not math.isfinite(value):
         raise UserError(f"config key '{name}' in {source} must be a finite number, got {value}")
     if name in RANGES and not RANGES[name][1](value):

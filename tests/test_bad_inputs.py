@@ -51,6 +51,7 @@ def refused(capsys, argv, folder: Path | None = None) -> str:
     (["--name", "../escape"], "'name' in command line must be a file name, not a path"),
     (["--name", "/tmp/abs"], "'name' in command line must be a file name, not a path"),
     (["--model", "mnist_mlp", "--model-args", "{hidden: [16]}"], "bad model_args for 'mnist_mlp'"),
+    (["--model-args", "{width:4}"], "has a key 'width:4' without a value: write a space after the colon, e.g. {width: 4}"),
     (["--resume", "--overwrite"], "gives both resume and overwrite"),
     (["--alpha", "0.3"], "train-student trains without a teacher, but alpha is set; use the distill command"),
     (["--teacher", "resnet18"], "train-student trains without a teacher, but teacher is set"),
