@@ -16,7 +16,7 @@ from pruning_lab.clos import Clos
 from pruning_lab.clos.fit import fit_clos, fit_to_dense
 from pruning_lab.clos.surgery import matching_linears
 from pruning_lab.surgery import replace_module
-from pruning_lab.checkpoint import build_model, load_checkpoint, save_checkpoint
+from pruning_lab.checkpoint import build_model, load_checkpoint, save_derived
 from pruning_lab.config import from_dict
 from pruning_lab.inference import count_parameters, evaluate, open_checkpoint
 from pruning_lab.errors import UserError
@@ -170,10 +170,7 @@ def clos_convert(options: ClosConvertOptions) -> dict:
     summary["compression"] = summary["parameters_before"] / summary["parameters_after"]
     if hasattr(model, "sentence_embedding"):  # text: how close the converted encoder stays to the original
         summary["embedding_cosine_after"] = embedding_cosine(model, original, opened.loader("test"))
-    config = {**ckpt["config"], "name": out.stem, "out_dir": str(out.parent)}  # the report finds it by this name
-    save_checkpoint({**{k: v for k, v in ckpt.items() if k not in ("format", "version", "test", "alignment")},
-                     "config": config, "state_dict": model.state_dict(), "surgery": model.surgery, "clos": summary},
-                    out)
+    save_derived(ckpt, model, out, {"clos": summary})
     summary["output"] = str(out)
     if o.finetune_epochs:
         tuned = finetune_config(from_dict(ckpt["config"], o.checkpoint), out, out.stem + "_kd", o.finetune_epochs,

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch.nn as nn
 
-from pruning_lab.checkpoint import model_weights, save_checkpoint
+from pruning_lab.checkpoint import save_derived
 from pruning_lab.config import from_dict, make_config
 from pruning_lab.errors import UserError
 from pruning_lab.inference import count_flops, count_parameters, evaluate, open_checkpoint
@@ -191,12 +191,8 @@ def save_pruned(opened: OpenedCheckpoint, record: dict, summary: dict, path: Pat
     model, ckpt = opened.model, opened.ckpt
     others = [s for s in ckpt.get("surgery", []) if s.get("kind") != record["kind"]]  # one record per kind: the latest
     model.surgery = [*others, record]
-    config = {**ckpt["config"], "name": path.stem, "out_dir": str(path.parent)}  # the report finds it by this name
-    kept = {k: v for k, v in ckpt.items() if k not in (  # not the original's weights, training record or results
-        "format", "version", "test", "alignment", "state_dict", "sparse_weights", "surgery", "config", "prune",
-        "history", "best_epoch", "best_val_acc")}
-    save_checkpoint({**kept, "config": config, **model_weights(model), "surgery": model.surgery, "prune": summary},
-                    path)
+    # Not the original's training record: the pruned model has not been trained yet.
+    save_derived(ckpt, model, path, {"prune": summary}, drop=("prune", "history", "best_epoch", "best_val_acc"))
 
 
 def prune(options: PruneOptions) -> dict:

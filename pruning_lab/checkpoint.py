@@ -121,6 +121,16 @@ def checkpoint_weights(ckpt: dict) -> dict:
     return {**ckpt["state_dict"], **unpack_sparse(ckpt.get("sparse_weights", {}))}
 
 
+def save_derived(ckpt: dict, model: nn.Module, path: Path, extra: dict, drop: tuple = ()) -> None:
+    """Save `model`, made from the model of `ckpt` by layer surgery (Clos conversion, pruning), as a run
+    named after `path`: the original's record without its results, the new weights and surgery, `extra`;
+    the keys in `drop` are left out too."""
+    config = {**ckpt["config"], "name": path.stem, "out_dir": str(path.parent)}  # the report finds it by this name
+    kept = {k: v for k, v in ckpt.items() if k not in ("format", "version", "test", "alignment", "state_dict",
+                                                       "sparse_weights", "surgery", "config", *drop)}
+    save_checkpoint({**kept, "config": config, **model_weights(model), "surgery": model.surgery, **extra}, path)
+
+
 def code_revision() -> str:
     """The git commit of the code (with '-dirty' for local changes), or 'unknown' outside a checkout."""
     here = Path(__file__).resolve().parent
