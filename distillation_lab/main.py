@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-from pruning_lab.config import LOSS_SHORTHANDS, Config, add_config_arguments, config_from_args, make_config
+from pruning_lab.config import FIELDS, LOSS_SHORTHANDS, Config, add_config_arguments, config_from_args, make_config
 from pruning_lab.errors import UserError
 from pruning_lab.models import MODELS
 from pruning_lab.train.loop import INTERRUPTED_EXIT_CODE, TrainingInterrupted
@@ -164,8 +164,10 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     if args.download:
         download(args.dataset, args.data_dir)
     spec, train_split, val_split, test_split = load_splits(args.dataset, args.data_dir, args.val_size)
+    shape = (f"{spec.input_size} tokens" if spec.kind == "tokens"
+             else f"{spec.channels}x{spec.input_size}x{spec.input_size}")
     print(f"{spec.name} in {args.data_dir}: {len(train_split)} train, {len(val_split)} validation, "
-          f"{len(test_split)} test images; {spec.channels}x{spec.input_size}x{spec.input_size}, {spec.num_classes} classes")
+          f"{len(test_split)} test examples; {shape}, {spec.num_classes} classes")
     return 0
 
 
@@ -337,7 +339,7 @@ def add_prune_parser(sub) -> None:
 def add_prepare_data_parser(sub) -> None:
     """prepare-data."""
     p = sub.add_parser("prepare-data", help="download (--download) and check a dataset")
-    p.add_argument("--dataset", default="cifar10", choices=("cifar10", "mnist", "mnist_embedded", "imagefolder"),
+    p.add_argument("--dataset", default="cifar10", choices=[d for d in FIELDS["dataset"].metadata["choices"] if d != "custom"],
                    help="dataset")
     p.add_argument("--data-dir", default="data", help="where to put or find it")
     p.add_argument("--val-size", type=int, default=None, help="validation images held out of train")

@@ -46,10 +46,14 @@ class Config:
     family: str = _opt("", "the report family the run belongs to, recorded in the checkpoint (default: the "
                            "teacher's when distilling, else the model's: cnn, vit, text, mlp)")
     # --- data
-    dataset: str = _opt("cifar10", "dataset (custom: your own loaders, Python API)",
-                        ("cifar10", "mnist", "mnist_embedded", "tweets", "imagefolder", "custom"))
-    data_dir: str = _opt("data", "where prepare-data put the dataset (imagefolder: the folder with train/ and test/)")
-    image_size: Optional[int] = _opt(None, "imagefolder: square size images are resized to when read (default 32)")
+    dataset: str = _opt("cifar10", "dataset (glue-*: a GLUE task in GLUE's TSV layout; textcsv: your train.csv and "
+                                   "test.csv with columns text [text_pair] label; custom: your own loaders, Python API)",
+                        ("cifar10", "mnist", "mnist_embedded", "tweets", "imagefolder", "glue-cola", "glue-sst2",
+                         "glue-mrpc", "glue-rte", "glue-qnli", "glue-mnli", "glue-qqp", "textcsv", "custom"))
+    data_dir: str = _opt("data", "where prepare-data put the dataset (imagefolder: the folder with train/ and test/; "
+                                 "textcsv: the folder with train.csv and test.csv)")
+    image_size: Optional[int] = _opt(None, "imagefolder: square size images are resized to when read (default 32); "
+                                           "text: tokens per example (tweets 64, glue-* and textcsv 128)")
     channels: Optional[int] = _opt(None, "imagefolder: 1 reads the images as grayscale, 3 as RGB (default 3)")
     val_size: Optional[int] = _opt(None, "images held out of the training set for validation (default per dataset)")
     train_subset: Optional[int] = _opt(None, "use a fixed class-balanced subset of N training images (smoke runs)")

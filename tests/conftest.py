@@ -6,6 +6,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a download path in tests
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import tempfile  # noqa: E402
+
+os.environ.setdefault("DL_CACHE_DIR", tempfile.mkdtemp(prefix="dl-cache-"))  # tokenised texts: not in ~/.cache
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

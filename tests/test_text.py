@@ -99,3 +99,114 @@ def test_distilbert_style_student_keeps_the_teachers_layers_it_copies(tmp_path, 
     assert main(["train-student", *common, "--init-checkpoint", str(out / "teacher.pth"), "--keep-layers", "1", "7",
                  "--name", "y"]) == 2
     assert "keep_layers must be increasing indices of the model's 4 layers (0 to 3); got [1, 7]" in capsys.readouterr().err
+
+
+# --- text from files: GLUE's TSV layout and a user's CSV ---------------------------------------------------
+
+MNLI_HEADER = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+               "sentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label")
+
+
+def _mnli_row(i: int, s1: str, s2: str, gold: str) -> str:
+    return f"{i}\t{i}\t{i}e\tfiction\t( x )\t( y )\t(ROOT x)\t(ROOT y)\t{s1}\t{s2}\t{gold}\t{gold}"
+
+
+def write_glue(root, task_rows: dict) -> None:
+    """Files in GLUE's own layout (the columns of the real TSVs; CoLA has no header)."""
+    for (folder, file), lines in task_rows.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / file).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_glue_reader_reads_pairs_and_labels_in_glues_layout(tmp_path):
+    from transformers import AutoTokenizer
+
+    from pruning_lab.models.bert import minilm_path, segment_ids
+
+    labels = ("entailment", "neutral", "contradiction")
+    train = [MNLI_HEADER] + [_mnli_row(i, f"A man {i} walks.", f"He moves {i} \"quickly.", labels[i % 3])
+                             for i in range(30)] + [_mnli_row(99, "No gold.", "Label.", "-")]
+    dev = [MNLI_HEADER, _mnli_row(0, "The cat sat.", "A cat is sitting.", "entailment"),
+           _mnli_row(1, "It rains.", "The sun shines.", "contradiction")]
+    cola = [f"gj04\t{i % 2}\t\tSentence number {i}." for i in range(20)]
+    write_glue(tmp_path, {("MNLI", "train.tsv"): train, ("MNLI", "dev_matched.tsv"): dev,
+                          ("CoLA", "train.tsv"): cola, ("CoLA", "dev.tsv"): cola[:4]})
+    spec, tr, val, test = load_splits("glue-mnli", tmp_path, val_size=3)
+    assert (spec.kind, spec.num_classes, spec.input_size) == ("tokens", 3, 128)
+    assert (len(tr), len(val), len(test)) == (27, 3, 2)  # the "-" row is dropped, as GLUE's scripts do
+    assert test.labels.tolist() == [0, 2]
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    assert tokenizer.decode(test.inputs[0][test.inputs[0] != 0]) == "[CLS] the cat sat. [SEP] a cat is sitting. [SEP]"
+    expected = tokenizer("The cat sat.", "A cat is sitting.", padding="max_length", max_length=128)["token_type_ids"]
+    assert segment_ids(test.inputs[:1])[0].tolist() == expected  # the model tells the two texts apart
+    spec, tr, _, test = load_splits("glue-cola", tmp_path, val_size=2, image_size=16)
+    assert spec.num_classes == 2 and tr.inputs.shape == (18, 16) and test.labels.tolist() == [0, 1, 0, 1]
+    assert (segment_ids(tr.inputs) == 0).all()  # single sentences: one segment
+
+
+def test_glue_files_without_the_columns_or_with_unknown_labels_are_one_line_errors(tmp_path, capsys):
+    rte = ["index\tsentence1\tsentence2\tlabel"] + [f"{i}\ta {i}\tb {i}\tentailment" for i in range(10)]
+    write_glue(tmp_path, {("RTE", "train.tsv"): [rte[0].replace("sentence2", "hypothesis"), *rte[1:]],
+                          ("RTE", "dev.tsv"): rte[:3],
+                          ("SST-2", "train.tsv"): ["sentence\tlabel", "good\t1", "bad\t0", "fine\tpositive"],
+                          ("SST-2", "dev.tsv"): ["sentence\tlabel", "ok\t1"]})
+    common = ["--model", "minilm_bert", "--model-args", SMALL_BERT, "--data-dir", str(tmp_path), "--epochs", "1",
+              "--out-dir", str(tmp_path / "models"), "--no-progress"]
+    assert main(["train-teacher", "--dataset", "glue-rte", *common]) == 2
+    err = capsys.readouterr().err
+    assert f"RTE/train.tsv has no column sentence2 (its columns: index, sentence1, hypothesis, label)" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["train-teacher", "--dataset", "glue-sst2", *common]) == 2
+    assert "SST-2/train.tsv line 4 has label 'positive'; the task's labels are 0, 1" in capsys.readouterr().err
+    assert not (tmp_path / "models").exists()  # refused before any work
+
+
+def test_own_csv_texts_with_string_labels_train_and_cached_tokens_follow_the_file(tmp_path, monkeypatch):
+    import pruning_lab.models.bert as bert
+
+    rng = __import__("random").Random(0)
+    words = {"pos": ["love", "great", "wonderful", "happy"], "neg": ["hate", "awful", "terrible", "sad"]}
+
+    def rows(n):
+        out = []
+        for i in range(n):
+            label = ("pos", "neg")[i % 2]
+            out.append({"text": f"I {rng.choice(words[label])} this {rng.choice(['film', 'song', 'day'])}",
+                        "label": label})
+        return pd.DataFrame(out)
+
+    rows(400).to_csv(tmp_path / "train.csv", index=False)
+    rows(100).to_csv(tmp_path / "test.csv", index=False)
+    out = tmp_path / "models"
+    assert main(["train-teacher", "--dataset", "textcsv", "--data-dir", str(tmp_path), "--image-size", "16",
+                 "--model", "minilm_bert", "--model-args", SMALL_BERT, "--epochs", "3", "--batch-size", "32",
+                 "--optimizer", "adamw", "--lr", "3e-3", "--scheduler", "constant", "--out-dir", str(out),
+                 "--name", "csv", "--no-progress"]) == 0
+    assert load_checkpoint(out / "csv.pth")["test"]["acc"] > 0.9  # sentiment words decide the label
+    # The second read takes the cached token ids; a changed file is tokenised again.
+    calls, tokenize_ = [], bert.tokenize
+    monkeypatch.setattr(bert, "tokenize", lambda texts, *a: calls.append(len(texts)) or tokenize_(texts, *a))
+    spec, train, _, _ = load_splits("textcsv", tmp_path, image_size=16)
+    assert (spec.num_classes, train.inputs.shape[1]) == (2, 16) and calls == []
+    rows(50).to_csv(tmp_path / "test.csv", index=False)
+    _, _, _, test = load_splits("textcsv", tmp_path, image_size=16)
+    assert calls == [50] and len(test) == 50  # only the changed file
+    pd.DataFrame({"text": ["x y", "z"], "label": ["pos", "meh"]}).to_csv(tmp_path / "test.csv", index=False)
+    with pytest.raises(UserError, match=r"test.csv line 3 has label 'meh'; the task's labels are neg, pos"):
+        load_splits("textcsv", tmp_path, image_size=16)
+    pd.DataFrame({"sentence": ["x"], "label": ["pos"]}).to_csv(tmp_path / "train.csv", index=False)
+    with pytest.raises(UserError, match=r"train.csv has no column text \(its columns: sentence, label\)"):
+        load_splits("textcsv", tmp_path)
+
+
+def test_mrpc_is_split_into_glues_train_and_dev_by_its_dev_ids(tmp_path):
+    from pruning_lab.data.text import mrpc_tsvs
+
+    header = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"
+    rows = [f"{i % 2}\t{100 + i}\t{200 + i}\tFirst {i}.\tSecond {i}." for i in range(12)]
+    (tmp_path / "train.txt").write_text("\ufeff" + "\n".join([header, *rows]) + "\n", encoding="utf-8")
+    (tmp_path / "ids.tsv").write_text("101\t201\n105\t205\n", encoding="utf-8")
+    mrpc_tsvs(tmp_path / "train.txt", tmp_path / "ids.tsv", tmp_path / "MRPC")
+    write_glue(tmp_path, {})
+    _, train, val, test = load_splits("glue-mrpc", tmp_path, val_size=1)
+    assert (len(train) + len(val), len(test)) == (10, 2) and test.labels.tolist() == [1, 1]

