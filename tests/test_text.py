@@ -154,7 +154,7 @@ def test_glue_files_without_the_columns_or_with_unknown_labels_are_one_line_erro
               "--out-dir", str(tmp_path / "models"), "--no-progress"]
     assert main(["train-teacher", "--dataset", "glue-rte", *common]) == 2
     err = capsys.readouterr().err
-    assert f"RTE/train.tsv has no column sentence2 (its columns: index, sentence1, hypothesis, label)" in err
+    assert "RTE/train.tsv has no column sentence2 (its columns: index, sentence1, hypothesis, label)" in err
     assert len(err.strip().splitlines()) == 1
     assert main(["train-teacher", "--dataset", "glue-sst2", *common]) == 2
     assert "SST-2/train.tsv line 4 has label 'positive'; the task's labels are 0, 1" in capsys.readouterr().err

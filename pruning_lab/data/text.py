@@ -14,11 +14,14 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    import pandas
 
 DEFAULT_SEQ_LEN = 128  # GLUE's usual maximum length
 
@@ -89,7 +92,7 @@ def cached_tokenize(path: Path, columns: tuple, texts: list, pairs: Optional[lis
     return tokens
 
 
-def _read_table(path: Path, name: str, header: bool, hint: str) -> "pd.DataFrame":  # noqa: F821
+def _read_table(path: Path, name: str, header: bool, hint: str) -> "pandas.DataFrame":
     """A TSV (GLUE: no quoting) or CSV file as strings; a missing or malformed file is a one-line error."""
     import pandas as pd
 
