@@ -31,6 +31,7 @@ SMOKE = {
 }
 SMOKE_VIT = {"--model-args": "{depth: 1, embed_dim: 16, num_heads: 2}"}
 SMOKE_BERT = {"--dataset": "tweets", "--model-args": "{pretrained: false, hidden: 32, layers: 2, heads: 2}"}
+SMOKE_BERT_STUDENT = {**SMOKE_BERT, "--keep-layers": "1"}  # one of the smoke BERT's two layers
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,10 @@ class Job:
 
     def required(self) -> list[str]:
         """Checkpoints of MODELS_DIR the job cannot run without: the dependency it reads (a distill job's
-        teacher, the model a conversion starts from); a baseline only waits for its teacher's job."""
-        return [f"{dep}.pth" for dep in self.after[:1]] if self.command in ("distill", "clos-convert", "prune") else []
+        teacher, the model a conversion starts from, the model a student is initialised from); a baseline
+        otherwise only waits for its teacher's job."""
+        reads = self.command in ("distill", "clos-convert", "prune") or "--init-checkpoint" in self.args
+        return [f"{dep}.pth" for dep in self.after[:1]] if reads else []
 
     def staged(self) -> list[str]:
         """Its own checkpoints, if any, to resume from (a resumed run ends on its best)."""
@@ -95,7 +98,8 @@ CHAIN = (
         report=("vit", "teacher_accuracy")),
     Job("tweet_bert", "train-teacher", "The pretrained MiniLM-L6 BERT fine-tuned as a 3-way classifier on the real "
         "tweets (both ship in packages: no download), the original model of tweet_bert_clos.",
-        recipe="tweet_bert", script="train_tweet_bert", time="02:00:00", smoke=SMOKE_BERT),
+        recipe="tweet_bert", script="train_tweet_bert", time="02:00:00", smoke=SMOKE_BERT,
+        report=("text", "teacher_accuracy")),
     Job("cnn_student", "train-student", "ResNet-8 student baseline (no KD) on CIFAR-10, 200 epochs.",
         recipe="cnn_student", after=("cnn_teacher",), script="train_cnn_student_baseline",
         report=("cnn", "student_accuracy_without_kd")),
@@ -107,6 +111,15 @@ CHAIN = (
     Job("vit_student_kd", "distill", "ViT-Tiny -> 6-layer ViT distillation on CIFAR-10, 150 epochs, alpha 0.5, T 4.",
         recipe="distill_vit", after=("vit_teacher",), script="distill_vit", smoke=SMOKE_VIT,
         report=("vit", "student_accuracy_with_kd")),
+    Job("text_student", "train-student", "3-layer DistilBERT-style student of the tweet BERT (its layers 0, 2, 4, "
+        "initialised from its weights) trained on the labels alone: the baseline of text_student_kd.",
+        recipe="text_student", args=("--init-checkpoint", "{models}/tweet_bert.pth"), after=("tweet_bert",),
+        script="train_text_student_baseline", time="02:00:00", smoke=SMOKE_BERT_STUDENT,
+        report=("text", "student_accuracy_without_kd")),
+    Job("text_student_kd", "distill", "The 3-layer student distilled from the tweet BERT: logits (0.5 CE + 0.5 T^2 "
+        "KL, T 4) and sentence embeddings (cosine).",
+        recipe="distill_text", args=("--init-checkpoint", "{models}/tweet_bert.pth"), after=("tweet_bert",),
+        script="distill_text", time="02:00:00", smoke=SMOKE_BERT_STUDENT, report=("text", "student_accuracy_with_kd")),
     Job("vit_teacher_clos", "clos-convert", "Replace the ViT-Tiny teacher's attention projections and MLP layers by "
         "Clos layers (m = 4), then fine-tune with KD from the original for 10 epochs.",
         args=("--checkpoint", "{models}/vit_teacher.pth", "--multiplier", "4", "--finetune-epochs", "10", "--overwrite",
@@ -134,7 +147,7 @@ CHAIN = (
     Job("report", "report", "Re-evaluate every checkpoint in models_saved/ and write report.json (+ details, .md, "
         ".png) at the repository root.", args=("--models-dir", "{models}", "--output", "report.json"),
         after=("cnn_teacher", "vit_teacher", "cnn_student", "cnn_student_kd", "vit_student", "vit_student_kd",
-               "vit_teacher_clos", "tweet_bert_clos", "cnn_teacher_pruned", "vit_teacher_pruned"), script="report",
+               "text_student", "text_student_kd", "vit_teacher_clos", "tweet_bert_clos", "cnn_teacher_pruned", "vit_teacher_pruned"), script="report",
         time="01:00:00"),
 )
 

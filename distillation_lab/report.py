@@ -32,7 +32,8 @@ from .teacher import FrozenTeacher
 
 KEYS = ("teacher_accuracy", "student_accuracy_without_kd", "student_accuracy_with_kd")
 TABLE_RUNS = {**report_runs(DEMO), **report_runs(CHAIN)}  # (family, key) -> run name the job table writes
-FAMILIES = tuple(dict.fromkeys(family for family, _ in TABLE_RUNS))  # report.json's families, in order
+FAMILIES = tuple(dict.fromkeys(family for family, _ in TABLE_RUNS))  # families with teacher and students
+LAB_FAMILIES = ("cnn", "vit")  # report.json: exactly the lab plan's families (text: in the details and report.md)
 SEED_FILE = re.compile(r"^(?P<name>.+?)(?:_seed(?P<seed>\d+))?$")
 
 
@@ -183,7 +184,7 @@ def family_teacher(runs: dict[str, list[Found]], name: Optional[str]) -> Optiona
 def build_details(models_dir: Path, device: str, data_dir: Optional[str]) -> dict:
     """Evaluate every run, each in its family; the lab keys of the lab families; converted models."""
     runs = group_runs(find_checkpoints(models_dir, device, data_dir))
-    families = list(dict.fromkeys([*FAMILIES, *(f.family for fs in runs.values() for f in fs if f.opened)]))
+    families = list(dict.fromkeys([*LAB_FAMILIES, *(f.family for fs in runs.values() for f in fs if f.opened)]))
     details: dict = {}
     placed: set = set()
     for family in families:
@@ -238,7 +239,7 @@ def evaluated_any(details: dict) -> bool:
 def lab_report(details: dict) -> dict:
     """report.json: exactly the lab plan's keys; the mean test accuracy over seeds, or null."""
     return {family: {key: (details[family][key]["test_accuracy_mean"] if details[family][key]["status"] == "ok"
-                           else None) for key in KEYS} for family in FAMILIES}
+                           else None) for key in KEYS} for family in LAB_FAMILIES}
 
 
 def table_row(family: str, what: str, e: dict) -> dict:
@@ -249,7 +250,9 @@ def table_row(family: str, what: str, e: dict) -> dict:
     first = e["runs"][0]
     agreement = [r.get("teacher_agreement") for r in e["runs"] if r.get("teacher_agreement") is not None]
     accuracy = f"{e['test_accuracy_mean']:.4f}" + (f" ± {e['test_accuracy_std']:.4f}" if len(e["runs"]) > 1 else "")
-    return {**row, "seeds": str(len(e["runs"])), "test accuracy": accuracy,
+    scores = {label: f"{statistics.fmean(r[key] for r in e['runs']):.4f}" if all(key in r for r in e["runs"]) else ""
+              for label, key in (("macro F1", "test_f1_macro"), ("MCC", "test_mcc"))}
+    return {**row, "seeds": str(len(e["runs"])), "test accuracy": accuracy, **scores,
             "params": f"{first['parameters']:,}", "MACs": f"{first['macs']:,}", "file MB": first["file_megabytes"],
             "latency ms (batch 1)": first["latency_ms_batch1"], "latency ms (batch 256)": first["latency_ms_batch256"],
             "agreement with teacher": f"{statistics.fmean(agreement):.4f}" if agreement else "",
@@ -292,8 +295,8 @@ def markdown(details: dict, frame: pd.DataFrame) -> str:
                      "channels, units and heads for real.")
     for r in details["unreadable"]:
         lines.append(f"- unreadable: {r['run']}: {'; '.join(r['errors'])}")
-    for family in FAMILIES:
-        d = details[family]["kd_minus_baseline"]
+    for family, entry in details.items():
+        d = entry.get("kd_minus_baseline") if isinstance(entry, dict) else None
         if d:
             lines.append(f"- {family}: distilled minus baseline student, paired by seed: {d['mean'] * 100:+.2f} ± "
                          f"{d['std'] * 100:.2f} points; distillation better in {d['kd_better']} of {d['seeds']} seeds.")
@@ -355,7 +358,7 @@ def write_report(models_dir: str, output: str = "report.json", device: str = "au
     details = build_details(models, device, data_dir)
     if not evaluated_any(details):
         problems = [e for r in details["unreadable"] for e in r["errors"]] + [
-            e for family in FAMILIES for key in KEYS for e in details[family][key].get("errors", [])]
+            e for family in FAMILIES if family in details for key in KEYS for e in details[family][key].get("errors", [])]
         raise UserError(f"no model in {models} could be evaluated" + (f": {problems[0]}" if problems else
                                                                        " (no checkpoints found)"))
     report = lab_report(details)

@@ -40,14 +40,17 @@ after() { echo "--dependency=afterok:$1" --kill-on-invalid-dep=yes; }
     cnn_student_kd=$(submit slurm/distill_cnn.slurm $(after "$cnn_teacher") "$@")
     vit_student=$(submit slurm/train_vit_student_baseline.slurm $(after "$vit_teacher") "$@")
     vit_student_kd=$(submit slurm/distill_vit.slurm $(after "$vit_teacher") "$@")
+    text_student=$(submit slurm/train_text_student_baseline.slurm $(after "$tweet_bert") "$@")
+    text_student_kd=$(submit slurm/distill_text.slurm $(after "$tweet_bert") "$@")
     vit_teacher_clos=$(submit slurm/clos_convert_vit.slurm $(after "$vit_teacher") "$@")
     tweet_bert_clos=$(submit slurm/clos_convert_bert.slurm $(after "$tweet_bert") "$@")
     cnn_teacher_pruned=$(submit slurm/prune_cnn.slurm $(after "$cnn_teacher") "$@")
     vit_teacher_pruned=$(submit slurm/prune_vit.slurm $(after "$vit_teacher") "$@")
-    report=$(submit slurm/report.slurm $(after "$cnn_teacher:$vit_teacher:$cnn_student:$cnn_student_kd:$vit_student:$vit_student_kd:$vit_teacher_clos:$tweet_bert_clos:$cnn_teacher_pruned:$vit_teacher_pruned") "$@")
+    report=$(submit slurm/report.slurm $(after "$cnn_teacher:$vit_teacher:$cnn_student:$cnn_student_kd:$vit_student:$vit_student_kd:$text_student:$text_student_kd:$vit_teacher_clos:$tweet_bert_clos:$cnn_teacher_pruned:$vit_teacher_pruned") "$@")
 }
 echo "submitted: cnn_teacher=$cnn_teacher vit_teacher=$vit_teacher tweet_bert=$tweet_bert" \
      "cnn_student=$cnn_student cnn_student_kd=$cnn_student_kd vit_student=$vit_student" \
-     "vit_student_kd=$vit_student_kd vit_teacher_clos=$vit_teacher_clos" \
-     "tweet_bert_clos=$tweet_bert_clos cnn_teacher_pruned=$cnn_teacher_pruned" \
-     "vit_teacher_pruned=$vit_teacher_pruned report=$report"
+     "vit_student_kd=$vit_student_kd text_student=$text_student text_student_kd=$text_student_kd" \
+     "vit_teacher_clos=$vit_teacher_clos tweet_bert_clos=$tweet_bert_clos" \
+     "cnn_teacher_pruned=$cnn_teacher_pruned vit_teacher_pruned=$vit_teacher_pruned" \
+     "report=$report"

@@ -120,9 +120,16 @@ def test_chain_runs_in_dependency_order_and_writes_the_report(cluster, tmp_path)
     import json
 
     report = json.loads((repo / "report.json").read_text())
+    assert set(report) == {"cnn", "vit"}  # the lab plan's keys exactly; text is in the details
     assert all(v is not None for family in report.values() for v in family.values())
     assert (repo / "report.md").exists() and (repo / "report.png").exists()
     details = json.loads((repo / "report_details.json").read_text())
+    text = {key: details["text"][key] for key in ("teacher_accuracy", "student_accuracy_without_kd",
+                                                  "student_accuracy_with_kd")}
+    assert [e["run"] for e in text.values()] == ["tweet_bert", "text_student", "text_student_kd"]
+    assert all(e["status"] == "ok" and "test_mcc" in e["runs"][0] for e in text.values())
+    assert text["student_accuracy_with_kd"]["runs"][0]["parameters"] < text["teacher_accuracy"]["runs"][0]["parameters"]
+    assert "| text " in (repo / "report.md").read_text()
     converted = {r["run"]: r for r in details["converted"]}
     assert set(converted) == {"vit_teacher_clos_m4", "vit_teacher_clos_m4_kd", "tweet_bert_clos_m4",
                               "tweet_bert_clos_m4_kd"}
