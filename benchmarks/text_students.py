@@ -8,8 +8,15 @@ tweet_bert.yaml: 4,000 training tweets, 2 epochs). Each student keeps the teache
 (`--init-checkpoint` + `--keep-layers 0 2 4`, initialised from the fine-tuned teacher's weights, as
 DistilBERT took every second layer of BERT) and is trained with the teacher's recipe: on the labels
 alone; with 0.5 CE + 0.5 T^2 KL (T = 4) on the logits; and with a cosine term (weight 1) between the
-student's and the teacher's mean-pooled last hidden states (the sentence embeddings) added. Prints
-test accuracy, macro F1, MCC, parameters and batch-1 latency (CPU) of the teacher and the students.
+student's and the teacher's mean-pooled last hidden states (the sentence embeddings) added.
+
+With the key-value bottleneck (`--bottleneck`, unless --no-bottleneck): the teacher's classifier is
+replaced by a bottleneck over its frozen encoder (keys fitted to its outputs on the training tweets,
+values trained with the same recipe at learning rate --bottleneck-lr), and each student's likewise
+over its own trained encoder, its values trained the way that student was: on the labels (the student
+alone), or distilled from the bottleneck teacher's logits (both KD students; the encoder is frozen, so
+a hidden-state term could not change anything). Prints test accuracy, macro F1, MCC, parameters and
+batch-1 latency (CPU) of the teacher and the students.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ from pruning_lab.inference import evaluate_checkpoint
 
 RECIPE = "distillation_lab/configs/tweet_bert.yaml"
 KD = "{ce: {weight: 0.5}, kd: {weight: 0.5, temperature: 4.0}}"
+BOTTLENECK = "{codebooks: 8, keys: 512, decay: 0.9}"
 KD_HIDDEN = "{ce: {weight: 0.5}, kd: {weight: 0.5, temperature: 4.0}, feature: {weight: 1.0, kind: cosine}}"
 
 
@@ -31,10 +39,31 @@ def run(argv: list[str]) -> None:
         raise SystemExit(f"failed: {' '.join(argv)}")
 
 
+def bottleneck_runs(common: list[str], out: Path, runs: dict, args: argparse.Namespace) -> dict:
+    """The teacher and each student with a key-value bottleneck over their frozen, trained encoders."""
+    kvb = ["--bottleneck", args.bottleneck, "--lr", args.bottleneck_lr]
+    teacher = "tweet_bert_kvb"
+    run(["train-teacher", *common, *kvb, "--init-checkpoint", str(out / "tweet_bert.pth"), "--name", teacher])
+    made = {"teacher + bottleneck": teacher}
+    for label, name in list(runs.items())[1:]:
+        start = [*common, *kvb, "--init-checkpoint", str(out / f"{name}.pth"), "--seed", str(args.seed)]
+        kvb_name = name.replace("_seed", "_kvb_seed")
+        if "KD" in label:
+            run(["distill", *start, "--teacher-checkpoint", str(out / f"{teacher}.pth"), "--loss", KD,
+                 "--name", kvb_name])
+        else:
+            run(["train-student", *start, "--name", kvb_name])
+        made[f"{label} + bottleneck"] = kvb_name
+    return made
+
+
 def main_(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default="models_saved/text")
+    parser.add_argument("--bottleneck", default=BOTTLENECK, help="the bottleneck's options (YAML)")
+    parser.add_argument("--bottleneck-lr", default="1e-3", help="learning rate of the bottleneck's values")
+    parser.add_argument("--no-bottleneck", action="store_true", help="only the runs without the bottleneck")
     args = parser.parse_args(argv)
     out = Path(args.out_dir)
     common = ["--config", RECIPE, "--out-dir", str(out), "--resume", "--no-progress"]
@@ -48,6 +77,8 @@ def main_(argv: list[str] | None = None) -> None:
     run(["distill", *student, "--teacher-checkpoint", teacher, "--loss", KD, "--name", runs["student, KD on logits"]])
     run(["distill", *student, "--teacher-checkpoint", teacher, "--loss", KD_HIDDEN,
          "--name", runs["student, KD on logits + sentence embeddings"]])
+    if not args.no_bottleneck:
+        runs.update(bottleneck_runs(common, out, runs, args))
     print("\n| model | test accuracy | macro F1 | MCC | parameters | latency ms (batch 1) |")
     print("|---|---|---|---|---|---|")
     for label, name in runs.items():
