@@ -62,7 +62,7 @@ def main_(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default="models_saved/text")
     parser.add_argument("--bottleneck", default=BOTTLENECK, help="the bottleneck's options (YAML)")
-    parser.add_argument("--bottleneck-lr", default="1e-3", help="learning rate of the bottleneck's values")
+    parser.add_argument("--bottleneck-lr", default="1e-2", help="learning rate of the bottleneck's values")
     parser.add_argument("--no-bottleneck", action="store_true", help="only the runs without the bottleneck")
     args = parser.parse_args(argv)
     out = Path(args.out_dir)
