@@ -3,6 +3,7 @@ optionally fine-tune the converted model with knowledge distillation from the or
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pruning_lab.clos import Clos
-from pruning_lab.clos.fit import fit_clos, fit_to_dense
+from pruning_lab.clos.fit import fit_clos, fit_to_dense, identity_probe, relative_error
+from pruning_lab.clos.peers import (LowRank, Monarch, fit_lowrank_to_outputs, lowrank_rank_for, monarch_rank_for,
+                                    project_lowrank, project_monarch)
 from pruning_lab.clos.surgery import matching_linears
 from pruning_lab.surgery import replace_module
 from pruning_lab.checkpoint import build_model, load_checkpoint, save_derived
@@ -86,34 +89,79 @@ def embedding_cosine(model: nn.Module, original: nn.Module, loader) -> float:
     return float(torch.cat(sims).mean())
 
 
-def check_saves_parameters(model: nn.Module, names: list[str], multiplier: int) -> None:
-    """Refuse before any fitting where a Clos layer would not be smaller than the dense layer it replaces."""
+STRUCTURES = ("clos", "lowrank", "monarch")
+
+
+def make_structure(structure: str, dense: nn.Linear, multiplier: int) -> nn.Module:
+    """An untrained `structure` layer for `dense`: Clos at `multiplier`, or a low-rank or Monarch layer
+    with the rank whose parameter count is nearest to that Clos layer's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. a prime width: check_saves_parameters says what it costs
+        clos = Clos(dense.in_features, dense.out_features, multiplier)
+    if structure == "clos":
+        return clos
+    budget, bias = count_parameters(clos), dense.bias is not None
+    if structure == "lowrank":
+        return LowRank(dense.in_features, dense.out_features, lowrank_rank_for(
+            dense.in_features, dense.out_features, budget), bias=bias)
+    return Monarch(dense.in_features, dense.out_features, monarch_rank_for(
+        dense.in_features, dense.out_features, budget), bias=bias)
+
+
+def check_saves_parameters(model: nn.Module, names: list[str], multiplier: int, structure: str = "clos") -> None:
+    """Refuse before any fitting where a new layer would not be smaller than the dense layer it replaces."""
     for name in names:
         dense = model.get_submodule(name)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. a prime width: the count below says what it costs
-            clos = Clos(dense.in_features, dense.out_features, multiplier)
-        if count_parameters(clos) >= count_parameters(dense):
-            raise UserError(f"{name} ({dense.in_features} -> {dense.out_features}) as a Clos layer at m={multiplier} "
-                            f"would have {count_parameters(clos):,} parameters, not fewer than the dense layer's "
-                            f"{count_parameters(dense):,}: choose a smaller --multiplier, leave the layer out of "
-                            "--layers, or add --allow-more-parameters")
+        layer = make_structure(structure, dense, multiplier)
+        if count_parameters(layer) >= count_parameters(dense):
+            raise UserError(f"{name} ({dense.in_features} -> {dense.out_features}) as a {structure} layer at the "
+                            f"size of Clos m={multiplier} would have {count_parameters(layer):,} parameters, not "
+                            f"fewer than the dense layer's {count_parameters(dense):,}: choose a smaller --multiplier, "
+                            "leave the layer out of --layers, or add --allow-more-parameters")
+
+
+def fit_weight_space(layer: nn.Module, dense: nn.Linear, als_iterations: int, als_start: str) -> dict:
+    """The layer's weight-space fit to `dense`: ALS for Clos, the closed-form projection for its peers."""
+    if isinstance(layer, Clos):
+        return fit_to_dense(layer, dense, als_iterations, als_start)
+    start = time.perf_counter()
+    weight, bias = dense.weight.detach(), None if dense.bias is None else dense.bias.detach()
+    (project_lowrank if isinstance(layer, LowRank) else project_monarch)(layer, weight, bias)
+    x, y = identity_probe(dense)
+    with torch.no_grad():
+        probe = relative_error(layer(x), y)
+    return {"identity_probe_relative_error": probe, "seconds": time.perf_counter() - start}
+
+
+def fit_data_aware(layer: nn.Module, x, y, x_val, y_val, fit_steps: int) -> dict:
+    """The fit to the layer's outputs on calibration inputs: closed form for low-rank (reduced-rank
+    regression), gradient steps then a least-squares last stage for Clos and Monarch."""
+    if not isinstance(layer, LowRank):
+        return fit_clos(layer, x, y, steps=fit_steps, x_val=x_val, y_val=y_val)
+    start = time.perf_counter()
+    fit_lowrank_to_outputs(layer, x, y)
+    with torch.no_grad():
+        return {"relative_error": relative_error(layer(x), y), "relative_error_heldout": relative_error(layer(x_val), y_val),
+                "steps": 0, "seconds": time.perf_counter() - start}
 
 
 def convert_layer(model: nn.Module, name: str, multiplier: int, fit: str, calibration, held_out,
-                  fit_steps: int, als_iterations: int) -> dict:
-    """Fit a Clos layer to one linear layer (weight-space, then data-aware) and put it in its place.
+                  fit_steps: int, als_iterations: int, structure: str = "clos", als_start: str = "svd") -> dict:
+    """Fit a Clos (or low-rank, or Monarch) layer to one linear layer (weight-space, then data-aware)
+    and put it in its place.
 
     `calibration(name)` and `held_out(name)` give (inputs, targets) of the layer (`layer_examples`)."""
     dense = model.get_submodule(name)
-    clos = Clos(dense.in_features, dense.out_features, multiplier).to(dense.weight.device)
-    result = {"layer": name, "dense_parameters": count_parameters(dense), "clos_parameters": count_parameters(clos)}
-    result["weight_space"] = fit_to_dense(clos, dense, als_iterations)
+    layer = make_structure(structure, dense, multiplier).to(dense.weight.device)
+    budget = count_parameters(Clos(dense.in_features, dense.out_features, multiplier)) if structure != "clos" else None
+    result = {"layer": name, "structure": structure, "dense_parameters": count_parameters(dense),
+              "parameters": count_parameters(layer), "clos_parameters": budget or count_parameters(layer)}
+    result["weight_space"] = fit_weight_space(layer, dense, als_iterations, als_start)
     if fit == "data":
         (x, y), (x_val, y_val) = calibration(name), held_out(name)
-        result["data_aware"] = fit_clos(clos, x, y, steps=fit_steps, x_val=x_val, y_val=y_val)
-    replace_module(model, name, clos)
-    model.surgery = [*getattr(model, "surgery", []), {"kind": "clos", "layer": name, "config": clos.config()}]
+        result["data_aware"] = fit_data_aware(layer, x, y, x_val, y_val, fit_steps)
+    replace_module(model, name, layer)
+    model.surgery = [*getattr(model, "surgery", []), {"kind": structure, "layer": name, "config": layer.config()}]
     return result
 
 
@@ -123,7 +171,9 @@ class ClosConvertOptions:
 
     checkpoint: str
     layers: str
-    multiplier: int = 4
+    multiplier: int = 4  # Clos's middle-stage multiplier; a peer structure gets that Clos layer's parameters
+    structure: str = "clos"  # clos, lowrank or monarch
+    als_start: str = "svd"  # where the Clos ALS starts: the closed-form grouped SVD, or random
     fit: str = "data"  # data-aware (after the weight-space fit) or weights only
     fit_steps: int = 1000
     als_iterations: int = 50
@@ -138,7 +188,7 @@ class ClosConvertOptions:
 
     def output_path(self) -> Path:
         """Where the converted checkpoint goes: --output, or CHECKPOINT_clos_mM.pth beside the original."""
-        stem = Path(self.checkpoint).stem + f"_clos_m{self.multiplier}"
+        stem = Path(self.checkpoint).stem + f"_{self.structure}_m{self.multiplier}"
         return Path(self.output or Path(self.checkpoint).with_name(stem + ".pth"))
 
 
@@ -155,17 +205,17 @@ def clos_convert(options: ClosConvertOptions) -> dict:
     ckpt, model = opened.ckpt, opened.model
     names = matching_linears(model, o.layers)
     if not o.allow_more_parameters:
-        check_saves_parameters(model, names, o.multiplier)
+        check_saves_parameters(model, names, o.multiplier, o.structure)
     original = build_model(ckpt, source=o.checkpoint).to(opened.device).eval()
     test_acc = lambda: evaluate(model, opened.loader("test"))["acc"]  # noqa: E731
-    summary = {"checkpoint": o.checkpoint, "multiplier": o.multiplier, "fit": o.fit,
+    summary = {"checkpoint": o.checkpoint, "structure": o.structure, "multiplier": o.multiplier, "fit": o.fit,
                "parameters_before": count_parameters(model), "test_accuracy_before": test_acc(), "layers": []}
     for name in names:  # layer by layer: later layers see converted inputs
         summary["layers"].append(convert_layer(
             model, name, o.multiplier, o.fit,
             lambda n: layer_examples(model, original, n, opened.loader("train"), o.calibration_examples),
             lambda n: layer_examples(model, original, n, opened.loader("val"), o.calibration_examples),
-            o.fit_steps, o.als_iterations))
+            o.fit_steps, o.als_iterations, o.structure, o.als_start))
     summary.update(parameters_after=count_parameters(model), test_accuracy_after=test_acc())
     summary["compression"] = summary["parameters_before"] / summary["parameters_after"]
     if hasattr(model, "sentence_embedding"):  # text: how close the converted encoder stays to the original

@@ -19,6 +19,7 @@ from pruning_lab.errors import UserError
 from pruning_lab.models import MODELS
 from pruning_lab.train.loop import INTERRUPTED_EXIT_CODE, TrainingInterrupted
 
+from .clos_convert import STRUCTURES
 from .recipes import CONFIG_DIR, recipe_path
 
 # The lab plan's recipe for each model, used when no --config is given.
@@ -128,7 +129,8 @@ def cmd_clos_convert(args: argparse.Namespace) -> int:
     for layer in summary["layers"]:
         fit = layer.get("data_aware", layer["weight_space"])
         err = fit.get("relative_error_heldout", fit.get("identity_probe_relative_error"))
-        print(f"{layer['layer']}: {layer['dense_parameters']:,} -> {layer['clos_parameters']:,} parameters, "
+        budget = "" if layer["structure"] == "clos" else f" (Clos m={summary['multiplier']}: {layer['clos_parameters']:,})"
+        print(f"{layer['layer']}: {layer['dense_parameters']:,} -> {layer['parameters']:,} parameters{budget}, "
               f"relative output error {err:.4f}")
     print(f"parameters {summary['parameters_before']:,} -> {summary['parameters_after']:,} "
           f"({summary['compression']:.2f}x); test accuracy {summary['test_accuracy_before']:.4f} -> "
@@ -265,6 +267,14 @@ def add_submit_parser(sub) -> None:
     p.set_defaults(func=cmd_submit)
 
 
+def params_like(value: str) -> int:
+    """--params-like clos:M -> M."""
+    kind, _, m = value.partition(":")
+    if kind != "clos" or not m.isdigit() or int(m) < 1:
+        raise argparse.ArgumentTypeError(f"'{value}' is not clos:M with M an integer >= 1 (e.g. clos:4)")
+    return int(m)
+
+
 def add_clos_convert_parser(sub) -> None:
     """clos-convert."""
     p = sub.add_parser("clos-convert", help="replace linear layers by Clos layers fitted to them",
@@ -274,7 +284,15 @@ def add_clos_convert_parser(sub) -> None:
                                    "optionally fine-tune with KD from the original model.")
     p.add_argument("--checkpoint", required=True, help="the trained model (.pth)")
     p.add_argument("--layers", required=True, help="e.g. fc1 (MLP), 'vit.blocks.*.attn.qkv,vit.blocks.*.mlp.fc*' (ViT) or '*.attention.*' (BERT)")
-    p.add_argument("--multiplier", type=int, default=4, help="middle-stage multiplier m (b2 = m * bin)")
+    p.add_argument("--multiplier", type=int, default=4, help="Clos's middle-stage multiplier m (b2 = m * bin); "
+                   "with --structure lowrank or monarch, the layer gets the parameters of this Clos layer")
+    p.add_argument("--structure", choices=STRUCTURES, default="clos", help="the compact layer: clos, lowrank "
+                   "(truncated SVD, then the closed-form fit to the layer's outputs) or monarch (per-block SVD, then "
+                   "gradient steps and a least-squares last stage, as Clos)")
+    p.add_argument("--params-like", metavar="clos:M", type=params_like, dest="multiplier",
+                   help="the same as --multiplier M: give each layer the parameters of the Clos layer at m = M")
+    p.add_argument("--als-start", choices=("svd", "random"), default="svd", help="Clos: start the weight-space ALS "
+                   "at the closed-form grouped SVD (where b2 is a multiple of bout) or at random")
     p.add_argument("--fit", choices=("data", "weights"), default="data", help="data-aware (default) or weight-space only")
     p.add_argument("--fit-steps", type=int, default=1000, help="gradient steps of the data-aware fit")
     p.add_argument("--als-iterations", type=int, default=50, help="iterations of the weight-space ALS fit")

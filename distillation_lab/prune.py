@@ -180,8 +180,9 @@ def prune_step(opened: OpenedCheckpoint, o: PruneOptions, step: int, original_si
 
 def check_prunable(opened: OpenedCheckpoint, o: PruneOptions) -> None:
     """Refuse a model the method does not apply to, before any work."""
-    if any(s.get("kind") == "clos" for s in opened.ckpt.get("surgery", [])):
-        raise UserError(f"{opened.path} has Clos layers: prune the model before converting it, not after")
+    if any(s.get("kind") in ("clos", "lowrank", "monarch") for s in opened.ckpt.get("surgery", [])):
+        raise UserError(f"{opened.path} has Clos (or low-rank, Monarch) layers: prune the model before converting "
+                        "it, not after")
     if o.method == "structured":
         check_structured(opened.model, o.importance or "l2")  # e.g. bn-scale without batch norm
 

@@ -59,7 +59,7 @@ class Found:
     def kind(self) -> str:
         """converted (Clos layers), pruned, teacher, student_with_kd, student_without_kd or model."""
         kinds = {step.get("kind") for step in self.ckpt.get("surgery", [])}
-        if "clos" in kinds:
+        if kinds & set(STRUCTURE_NAMES):
             return "converted"
         if kinds & {"prune", "sparse"}:
             return "pruned"
@@ -73,7 +73,8 @@ class Found:
 def method_of(ckpt: dict, kind: str) -> str:
     """How a model was made, in a few words (for the report's rows and picture)."""
     if kind == "converted":
-        return "Clos" + (" + KD fine-tuning" if ckpt.get("teacher") else "")
+        structures = dict.fromkeys(STRUCTURE_NAMES[s["kind"]] for s in ckpt["surgery"] if s["kind"] in STRUCTURE_NAMES)
+        return " + ".join(structures) + (" + KD fine-tuning" if ckpt.get("teacher") else "")
     if kind != "pruned":
         return kind.replace("_", " ")
     steps = {s["kind"]: s for s in ckpt["surgery"]}
@@ -84,6 +85,7 @@ def method_of(ckpt: dict, kind: str) -> str:
     return what + (" + KD fine-tuning" if ckpt.get("teacher") else " + fine-tuning")
 
 
+STRUCTURE_NAMES = {"clos": "Clos", "lowrank": "low-rank", "monarch": "Monarch"}  # converted layers' surgery kinds
 KIND_OF_KEY = {"teacher_accuracy": "teacher", "student_accuracy_without_kd": "student_without_kd",
                "student_accuracy_with_kd": "student_with_kd"}
 
@@ -225,7 +227,8 @@ def converted_models(runs: dict[str, list[Found]]) -> list[dict]:
                          "dataset": card["dataset"], "test_accuracy": card["test_accuracy"],
                          "parameters": card["parameters"], "macs": card["macs"], "method": method_of(f.ckpt, f.kind),
                          **{k: card[k] for k in ("file_megabytes", "latency_ms_batch1", "latency_ms_batch256")},
-                         "clos_layers": [s["layer"] for s in f.ckpt["surgery"] if s.get("kind") == "clos"]})
+                         "clos_layers": [s["layer"] for s in f.ckpt["surgery"] if s.get("kind") == "clos"],
+                         "converted_layers": [s["layer"] for s in f.ckpt["surgery"] if s.get("kind") in STRUCTURE_NAMES]})
     return rows
 
 
@@ -282,12 +285,13 @@ def markdown(details: dict, frame: pd.DataFrame) -> str:
              "where a run has several).",
              "", shown.to_markdown(index=False), ""]
     if details["converted"]:
-        converted = pd.DataFrame([{"run": r["run"], "model": r["model"], "Clos layers": len(r["clos_layers"]),
+        converted = pd.DataFrame([{"run": r["run"], "model": r["model"], "method": r["method"],
+                                   "converted layers": len(r["converted_layers"]),
                                    "params": f"{r['parameters']:,}", "MACs": f"{r['macs']:,}",
                                    "test accuracy": f"{r['test_accuracy']:.4f}",
                                    "latency ms (batch 1)": r["latency_ms_batch1"],
                                    "latency ms (batch 256)": r["latency_ms_batch256"]} for r in details["converted"]])
-        lines += ["Converted models (Clos layers):", "", converted.to_markdown(index=False), ""]
+        lines += ["Converted models (Clos, low-rank or Monarch layers):", "", converted.to_markdown(index=False), ""]
     if "what" in frame.columns and frame["what"].astype(str).str.contains("sparse").any():
         lines.append("- Unstructured pruning sets weights to zero but keeps every shape: dense kernels do the same "
                      "work on zeros, so those models are no faster (compare their latency with the unpruned model's); "

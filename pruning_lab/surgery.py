@@ -1,7 +1,7 @@
 """Layer surgery recorded in checkpoints, and its replay on a freshly built model.
 
-Each step of a checkpoint's `surgery` list is plain data: `clos` (a linear layer replaced by a Clos
-layer), `prune` (modules made narrower by structured pruning) or `sparse` (weights with zeros that
+Each step of a checkpoint's `surgery` list is plain data: `clos`, `lowrank` or `monarch` (a linear
+layer replaced by a Clos, low-rank or Monarch layer), `prune` (modules made narrower by structured pruning) or `sparse` (weights with zeros that
 stay zero) or `keep_layers` (a transformer's layers thinned to some of them: a DistilBERT-style
 student) or `bottleneck` (the classifier replaced by a discrete key-value bottleneck). Replaying the list before loading the weights rebuilds the model that was saved.
 """
@@ -21,13 +21,15 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def apply_surgery(model: nn.Module, surgery: list[dict]) -> nn.Module:
     """Replay recorded surgery on a freshly built model (before its weights are loaded)."""
     from .clos.layer import Clos
+    from .clos.peers import LowRank, Monarch
     from .models.bottleneck import KeyValueBottleneck, freeze_encoder
     from .prune.record import keep_zeros, resize_modules
 
+    STRUCTURED_LAYERS = {"clos": Clos, "lowrank": LowRank, "monarch": Monarch}
     for step in surgery:
         kind = step.get("kind")
-        if kind == "clos":
-            replace_module(model, step["layer"], Clos(**step["config"]))
+        if kind in STRUCTURED_LAYERS:
+            replace_module(model, step["layer"], STRUCTURED_LAYERS[kind](**step["config"]))
         elif kind == "prune":
             resize_modules(model, step["modules"])
         elif kind == "sparse":

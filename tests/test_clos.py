@@ -174,3 +174,100 @@ def test_clos_convert_vit_attention_and_mlp(tmp_path, capsys):
     assert isinstance(model.vit.blocks[0].attn.qkv, Clos)
     logits, _ = model(torch.randn(2, 1, 28, 28))
     assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+
+
+# --- Clos's peers at equal parameters: low-rank and Monarch --------------------------------------------------
+
+def test_monarch_blocks_have_the_rank_and_its_projection_recovers_a_monarch_map():
+    from pruning_lab.clos.peers import Monarch, project_monarch, solve_monarch_last_stage
+
+    torch.manual_seed(0)
+    source = Monarch(48, 36, rank=2, in_blocks=6, out_blocks=4)
+    x = torch.randn(300, 48)
+    with torch.no_grad():
+        assert torch.allclose(source(x), x @ source.dense_weight().T + source.bias, atol=1e-5)
+        weight = source.dense_weight()
+    blocks = weight.reshape(4, 9, 6, 8).permute(0, 2, 1, 3)  # block (l, k): output group l, input block k
+    assert {int(torch.linalg.matrix_rank(b)) for b in blocks.reshape(-1, 9, 8)} == {2}
+    fitted = Monarch(48, 36, rank=2, in_blocks=6, out_blocks=4)
+    project_monarch(fitted, weight, source.bias.detach())
+    assert relative_error(fitted(x), source(x).detach()) < 1e-5
+    # For a dense target the projection is the per-block rank-R SVD: its error is the tail singular values.
+    dense = torch.randn(36, 48)
+    project_monarch(fitted, dense, None)
+    tail = torch.linalg.svdvals(dense.reshape(4, 9, 6, 8).permute(0, 2, 1, 3))[..., 2:]
+    assert torch.allclose((fitted.dense_weight() - dense).norm(), tail.norm(), rtol=1e-4)
+    # The last stage is linear for a fixed first stage: its least-squares solve is exact for a Monarch target.
+    with torch.no_grad():
+        fitted.w1.copy_(source.w1)
+    solve_monarch_last_stage(fitted, x, source(x).detach())
+    assert relative_error(fitted(x), source(x).detach()) < 1e-5
+
+
+def test_lowrank_closed_forms_svd_and_reduced_rank_regression():
+    from pruning_lab.clos.peers import LowRank, fit_lowrank_to_outputs, project_lowrank
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(40, 30)
+    layer = LowRank(40, 30, 5)
+    project_lowrank(layer, dense.weight.detach(), dense.bias.detach())
+    s = torch.linalg.svdvals(dense.weight.detach())
+    with torch.no_grad():
+        assert torch.allclose((layer.u.weight @ layer.v.weight - dense.weight).norm(), s[5:].norm(), rtol=1e-4)
+    x = (torch.randn(2000, 40) @ torch.randn(40, 40)) * torch.linspace(0.01, 3, 40) + 1.0  # correlated, not centred
+    with torch.no_grad():
+        y = dense(x)
+        svd_error = relative_error(layer(x), y)
+    fit_lowrank_to_outputs(layer, x, y)
+    with torch.no_grad():
+        rrr_error = relative_error(layer(x), y)
+        # The optimum for the outputs: no rank-5 map does better, e.g. not a small perturbation of it.
+        w = layer.u.weight @ layer.v.weight
+        for _ in range(5):
+            u, s_, vh = torch.linalg.svd(w + 0.01 * torch.randn_like(w))
+            other = (u[:, :5] * s_[:5]) @ vh[:5]
+            bias = (y - x @ other.T).mean(0)
+            assert relative_error(x @ other.T + bias, y) >= rrr_error - 1e-6
+    assert rrr_error < 0.8 * svd_error, (rrr_error, svd_error)
+
+
+def test_clos_grouped_svd_start_is_exact_for_a_map_of_its_form_and_helps_the_als():
+    from pruning_lab.clos.fit import fit_weights_als, grouped_svd_start
+
+    torch.manual_seed(0)
+    source = Clos(64, 64, 2)
+    assert grouped_svd_start(source, torch.randn(64, 64))  # b2 = 16 = 2 * bout: a start exists
+    weight = source.composed()[0].detach()
+    student = Clos(64, 64, 2)
+    assert grouped_svd_start(student, weight)
+    assert relative_error(student.composed()[0], weight) < 1e-6  # a map of the grouped form is recovered at once
+    dense = torch.randn(64, 64)
+    svd_start, random_start = Clos(64, 64, 2), Clos(64, 64, 2)
+    grouped_svd_start(svd_start, dense)
+    assert fit_weights_als(svd_start, dense, 10)[-1] < fit_weights_als(random_start, dense, 10)[-1]
+    assert not grouped_svd_start(Clos(64, 48, 1), torch.randn(48, 64))  # b2 = 8 is no multiple of bout = 6
+
+
+@pytest.mark.parametrize("structure", ["lowrank", "monarch"])
+def test_clos_convert_to_a_peer_structure_at_the_clos_layers_parameters(tmp_path, capsys, structure):
+    from pruning_lab.clos.peers import LowRank, Monarch
+
+    out = tmp_path / "models"
+    assert main(["train-teacher", "--model", "mnist_mlp", "--model-args", "{hidden: [784, 32]}", "--dataset",
+                 "mnist_embedded", "--epochs", "2", "--optimizer", "adam", "--lr", "1e-3", "--train-subset", "1024",
+                 "--val-size", "200", "--out-dir", str(out), "--name", "mlp", "--no-progress"]) == 0
+    assert main(["clos-convert", "--checkpoint", str(out / "mlp.pth"), "--layers", "fc1", "--structure", structure,
+                 "--params-like", "clos:2", "--fit-steps", "30", "--calibration-images", "256"]) == 0
+    text = capsys.readouterr().out
+    expected = {"lowrank": "fc1: 615,440 -> 132,496 parameters (Clos m=2: 131,824)",  # rank 84 (83: 130,928)
+                "monarch": "fc1: 615,440 -> 132,496 parameters (Clos m=2: 131,824)"}[structure]  # rank 3
+    assert expected in text, text
+    ckpt = load_checkpoint(out / f"mlp_{structure}_m2.pth")
+    assert [s["kind"] for s in ckpt["surgery"]] == [structure]
+    model = build_model(ckpt)
+    assert isinstance(model.fc1, {"lowrank": LowRank, "monarch": Monarch}[structure])
+    summary = ckpt["clos"]
+    assert summary["test_accuracy_after"] > summary["test_accuracy_before"] - 0.05  # the fit keeps the model working
+    assert summary["layers"][0]["data_aware"]["relative_error_heldout"] < 0.5
+    assert main(["report", "--models-dir", str(out), "--output", str(tmp_path / "r.json"), "--device", "cpu"]) == 0
+    assert f"mlp_{structure}_m2" in (tmp_path / "r.md").read_text()

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layer import Clos
+from .peers import Monarch, solve_monarch_last_stage
 
 
 def relative_error(output: torch.Tensor, target: torch.Tensor) -> float:
@@ -42,7 +43,7 @@ def solve_last_stage(clos: Clos, x: torch.Tensor, y: torch.Tensor, ridge: float 
     clos.w3.copy_(solution.permute(1, 0, 2).to(clos.w3.dtype))
 
 
-def fit_clos(clos: Clos, x: torch.Tensor, y: torch.Tensor, steps: int = 2000, lr: float = 3e-3,
+def fit_clos(clos: Clos | Monarch, x: torch.Tensor, y: torch.Tensor, steps: int = 2000, lr: float = 3e-3,
              batch_size: Optional[int] = 1024, x_val: Optional[torch.Tensor] = None,
              y_val: Optional[torch.Tensor] = None, seed: int = 0) -> dict:
     """Fit `clos` so that clos(x) ~ y; returns relative errors (train, held-out) and seconds."""
@@ -61,7 +62,7 @@ def fit_clos(clos: Clos, x: torch.Tensor, y: torch.Tensor, steps: int = 2000, lr
         schedule.step()
     with torch.no_grad():
         before_ls = relative_error(clos(x), y)
-        solve_last_stage(clos, x, y)
+        (solve_monarch_last_stage if isinstance(clos, Monarch) else solve_last_stage)(clos, x, y)
         result = {"relative_error": relative_error(clos(x), y), "relative_error_before_last_stage_solve": before_ls,
                   "steps": steps, "seconds": time.perf_counter() - start}
         if x_val is not None:
@@ -133,9 +134,40 @@ def fit_bias(clos: Clos, bias: torch.Tensor) -> float:
     return relative_error(clos(zero)[0], bias)
 
 
-def fit_to_dense(clos: Clos, dense: nn.Linear, iterations: int = 100) -> dict:
-    """Weight-space fit: the map by ALS (what probing with the identity measures), the bias from the zero input."""
-    start = time.perf_counter()
+@torch.no_grad()
+def grouped_svd_start(clos: Clos, weight: torch.Tensor) -> bool:
+    """A closed-form start for the ALS where b2 is a multiple g of bout: egress output o sums its own g
+    middle switches (a fixed 0/1 last stage), so row o of every block (l, j) is a combination of the g
+    rows of B_j in group o, and the best such B_j and d_jl are the rank-g SVD of those rows stacked over
+    l. With g = 1 this is a Monarch projection with the identity as last stage. False where the shapes
+    do not allow it (the random start stays)."""
+    if clos.b2 % clos.bout:
+        return False
+    g = clos.b2 // clos.bout
+    w = weight.double().reshape(clos.b3, clos.bout, clos.b1, clos.bin)  # [l, o, j, i]
+    rows = w.permute(2, 1, 0, 3)  # [j, o, l, i]: for each (j, o) the rows o of blocks (l, j)
+    u, s, vh = torch.linalg.svd(rows, full_matrices=False)  # u [j, o, l, q], vh [j, o, q, i]
+    r = min(g, s.shape[-1])
+    coeff = torch.zeros(clos.b1, clos.bout, clos.b3, g, dtype=torch.float64, device=weight.device)
+    basis = torch.zeros(clos.b1, clos.bout, g, clos.bin, dtype=torch.float64, device=weight.device)
+    coeff[..., :r] = u[..., :r] * s[..., None, :r]
+    basis[..., :r, :] = vh[..., :r, :]
+    w3 = torch.zeros(clos.b2, clos.b3, clos.bout, dtype=torch.float64, device=weight.device)
+    k = torch.arange(clos.b2, device=weight.device)
+    w3[k, :, k // g] = 1.0  # middle switch k feeds output k // g of every egress switch
+    clos.w3.copy_(w3.to(clos.w3.dtype))
+    clos.w2.copy_(coeff.permute(0, 1, 3, 2).reshape(clos.b1, clos.b2, clos.b3).to(clos.w2.dtype))  # [j, k, l]
+    clos.w1.copy_(basis.reshape(clos.b1, clos.b2, clos.bin).permute(2, 0, 1).to(clos.w1.dtype))  # [i, j, k]
+    return True
+
+
+def fit_to_dense(clos: Clos, dense: nn.Linear, iterations: int = 100, start: str = "svd") -> dict:
+    """Weight-space fit: the map by ALS (what probing with the identity measures), the bias from the zero input.
+
+    start="svd" begins the ALS at the closed-form grouped SVD where the shapes allow it, "random" at
+    the layer's random initialisation."""
+    begin = time.perf_counter()
+    started = start == "svd" and grouped_svd_start(clos, dense.weight.detach())
     errors = fit_weights_als(clos, dense.weight.detach(), iterations)
     bias_error = fit_bias(clos, dense.bias.detach()) if dense.bias is not None else 0.0
     x, y = identity_probe(dense)
@@ -143,4 +175,4 @@ def fit_to_dense(clos: Clos, dense: nn.Linear, iterations: int = 100) -> dict:
         probe_error = relative_error(clos(x), y)
     return {"weight_relative_error": errors[-1], "bias_relative_error": bias_error,
             "identity_probe_relative_error": probe_error, "iterations": iterations,
-            "seconds": time.perf_counter() - start}
+            "start": "svd" if started else "random", "seconds": time.perf_counter() - begin}
