@@ -114,8 +114,9 @@ def check_saves_parameters(model: nn.Module, names: list[str], multiplier: int, 
         dense = model.get_submodule(name)
         layer = make_structure(structure, dense, multiplier)
         if count_parameters(layer) >= count_parameters(dense):
-            raise UserError(f"{name} ({dense.in_features} -> {dense.out_features}) as a {structure} layer at the "
-                            f"size of Clos m={multiplier} would have {count_parameters(layer):,} parameters, not "
+            what = f"a Clos layer at m={multiplier}" if structure == "clos" else \
+                f"a {structure} layer the size of Clos m={multiplier}"
+            raise UserError(f"{name} ({dense.in_features} -> {dense.out_features}) as {what} would have {count_parameters(layer):,} parameters, not "
                             f"fewer than the dense layer's {count_parameters(dense):,}: choose a smaller --multiplier, "
                             "leave the layer out of --layers, or add --allow-more-parameters")
 
@@ -196,10 +197,12 @@ def clos_convert(options: ClosConvertOptions) -> dict:
     """Convert, evaluate, save (recording the surgery); optionally KD fine-tune; return the summary."""
     o = options
     out = o.output_path()
+    if out.is_dir():
+        raise UserError(f"--output {out} is a folder: give the path of the converted checkpoint (.pth)")
     taken = [p for p in (out, out.with_name(out.stem + "_kd.pth")) if p.exists()]
     if taken and not o.overwrite:
         raise UserError(f"{taken[0]} exists: add --overwrite to replace it, or give another --output")
-    check_writable_folder(out.parent)
+    check_writable_folder(out.parent, "--output's folder")
     opened = open_checkpoint(o.checkpoint, device=o.device)
     o = dataclasses.replace(o, device=str(opened.device))
     ckpt, model = opened.ckpt, opened.model

@@ -68,6 +68,9 @@ def check_spec(spec: dict, distilling: bool) -> None:
                 raise UserError(f"loss term '{name}': {key} must be {TERM_RANGES[key][0]}, got {value!r}")
         if needs_teacher and not distilling:
             raise UserError(f"loss term '{name}' needs a teacher: use the distill command with --teacher-checkpoint")
+    if spec and not any(params["weight"] > 0 for params in spec.values()):
+        raise UserError(f"every loss term in config key 'loss' has weight 0: nothing would be learned; give one a "
+                        f"weight > 0 (terms: {', '.join(spec)})")
 
 
 def make_term(name: str, params: dict, student_widths: list, teacher: Optional[FrozenTeacher]) -> nn.Module:

@@ -243,7 +243,7 @@ def add_evaluate_parser(sub) -> None:
     p.add_argument("--model", help="fail unless the checkpoint holds this architecture")
     p.add_argument("--data-dir", help="dataset directory (default: the one recorded in the checkpoint)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device")
-    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    p.add_argument("--batch-size", type=at_least(1), default=256, help="evaluation batch size")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_evaluate)
 
@@ -265,6 +265,30 @@ def add_submit_parser(sub) -> None:
     add_config_arguments(p, skip=("model", "model_args", "name", "role", "family", "resume", "teacher",
                                   "teacher_checkpoint", "init_checkpoint", "keep_layers", "bottleneck"))
     p.set_defaults(func=cmd_submit)
+
+
+def at_least(low: int):
+    """An argparse type: an integer >= `low`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
+    return value
 
 
 def params_like(value: str) -> int:
@@ -294,15 +318,15 @@ def add_clos_convert_parser(sub) -> None:
     p.add_argument("--als-start", choices=("svd", "random"), default="svd", help="Clos: start the weight-space ALS "
                    "at the closed-form grouped SVD (where b2 is a multiple of bout) or at random")
     p.add_argument("--fit", choices=("data", "weights"), default="data", help="data-aware (default) or weight-space only")
-    p.add_argument("--fit-steps", type=int, default=1000, help="gradient steps of the data-aware fit")
-    p.add_argument("--als-iterations", type=int, default=50, help="iterations of the weight-space ALS fit")
-    p.add_argument("--calibration-examples", "--calibration-images", "--calibration-texts", type=int, default=4096,
+    p.add_argument("--fit-steps", type=at_least(0), default=1000, help="gradient steps of the data-aware fit")
+    p.add_argument("--als-iterations", type=at_least(1), default=50, help="iterations of the weight-space ALS fit")
+    p.add_argument("--calibration-examples", "--calibration-images", "--calibration-texts", type=at_least(1), default=4096,
                    dest="calibration_examples", help="training examples (images or texts) whose layer inputs are "
                    "fitted (--calibration-images and --calibration-texts are the same option)")
-    p.add_argument("--finetune-epochs", type=int, default=0, help="KD fine-tuning epochs with the original as teacher")
-    p.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam learning rate of the KD fine-tuning "
+    p.add_argument("--finetune-epochs", type=at_least(0), default=0, help="KD fine-tuning epochs with the original as teacher")
+    p.add_argument("--finetune-lr", type=positive_float, default=1e-3, help="Adam learning rate of the KD fine-tuning "
                    "(1e-3 for small models; about 1e-4 for a pretrained BERT)")
-    p.add_argument("--output", help="converted checkpoint path (default: CHECKPOINT_clos_mM.pth beside it)")
+    p.add_argument("--output", help="converted checkpoint path (default: CHECKPOINT_STRUCTURE_mM.pth beside it)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output checkpoint (and its _kd)")
     p.add_argument("--allow-more-parameters", action="store_true", help="convert layers whose Clos layer would have "
@@ -374,7 +398,7 @@ def add_pipeline_parser(sub) -> None:
                                    "apply to every job (--model-args to every model; the loss options to the "
                                    "distillation jobs only).")
     p.add_argument("--preset", default="demo", help="demo (embedded MNIST, CPU, minutes) or cifar10 (a GPU)")
-    p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: 0 1 2 for demo, 0 for cifar10)")
+    p.add_argument("--seeds", type=at_least(0), nargs="+", help="student seeds (default: 0 1 2 for demo, 0 for cifar10)")
     add_config_arguments(p, skip=("model", "name", "role", "family", "resume", "seed", "teacher",
                                   "teacher_checkpoint", "init_checkpoint", "keep_layers", "bottleneck", "labelled_subset"))
     p.set_defaults(func=cmd_pipeline)

@@ -145,7 +145,11 @@ def final_size(opened: OpenedCheckpoint, o: PruneOptions, original_size: dict) -
     if o.target_parameters or o.target_macs:
         what = "parameters" if o.target_parameters else "macs"
         kind, value = parse_target(o.target_parameters or o.target_macs, what)
-        return what, value if kind == "count" else original_size[what] / value
+        count = value if kind == "count" else original_size[what] / value
+        if count >= original_size[what]:
+            raise UserError(f"--target-{what.replace('macs', 'macs')} {count:,.0f} is not below the model's "
+                            f"{original_size[what]:,} {what}: nothing would be pruned")
+        return what, count
     example = example_input(opened.model, opened.input_shape, 2, opened.device)
     one_shot = prune_structured(copy.deepcopy(opened.model), o.amount, example, "l2", o.round_to)
     return "parameters", model_size(one_shot, opened.input_shape, "parameters")
@@ -201,11 +205,13 @@ def prune(options: PruneOptions) -> dict:
     o = options
     o.check()
     out, tuned_out = o.output_path(), o.finetuned_path()
+    if out.is_dir():
+        raise UserError(f"--output {out} is a folder: give the path of the pruned checkpoint (.pth)")
     steps_dir = out.with_name(out.stem + "_steps")
     taken = [p for p in (out, tuned_out) if p.exists()] + ([steps_dir] if o.steps > 1 and steps_dir.exists() else [])
     if taken and not o.overwrite:
         raise UserError(f"{taken[0]} exists: add --overwrite to replace it, or give another --output")
-    check_writable_folder(out.parent)
+    check_writable_folder(out.parent, "--output's folder")
     if o.teacher_checkpoint and not Path(o.teacher_checkpoint).is_file():
         raise UserError(f"teacher checkpoint not found: {o.teacher_checkpoint}")
     epochs = schedule(o.finetune_epochs, o.steps)

@@ -16,6 +16,7 @@ import copy
 import json
 import re
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -26,6 +27,7 @@ from pruning_lab.errors import UserError
 from pruning_lab.inference import OpenedCheckpoint, model_card, open_checkpoint, soft_target_alignment
 from pruning_lab.models import model_family
 from pruning_lab.runtime import resolve_precision
+from pruning_lab.train.run_folder import check_writable_folder
 
 from .chain import CHAIN, DEMO, report_runs
 from .teacher import FrozenTeacher
@@ -302,8 +304,9 @@ def markdown(details: dict, frame: pd.DataFrame) -> str:
     for family, entry in details.items():
         d = entry.get("kd_minus_baseline") if isinstance(entry, dict) else None
         if d:
-            lines.append(f"- {family}: distilled minus baseline student, paired by seed: {d['mean'] * 100:+.2f} ± "
-                         f"{d['std'] * 100:.2f} points; distillation better in {d['kd_better']} of {d['seeds']} seeds.")
+            spread = f" ± {d['std'] * 100:.2f}" if d["seeds"] > 1 else ""
+            lines.append(f"- {family}: distilled minus baseline student, paired by seed: {d['mean'] * 100:+.2f}{spread} "
+                         f"points; distillation better in {d['kd_better']} of {d['seeds']} seed{'s' * (d['seeds'] > 1)}.")
     return "\n".join(lines) + "\n"
 
 
@@ -359,15 +362,19 @@ def write_report(models_dir: str, output: str = "report.json", device: str = "au
     models = Path(models_dir)
     if not models.is_dir():
         raise UserError(f"models directory not found: {models}")
+    out = Path(output)
+    if out.is_dir():
+        raise UserError(f"--output {out} is a folder: give the path of report.json (the other files go beside it)")
+    check_writable_folder(out.parent, "--output's folder")  # before minutes of evaluation, not after
     details = build_details(models, device, data_dir)
+    for r in details["unreadable"]:  # marked in the files too; said here so that nobody misses it
+        print(f"warning: {r['run']} not evaluated: {'; '.join(r['errors'])}", file=sys.stderr)
     if not evaluated_any(details):
         problems = [e for r in details["unreadable"] for e in r["errors"]] + [
             e for family in FAMILIES if family in details for key in KEYS for e in details[family][key].get("errors", [])]
         raise UserError(f"no model in {models} could be evaluated" + (f": {problems[0]}" if problems else
                                                                        " (no checkpoints found)"))
     report = lab_report(details)
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     frame = table(details)
     out.write_text(json.dumps(report, indent=2) + "\n")
     out.with_name(out.stem + "_details.json").write_text(json.dumps(details, indent=2) + "\n")

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch.nn as nn
 
 from pruning_lab.checkpoint import update_checkpoint
-from pruning_lab.config import LOSS_SHORTHANDS, Config, make_config
+from pruning_lab.config import LOSS_SHORTHANDS, Config, check_config, make_config
 from pruning_lab.inference import soft_target_alignment
 from pruning_lab.models import model_family
 from pruning_lab.runtime import resolve_precision
@@ -26,6 +26,7 @@ def run_training(cfg: Config, parts: Optional[RunParts] = None, teacher: Optiona
     """Train as `cfg` says (parts: data and model built from it unless given); a distilled student
     also gets its agreement with the teacher on the test split. Returns the run's summary."""
     distilling = teacher is not None or bool(cfg.teacher_checkpoint)
+    check_config(cfg)
     cfg = resolve_loss(cfg, distilling)  # the loss and the run folder are checked before any data is loaded
     check_run_folder(cfg)
     parts = parts or build_parts(cfg)

@@ -69,9 +69,13 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a distill-lab checkpoint (no '{FORMAT}' marker); "
                               "it may be a bare state_dict or another tool's file")
+    if not isinstance(data.get("version"), int) or data["version"] > VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {data.get('version')!r}; this code reads "
+                              f"version {VERSION} and older: update distill-lab")
     return data
 
 
+CONFIG_FIELDS = ("model", "dataset", "data_dir", "seed", "name", "val_size", "image_size")  # what evaluation and the report read
 ARCH_FIELDS = {"name": str, "num_classes": int, "in_chans": int, "image_size": int, "kwargs": dict}
 
 
@@ -84,8 +88,13 @@ def check_model_fields(ckpt: dict, source: str) -> None:
     else:
         problems += [f"arch.{k}" for k, tp in ARCH_FIELDS.items() if not isinstance(arch.get(k), tp)
                      and not (k in ("num_classes", "in_chans", "image_size") and arch.get(k) is None)]
-    if not isinstance(ckpt.get("config", {}), dict) or not isinstance(ckpt.get("surgery", []), list):
-        problems.append("config or surgery")
+    config, surgery = ckpt.get("config"), ckpt.get("surgery", [])
+    if not isinstance(config, dict) or not all(k in config for k in CONFIG_FIELDS):
+        problems.append("config")
+    if not isinstance(surgery, list) or not all(isinstance(s, dict) and isinstance(s.get("kind"), str) for s in surgery):
+        problems.append("surgery")
+    if not isinstance(ckpt.get("data", {}), dict):
+        problems.append("data")
     if problems:
         raise CheckpointError(f"{source} is not a valid distill-lab checkpoint: missing or malformed "
                               f"{', '.join(problems)}")

@@ -126,9 +126,10 @@ RANGES = {
 
 def check_name(value: str, source: str) -> None:
     """A run name is a file name inside --out-dir, never a path."""
-    if value in (".", "..") or any(sep in value for sep in ("/", "\\")) or value.startswith("."):
-        raise UserError(f"config key 'name' in {source} must be a file name, not a path: got '{value}'; "
-                        "use --out-dir for the folder")
+    if (value in (".", "..") or any(sep in value for sep in ("/", "\\")) or value.startswith(".")
+            or not value.isprintable()):
+        raise UserError(f"config key 'name' in {source} must be a plain file name (no path, no leading dot, no "
+                        f"control characters): got {value!r}; use --out-dir for the folder")
 
 
 def _type_name(tp: Any) -> str:
@@ -199,13 +200,24 @@ def check_value(name: str, value: Any, source: str) -> Any:
     return value
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error instead of the last winning."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+        if twice is not None:
+            raise yaml.constructor.ConstructorError(None, None, f"key '{twice}' is given twice", node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML config file into a dict of checked values (plain data only: safe_load)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
     except UnicodeDecodeError:
         raise UserError(f"config file {path} is not UTF-8 text (is it a YAML file?)") from None
     except yaml.YAMLError as e:
@@ -235,6 +247,32 @@ def merge_loss_keys(values: dict, base: Config, source: str) -> dict:
         raise UserError(f"{', '.join(repr(k) for k in given)} in {source} would change a loss given as the mapping "
                         f"`loss` earlier (in a YAML file or recipe); give the whole loss with --loss instead")
     return values
+
+
+IMAGE_SIZE_DATASETS = ("imagefolder", "tweets", "glue-cola", "glue-sst2", "glue-mrpc", "glue-rte", "glue-qnli",
+                       "glue-mnli", "glue-qqp", "textcsv")  # the datasets that read image_size
+
+
+def check_config(cfg: Config) -> None:
+    """Settings that one another make meaningless (a flag the run would ignore) are errors, before any work."""
+    default = Config()
+    unused = []
+    if cfg.optimizer != "sgd" and cfg.momentum != default.momentum:
+        unused.append(f"momentum {cfg.momentum} (only sgd uses it; the optimizer is {cfg.optimizer})")
+    if cfg.scheduler != "multistep" and (cfg.milestones != default.milestones or cfg.gamma != default.gamma):
+        unused.append(f"milestones/gamma (only the multistep schedule uses them; the schedule is {cfg.scheduler})")
+    if cfg.channels is not None and cfg.dataset != "imagefolder":
+        unused.append(f"channels {cfg.channels} (only imagefolder reads it; {cfg.dataset} has its own)")
+    if cfg.image_size is not None and cfg.dataset not in IMAGE_SIZE_DATASETS:
+        unused.append(f"image_size {cfg.image_size} ({cfg.dataset} has a fixed size; models that want another "
+                      "resize on the device)")
+    if cfg.resume_changes and not cfg.resume:
+        unused.append("resume_changes (it applies to --resume only)")
+    if unused:
+        raise UserError(f"config sets {unused[0]}: leave it out")
+    if cfg.labelled_subset is not None and cfg.train_subset is not None and cfg.labelled_subset > cfg.train_subset:
+        raise UserError(f"labelled_subset {cfg.labelled_subset} is more than train_subset {cfg.train_subset}: "
+                        "it counts labelled examples among the training subset")
 
 
 def make_config(values: dict, source: str = "overrides", base: Optional[Config] = None) -> Config:

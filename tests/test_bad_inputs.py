@@ -48,13 +48,24 @@ def refused(capsys, argv, folder: Path | None = None) -> str:
     (["--milestones", "-5"], "'milestones' in command line must be epochs >= 0"),
     (["--momentum", "1.5"], "'momentum' in command line must be in [0, 1)"),
     (["--train-subset", "99999"], "train_subset 99999 is more than the 3900 training examples"),
-    (["--name", "../escape"], "'name' in command line must be a file name, not a path"),
-    (["--name", "/tmp/abs"], "'name' in command line must be a file name, not a path"),
+    (["--name", "../escape"], "'name' in command line must be a plain file name"),
+    (["--name", "/tmp/abs"], "'name' in command line must be a plain file name"),
     (["--model", "mnist_mlp", "--model-args", "{hidden: [16]}"], "bad model_args for 'mnist_mlp'"),
     (["--model-args", "{width:4}"], "has a key 'width:4' without a value: write a space after the colon, e.g. {width: 4}"),
     (["--resume", "--overwrite"], "gives both resume and overwrite"),
     (["--alpha", "0.3"], "train-student trains without a teacher, but alpha is set; use the distill command"),
     (["--teacher", "resnet18"], "train-student trains without a teacher, but teacher is set"),
+    (["--name", "a\nb"], "'name' in command line must be a plain file name"),
+    (["--optimizer", "adamw", "--momentum", "0.5"], "config sets momentum 0.5 (only sgd uses it"),
+    (["--scheduler", "cosine", "--milestones", "1", "2"], "milestones/gamma (only the multistep schedule uses them"),
+    (["--channels", "3"], "config sets channels 3 (only imagefolder reads it"),
+    (["--image-size", "64"], "config sets image_size 64 (mnist_embedded has a fixed size"),
+    (["--resume-changes"], "resume_changes (it applies to --resume only)"),
+    (["--labelled-subset", "200"], "labelled_subset 200 is more than train_subset 128"),
+    (["--loss", "{ce: {weight: 0}}"], "every loss term in config key 'loss' has weight 0"),
+    (["--model-args", "{width: 0}"], "bad model_args for 'resnet8' {'width': 0}: they give"),
+    (["--model", "mnist_mlp", "--model-args", "{hidden: [0, 32]}"], "they give fc1.weight no weights"),
+    (["--dataset", "tweets"], "model resnet8 {'width': 4} cannot run on tweets's token ids [B, 64]"),
 ])
 def test_numbers_names_and_model_args_are_checked_before_work(finished, capsys, flags, message):
     err = refused(capsys, ["train-student", *TINY, "--out-dir", str(finished), "--name", "new", *flags], finished)
@@ -72,6 +83,47 @@ def test_loss_numbers_are_checked_before_work(finished, capsys, flags, message):
     err = refused(capsys, ["distill", *TINY, "--teacher-checkpoint", str(finished / "s.pth"),
                            "--out-dir", str(finished), "--name", "kd", *flags], finished)
     assert message in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--fit-steps", "-1"], "-1 must be >= 0"),
+    (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--als-iterations", "0"], "0 must be >= 1"),
+    (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--calibration-examples", "0"], "0 must be >= 1"),
+    (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--finetune-lr", "nan"], "nan must be a finite number > 0"),
+    (["evaluate", "x.pth", "--batch-size", "0"], "0 must be >= 1"),
+    (["pipeline", "--seeds", "-1"], "-1 must be >= 0"),
+])
+def test_command_numbers_are_checked_by_the_parser(capsys, argv, message):
+    assert message in refused(capsys, argv)
+
+
+def test_outputs_that_are_folders_or_unwritable_fail_before_any_evaluation(finished, tmp_path, capsys):
+    err = refused(capsys, ["report", "--models-dir", str(finished), "--output", str(tmp_path)])
+    assert "--output " + str(tmp_path) + " is a folder" in err
+    err = refused(capsys, ["clos-convert", "--checkpoint", str(finished / "s.pth"), "--layers", "*",
+                           "--output", str(tmp_path)], finished)
+    assert "is a folder: give the path of the converted checkpoint" in err
+    (tmp_path / "file").write_text("x")
+    err = refused(capsys, ["report", "--models-dir", str(finished), "--output", str(tmp_path / "file" / "r.json")])
+    assert "--output's folder" in err and "is a file, not a folder" in err
+
+
+def test_a_config_file_with_a_key_twice_is_refused(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("lr: 0.1\nepochs: 2\nlr: 0.5\n")
+    assert "key 'lr' is given twice" in refused(capsys, ["train-student", "--config", str(tmp_path / "c.yaml")])
+
+
+def test_a_damaged_resume_state_is_one_line(finished, tmp_path, capsys):
+    import shutil
+
+    for name in ("s.pth", "s_last.pth"):
+        shutil.copy(finished / name, tmp_path / name)
+    state = torch.load(tmp_path / "s_last.pth", weights_only=True)
+    state.pop("optimizer")
+    state["history"] = state["history"][:0]  # unfinished: it resumes
+    torch.save(state, tmp_path / "s_last.pth")
+    err = refused(capsys, ["train-student", *TINY, "--out-dir", str(tmp_path), "--name", "s", "--resume", "--epochs", "1"])
+    assert "not a valid resume state (KeyError: 'optimizer')" in err
 
 
 def test_unknown_flag_and_bad_choice_are_one_line(capsys):
@@ -128,6 +180,21 @@ def test_crafted_checkpoint_is_refused_as_not_valid(tmp_path, capsys):
     torch.save({"format": "distill-lab-checkpoint", "version": 1, "state_dict": {}, "config": {}}, crafted)
     err = refused(capsys, ["evaluate", str(crafted)])
     assert "is not a valid distill-lab checkpoint: missing or malformed arch" in err
+
+
+def test_real_checkpoints_with_fields_removed_or_from_a_newer_version_are_refused(finished, tmp_path, capsys):
+    good = torch.load(finished / "s.pth", weights_only=True)
+    for change, message in ((lambda c: c.update(config={}), "missing or malformed config"),
+                            (lambda c: c.update(surgery=["x"]), "missing or malformed surgery"),
+                            (lambda c: c.update(data="x"), "missing or malformed data"),
+                            (lambda c: c.update(version=99), "has checkpoint format version 99")):
+        crafted = {k: v for k, v in good.items()}
+        change(crafted)
+        torch.save(crafted, tmp_path / "c.pth")
+        assert message in refused(capsys, ["evaluate", str(tmp_path / "c.pth")])
+        err = refused(capsys, ["train-student", *TINY, "--init-checkpoint", str(tmp_path / "c.pth"),
+                               "--out-dir", str(tmp_path / "out")])
+        assert message in err
 
 
 def test_clos_conversion_that_would_not_save_parameters_is_refused(tmp_path, capsys):

@@ -86,6 +86,8 @@ def _cifar10(data_dir: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
         ds = cls(str(data_dir), train=train, download=False)
     except (RuntimeError, FileNotFoundError):
         raise _missing("cifar10", data_dir, "cifar-10-batches-py/") from None
+    except Exception as e:  # a damaged batch file read knowingly: pickle, EOF or shape errors
+        raise UserError(f"cifar10: cannot read {folder}: {type(e).__name__}: {(str(e) or '?').splitlines()[0]}") from None
     return ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets)
 
 

@@ -100,10 +100,13 @@ def _read_table(path: Path, name: str, header: bool, hint: str) -> "pandas.DataF
         raise UserError(f"{name}: {path.resolve()} not found; {hint}")
     tsv = path.suffix == ".tsv"
     try:
-        return pd.read_csv(path, sep="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
-                           header=0 if header else None, dtype=str, keep_default_na=False, encoding="utf-8")
+        table = pd.read_csv(path, sep="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
+                            header=0 if header else None, dtype=str, keep_default_na=False, encoding="utf-8")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise UserError(f"{name}: cannot read {path}: {str(e).splitlines()[0]}") from None
+    if table.empty:
+        raise UserError(f"{name}: {path} has no rows")
+    return table
 
 
 def _columns(table, path: Path, name: str, wanted: tuple) -> None:

@@ -31,8 +31,11 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 3, image_size
         raise UserError(f"unknown model '{name}'; registered models: {', '.join(sorted(MODELS))}")
     try:
         model = MODELS[name](num_classes=num_classes, in_chans=in_chans, image_size=image_size, **kwargs)
-    except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError, RuntimeError) as e:
+    except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError, RuntimeError, AssertionError) as e:
         raise UserError(f"bad model_args for '{name}' {kwargs}: {type(e).__name__}: {e}") from None
+    empty = [n for n, p in model.named_parameters() if p.numel() == 0]
+    if empty:
+        raise UserError(f"bad model_args for '{name}' {kwargs}: they give {empty[0]} no weights (a width of 0)")
     # Recorded so that a checkpoint can rebuild exactly this model.
     model.arch = {"name": name, "num_classes": num_classes, "in_chans": in_chans,
                   "image_size": getattr(model, "image_size", image_size), "kwargs": dict(kwargs)}

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..config import Config, to_dict
-from ..data import BatchLoader, load_splits
+from ..config import Config, check_config, to_dict
+from ..data import BatchLoader, Split, load_splits
 from ..errors import UserError
 from ..inference.evaluate import count_parameters, evaluate
 from ..models import create_model
@@ -96,6 +96,25 @@ class RunParts:
     device: torch.device
 
 
+@torch.no_grad()
+def check_model_runs(model: nn.Module, cfg: Config, spec, split, device: torch.device) -> None:
+    """One forward pass on two training examples, before any work: a model that cannot read the
+    dataset's inputs (an image model on text, widths that do not fit) is a one-line error."""
+    sample = BatchLoader(Split(split.inputs[:2], split.labels[:2]), spec, 2, device, input_size=model.arch["image_size"])
+    x, _ = next(iter(sample))
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as e:
+        what = f"token ids [B, {spec.input_size}]" if spec.kind == "tokens" else \
+            f"{spec.channels}x{spec.input_size}x{spec.input_size} images"
+        raise UserError(f"model {cfg.model} {cfg.model_args} cannot run on {cfg.dataset}'s {what}: "
+                        f"{(str(e) or type(e).__name__).splitlines()[0]}") from None
+    finally:
+        model.train(was_training)
+
+
 def build_parts(cfg: Config) -> RunParts:
     """Data splits and the model that `cfg` describes, on the device it asks for."""
     info = distributed.setup()
@@ -118,6 +137,7 @@ def build_parts(cfg: Config) -> RunParts:
         raise UserError("keep_layers picks layers of the model in init_checkpoint: give --init-checkpoint too")
     else:
         model = create_model(cfg.model, spec.num_classes, spec.channels, spec.input_size, **cfg.model_args).to(device)
+    check_model_runs(model, cfg, spec, train_split, device)
     bottleneck = find_bottleneck(model)
     if cfg.bottleneck and bottleneck is None:
         bottleneck = add_bottleneck(model, cfg.bottleneck)
@@ -187,7 +207,14 @@ class Trainer:
         distributed.barrier(self.dist)
 
     def restore(self, ckpt: dict) -> None:
-        """Continue from a last checkpoint of the same model."""
+        """Continue from a last checkpoint of the same model; a damaged resume state is a one-line error."""
+        try:
+            self._restore(ckpt)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            raise UserError(f"cannot resume from {self.paths.last}: not a valid resume state ({type(e).__name__}: "
+                            f"{(str(e) or '?').splitlines()[0]}); --overwrite starts the run afresh") from None
+
+    def _restore(self, ckpt: dict) -> None:
         if ckpt["arch"] != self.model.arch:
             raise UserError(f"cannot resume from {self.paths.last}: it holds {ckpt['arch']['name']} "
                             f"{ckpt['arch']['kwargs']}, this run builds {self.model.arch['name']} "
@@ -338,6 +365,7 @@ CriterionFactory = Callable[[RunParts], nn.Module]
 
 def train(cfg: Config, criterion: nn.Module | CriterionFactory | None = None) -> dict:
     """Train `cfg.model` as `cfg` says; `criterion` (or a factory given the run's parts) defaults to CE."""
+    check_config(cfg)
     check_run_folder(cfg)
     parts = build_parts(cfg)
     if criterion is not None and not isinstance(criterion, nn.Module):

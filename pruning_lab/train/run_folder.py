@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ from ..config import Config, to_dict
 from ..errors import UserError
 
 # Config keys that define a run besides its model: resuming with other values would train another run.
-RESUME_KEYS = ("init_checkpoint", "keep_layers", "bottleneck", "dataset", "train_subset", "labelled_subset", "val_size", "image_size", "augment",
+RESUME_KEYS = ("init_checkpoint", "keep_layers", "bottleneck", "dataset", "train_subset", "labelled_subset", "val_size", "image_size", "channels", "augment", "flip",
+               "max_steps_per_epoch",
                "batch_size", "optimizer", "lr", "momentum", "weight_decay", "scheduler", "milestones", "gamma",
                "warmup_epochs", "label_smoothing", "loss", "teacher_checkpoint", "seed")
 
@@ -38,16 +40,22 @@ class RunPaths:
         return cls(out / f"{name}.pth", out / f"{name}_last.pth", out / f"{name}_log.csv", out / f".{name}.lock")
 
 
-def check_writable_folder(folder: Path) -> None:
+def check_writable_folder(folder: Path, flag: str = "--out-dir") -> None:
     """The folder exists and can be written, or can be made (its nearest existing parent is writable)."""
     if folder.exists() and not folder.is_dir():
-        raise UserError(f"--out-dir {folder} is a file, not a folder")
+        raise UserError(f"{flag} {folder} is a file, not a folder")
     existing = folder
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    writable = existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+    if writable and existing == folder:  # try it: root passes os.access on read-only mounts and /proc
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError:
+            writable = False
+    if not writable:
         what = "cannot be written" if existing == folder else f"cannot be made: {existing} is not writable"
-        raise UserError(f"--out-dir {folder} {what}")
+        raise UserError(f"{flag} {folder} {what}")
 
 
 def check_run_folder(cfg: Config) -> RunPaths:
@@ -93,8 +101,11 @@ class RunLock:
     def __enter__(self) -> "RunLock":
         if not self.enabled:
             return self
-        self.paths.lock.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.paths.lock, "a+")
+        try:
+            self.paths.lock.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.paths.lock, "a+")
+        except OSError as e:
+            raise UserError(f"cannot write in {self.paths.lock.parent}: {e.strerror or e}") from None
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1,0 +1,143 @@
+"""Clos against low-rank and Monarch at equal parameters, and a dense control, on one model's layers.
+
+    python -m benchmarks.clos_peers --checkpoint models_saved/clos/mnist_mlp.pth --layers fc1 \
+        [--multipliers 4 2] [--finetune-epochs 5] [--finetune-lr 1e-3] [--fit-steps 1000] [--rows 256]
+
+For each budget (the parameters of the Clos layer at m = 4 and m = 2) and each structure (clos,
+lowrank, monarch), runs `clos-convert` on the matching layers (weight-space fit, then the data-aware
+fit on calibration inputs, then the same KD fine-tuning from the original) and prints: the
+converted layers' parameters against the Clos budget, the mean and worst relative output error per
+layer on held-out inputs, the model's test accuracy (and, for text, the sentence-embedding cosine
+to the original) after conversion and after fine-tuning, the conversion's fitting seconds, and the
+forward+backward milliseconds of one layer of each shape against dense at --rows rows. The dense
+control is the original model given the same KD fine-tuning. Then the Clos fit's two starts (the
+closed-form grouped SVD against random) on the first layer: weight error after the ALS, held-out
+output error after the data-aware fit, and seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from benchmarks.clos_speed import time_step
+from distillation_lab.clos_convert import ClosConvertOptions, clos_convert, layer_examples, make_structure
+from distillation_lab.runs import finetune_config, run_training
+from pruning_lab.checkpoint import load_checkpoint
+from pruning_lab.clos import Clos
+from pruning_lab.clos.fit import fit_clos, fit_to_dense
+from pruning_lab.clos.surgery import matching_linears
+from pruning_lab.config import from_dict
+from pruning_lab.inference import count_parameters, open_checkpoint
+
+STRUCTURES = ("clos", "lowrank", "monarch")
+
+
+def layer_speed(opened, names: list[str], structure: str, m: int, rows: int) -> float:
+    """Mean over the layers' distinct shapes of (structure's fwd+bwd time) / (dense's), at `rows` rows."""
+    shapes = sorted({(opened.model.get_submodule(n).in_features, opened.model.get_submodule(n).out_features)
+                     for n in names})
+    ratios = []
+    for fan_in, fan_out in shapes:
+        dense = torch.nn.Linear(fan_in, fan_out)
+        layer = make_structure(structure, dense, m)
+        x = torch.randn(rows, fan_in, requires_grad=True)
+        ratios.append(time_step(layer, x, 30) / time_step(dense, x, 30))
+    return sum(ratios) / len(ratios)
+
+
+def compare_starts(opened, original_path: str, name: str, m: int, calibration: int, fit_steps: int,
+                   als_iterations: int) -> list[dict]:
+    """The Clos fit of layer `name` from the grouped-SVD start and from a random start."""
+    model = opened.model
+    dense = model.get_submodule(name)
+    x, y = layer_examples(model, None, name, opened.loader("train"), calibration)
+    xv, yv = layer_examples(model, None, name, opened.loader("val"), calibration)
+    rows = []
+    for start in ("svd", "random"):
+        torch.manual_seed(0)
+        clos = Clos(dense.in_features, dense.out_features, m)
+        weight = fit_to_dense(clos, dense, als_iterations, start)
+        data = fit_clos(clos, x, y, steps=fit_steps, x_val=xv, y_val=yv)
+        rows.append({"start": weight["start"], "m": m, "weight_error_after_als": weight["weight_relative_error"],
+                     "als_seconds": weight["seconds"], "heldout_output_error": data["relative_error_heldout"],
+                     "total_seconds": weight["seconds"] + data["seconds"]})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--layers", required=True)
+    parser.add_argument("--multipliers", type=int, nargs="+", default=[4, 2])
+    parser.add_argument("--structures", nargs="+", default=list(STRUCTURES), choices=STRUCTURES)
+    parser.add_argument("--finetune-epochs", type=int, default=5)
+    parser.add_argument("--finetune-lr", type=float, default=1e-3)
+    parser.add_argument("--fit-steps", type=int, default=1000)
+    parser.add_argument("--als-iterations", type=int, default=50)
+    parser.add_argument("--calibration-examples", type=int, default=4096)
+    parser.add_argument("--rows", type=int, default=256, help="rows (batch or tokens) of the speed measurement")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args(argv)
+    opened = open_checkpoint(args.checkpoint, device=args.device)
+    names = matching_linears(opened.model, args.layers)
+    ckpt = load_checkpoint(args.checkpoint)
+    stem = Path(args.checkpoint).with_suffix("")
+    text = hasattr(opened.model, "sentence_embedding")
+
+    control = finetune_config(from_dict(ckpt["config"], args.checkpoint), Path(args.checkpoint),
+                              stem.name + "_dense_kd", args.finetune_epochs, args.finetune_lr, {}, args.checkpoint,
+                              ckpt["config"]["model"], True, args.device)
+    control_result = run_training(control)
+    rows = [{"structure": "dense", "m": "-", "parameters": sum(count_parameters(opened.model.get_submodule(n))
+                                                                for n in names),
+             "accuracy_converted": ckpt["test"]["acc"], "accuracy_finetuned": control_result["test_acc"]}]
+    for m in args.multipliers:
+        for structure in args.structures:
+            summary = clos_convert(ClosConvertOptions(
+                checkpoint=args.checkpoint, layers=args.layers, multiplier=m, structure=structure,
+                fit_steps=args.fit_steps, als_iterations=args.als_iterations,
+                calibration_examples=args.calibration_examples, finetune_epochs=args.finetune_epochs,
+                finetune_lr=args.finetune_lr, device=args.device, overwrite=True))
+            errors = [layer["data_aware"]["relative_error_heldout"] for layer in summary["layers"]]
+            seconds = sum(layer["weight_space"]["seconds"] + layer["data_aware"]["seconds"] for layer in summary["layers"])
+            rows.append({"structure": structure, "m": m, "parameters": sum(layer["parameters"] for layer in summary["layers"]),
+                         "clos_budget": sum(layer["clos_parameters"] for layer in summary["layers"]),
+                         "mean_error": sum(errors) / len(errors), "worst_error": max(errors),
+                         "accuracy_converted": summary["test_accuracy_after"],
+                         "accuracy_finetuned": summary["test_accuracy_finetuned"],
+                         "cosine_converted": summary.get("embedding_cosine_after"),
+                         "cosine_finetuned": summary.get("embedding_cosine_finetuned"),
+                         "fit_seconds": seconds, "speed_vs_dense": layer_speed(opened, names, structure, m, args.rows)})
+    print(f"\n{args.checkpoint}, layers {args.layers} ({len(names)}): test accuracy before conversion "
+          f"{ckpt['test']['acc']:.4f}")
+    head = "| structure | m budget | parameters (Clos budget) | rel. error mean | worst | test acc converted | after KD FT |"
+    print("\n" + head + (" emb. cosine converted | after FT |" if text else "") + " fit s | fwd+bwd time vs dense |")
+    print("|" + "---|" * (head.count("|") - 1 + (2 if text else 0) + 2))
+    for r in rows:
+        if r["structure"] == "dense":
+            print(f"| dense (same KD fine-tuning) | - | {r['parameters']:,} | - | - | {r['accuracy_converted']:.4f} | "
+                  f"{r['accuracy_finetuned']:.4f} |" + (" 1.0000 | - |" if text else "") + " - | 1.00x |")
+            continue
+        cos = f" {r['cosine_converted']:.4f} | {r['cosine_finetuned']:.4f} |" if text else ""
+        print(f"| {r['structure']} | {r['m']} | {r['parameters']:,} ({r['clos_budget']:,}) | {r['mean_error']:.4f} | "
+              f"{r['worst_error']:.4f} | {r['accuracy_converted']:.4f} | {r['accuracy_finetuned']:.4f} |{cos} "
+              f"{r['fit_seconds']:.1f} | {r['speed_vs_dense']:.2f}x |", flush=True)
+    starts = [row for m in args.multipliers
+              for row in compare_starts(opened, args.checkpoint, names[0], m, args.calibration_examples,
+                                        args.fit_steps, args.als_iterations)]
+    print(f"\nClos fit of {names[0]} from two starts ({args.als_iterations} ALS iterations, {args.fit_steps} "
+          "data-aware steps):\n\n| m | start | weight error after ALS | ALS s | held-out output error | total s |")
+    print("|---|---|---|---|---|---|")
+    for r in starts:
+        print(f"| {r['m']} | {r['start']} | {r['weight_error_after_als']:.4f} | {r['als_seconds']:.1f} | "
+              f"{r['heldout_output_error']:.4f} | {r['total_seconds']:.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "starts": starts}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
