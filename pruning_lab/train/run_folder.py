@@ -73,6 +73,17 @@ def check_run_folder(cfg: Config) -> RunPaths:
     return paths
 
 
+PATH_KEYS = ("init_checkpoint", "teacher_checkpoint")  # written differently (relative, absolute) for one file
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one existing file."""
+    try:
+        return bool(a) and bool(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def check_resume(cfg: Config, paths: RunPaths) -> None:
     """Resuming with another model, or with options that change the run, is an error naming them
     (unless --resume-changes): it would silently train another run than the one recorded."""
@@ -81,7 +92,8 @@ def check_resume(cfg: Config, paths: RunPaths) -> None:
         raise UserError(f"cannot resume from {paths.last}: it holds {recorded.get('model')} {recorded.get('model_args')}, "
                         f"this run builds {cfg.model} {cfg.model_args}; use another --name or --out-dir")
     now = to_dict(cfg)
-    changed = [k for k in RESUME_KEYS if k in recorded and recorded[k] != now[k]]
+    changed = [k for k in RESUME_KEYS if k in recorded and recorded[k] != now[k]
+               and not (k in PATH_KEYS and same_file(recorded[k], now[k]))]
     if changed and not cfg.resume_changes:
         was = ", ".join(f"{k}={recorded[k]!r}" for k in changed)
         new = ", ".join(f"{k}={now[k]!r}" for k in changed)
