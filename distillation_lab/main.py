@@ -73,11 +73,12 @@ def cmd_train(args: argparse.Namespace, job: str) -> int:
 
 def print_summary(rows: list[dict]) -> None:
     """A small table of finished runs."""
-    print(f"\n{'run':<24}{'model':<13}{'params':>10}{'best epoch':>12}{'val acc':>9}{'test acc':>10}")
+    width = max([24, *(len(r["name"]) + 2 for r in rows)])
+    print(f"\n{'run':<{width}}{'model':<13}{'params':>12}{'best epoch':>12}{'val acc':>9}{'test acc':>10}")
     for r in rows:
         val = f"{r['val_acc']:.4f}" if r["val_acc"] >= 0 else "-"
         test = f"{r['test_acc']:.4f}" if r["test_acc"] is not None else "-"
-        print(f"{r['name']:<24}{r['model']:<13}{r['params']:>10,}{r['best_epoch']:>12}{val:>9}{test:>10}")
+        print(f"{r['name']:<{width}}{r['model']:<13}{r['params']:>12,}{r['best_epoch']:>12}{val:>9}{test:>10}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

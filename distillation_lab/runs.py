@@ -52,7 +52,9 @@ def finetune_config(original: Config, start: Path, name: str, epochs: int, lr: f
     `start`: the original run's data, Adam at `lr` with a cosine schedule, from the changed checkpoint;
     it distills from `teacher_checkpoint` (whose architecture must be `teacher_model` unless "") with the
     loss options, or trains on the labels alone when there is none."""
-    base = dataclasses.replace(original, loss={}, **{k: None for k in LOSS_SHORTHANDS})  # not the original's loss
+    default = Config()  # not the original's loss, nor the settings of its optimizer and schedule (unused by Adam, cosine)
+    base = dataclasses.replace(original, loss={}, **{k: None for k in LOSS_SHORTHANDS}, momentum=default.momentum,
+                               milestones=default.milestones, gamma=default.gamma)
     base = make_config(loss, "fine-tuning loss options", base=base)
     return dataclasses.replace(base, init_checkpoint=str(start), teacher_checkpoint=teacher_checkpoint,
                                teacher=teacher_model, name=name, out_dir=str(start.parent), epochs=epochs,
