@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finetune-lr", type=float, default=1e-3)
     parser.add_argument("--fit-steps", type=int, default=1000)
     parser.add_argument("--als-iterations", type=int, default=50)
+    parser.add_argument("--als-start", choices=("random", "svd"), default="random", help="the Clos ALS start of the table")
     parser.add_argument("--calibration-examples", type=int, default=4096)
     parser.add_argument("--rows", type=int, default=256, help="rows (batch or tokens) of the speed measurement")
     parser.add_argument("--device", default="cpu")
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
             summary = clos_convert(ClosConvertOptions(
                 checkpoint=args.checkpoint, layers=args.layers, multiplier=m, structure=structure,
                 fit_steps=args.fit_steps, als_iterations=args.als_iterations,
-                calibration_examples=args.calibration_examples, finetune_epochs=args.finetune_epochs,
+                calibration_examples=args.calibration_examples, finetune_epochs=args.finetune_epochs, als_start=args.als_start,
                 finetune_lr=args.finetune_lr, device=args.device, overwrite=True))
             errors = [layer["data_aware"]["relative_error_heldout"] for layer in summary["layers"]]
             seconds = sum(layer["weight_space"]["seconds"] + layer["data_aware"]["seconds"] for layer in summary["layers"])

@@ -161,7 +161,7 @@ def grouped_svd_start(clos: Clos, weight: torch.Tensor) -> bool:
     return True
 
 
-def fit_to_dense(clos: Clos, dense: nn.Linear, iterations: int = 100, start: str = "svd") -> dict:
+def fit_to_dense(clos: Clos, dense: nn.Linear, iterations: int = 100, start: str = "random") -> dict:
     """Weight-space fit: the map by ALS (what probing with the identity measures), the bias from the zero input.
 
     start="svd" begins the ALS at the closed-form grouped SVD where the shapes allow it, "random" at
