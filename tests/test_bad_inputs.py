@@ -56,8 +56,6 @@ def refused(capsys, argv, folder: Path | None = None) -> str:
     (["--alpha", "0.3"], "train-student trains without a teacher, but alpha is set; use the distill command"),
     (["--teacher", "resnet18"], "train-student trains without a teacher, but teacher is set"),
     (["--name", "a\nb"], "'name' in command line must be a plain file name"),
-    (["--optimizer", "adamw", "--momentum", "0.5"], "config sets momentum 0.5 (only sgd uses it"),
-    (["--scheduler", "cosine", "--milestones", "1", "2"], "milestones/gamma (only the multistep schedule uses them"),
     (["--channels", "3"], "config sets channels 3 (only imagefolder reads it"),
     (["--image-size", "64"], "config sets image_size 64 (mnist_embedded has a fixed size"),
     (["--resume-changes"], "resume_changes (it applies to --resume only)"),
