@@ -26,7 +26,7 @@ from pruning_lab.errors import UserError
 from pruning_lab.models.bert import PAD_ID
 from pruning_lab.train.run_folder import check_writable_folder
 
-from .runs import finetune_config, run_training
+from .runs import check_finetuning_options, finetune_config, run_training
 
 
 class _Captured(Exception):
@@ -197,6 +197,10 @@ class ClosConvertOptions:
 def clos_convert(options: ClosConvertOptions) -> dict:
     """Convert, evaluate, save (recording the surgery); optionally KD fine-tune; return the summary."""
     o = options
+    check_finetuning_options(o.finetune_epochs, {"the loss options": o.loss})
+    if o.als_start != "random" and o.structure != "clos":
+        raise UserError(f"--als-start {o.als_start} starts the Clos fit; --structure {o.structure} has its own start: "
+                        "leave it out")
     out = o.output_path()
     if out.is_dir():
         raise UserError(f"--output {out} is a folder: give the path of the converted checkpoint (.pth)")

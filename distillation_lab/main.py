@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -195,9 +196,21 @@ def recipes_help(job: str) -> str:
         cfg = recipe_config(recipe)
         lines.append(f"--model {model}: {recipe}.yaml (run name {cfg.run_name()}, {cfg.epochs} epochs, "
                      f"{cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}, {cfg.dataset})")
-    default = f"Without --model: {DEFAULT_MODEL[job]}. " if job in DEFAULT_MODEL else ""
-    return (f" {default}Recipes: " + "; ".join(lines) + ". The [default: ...] values below are the built-in "
-            "ones, which the recipe or --config replaces; flags replace both.")
+    return (f" Without --model: {DEFAULT_MODEL[job]}. Recipes: " + "; ".join(lines) + ". The [default: ...] "
+            f"values below are those of {default_recipe(job)}.yaml (the recipe of {DEFAULT_MODEL[job]}); another "
+            "--model's recipe or --config replaces them; flags replace both.")
+
+
+def default_recipe(job: str) -> str:
+    """The recipe a training command uses when given neither --model nor --config."""
+    return RECIPES[job][DEFAULT_MODEL[job]]
+
+
+def recipe_defaults(job: str) -> Config:
+    """The effective defaults of a training command without --model or --config: its default recipe."""
+    from .recipes import recipe_config
+
+    return recipe_config(default_recipe(job))
 
 
 def add_train_parser(sub, role: str) -> None:
@@ -207,7 +220,7 @@ def add_train_parser(sub, role: str) -> None:
                                    "the lab recipe of --model is used (configs/ in distillation_lab)."
                                    + recipes_help(role))
     p.add_argument("--config", help="YAML config file (keys as the flags below, with underscores)")
-    add_config_arguments(p, skip=("role",))
+    add_config_arguments(p, skip=("role",), defaults=recipe_defaults(role))
     p.set_defaults(func=lambda a: cmd_train(a, role))
 
 
@@ -220,7 +233,7 @@ def add_distill_parser(sub) -> None:
                                    "student is used." + recipes_help("distill"))
     p.add_argument("--config", help="YAML config file (keys as the flags below, with underscores)")
     p.add_argument("--student", dest="model", default=argparse.SUPPRESS, help="the student architecture (same as --model)")
-    add_config_arguments(p, skip=("role",))
+    add_config_arguments(p, skip=("role",), defaults=recipe_defaults("distill"))
     p.set_defaults(func=lambda a: cmd_train(a, "distill"))
 
 
@@ -432,6 +445,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def for_the_user(message: str) -> str:
+    """In a batch job's scratch copy (DL_MODELS_DIR_SHOWN set by slurm/common.sh), the paths of its
+    models_saved/ become those of the real models folder, which the user can look into."""
+    real = os.environ.get("DL_MODELS_DIR_SHOWN")
+    if not real:
+        return message
+    message = message.replace(str(Path.cwd() / "models_saved"), real)
+    return re.sub(r"(?<![\w/.-])models_saved(?=/|\s|$)", lambda _: real, message)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: run a subcommand; user errors are one line on stderr and exit status 2."""
     try:
@@ -441,11 +464,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {for_the_user(str(e))}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
         if os.environ.get("RANK", "0") == "0":  # one message per run, not per process
-            print(f"interrupted: {e}", file=sys.stderr)
+            print(f"interrupted: {for_the_user(str(e))}", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
     except Exception as e:  # a bug: one line first, then the traceback for the report
         print(f"error: internal error, please report it: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",

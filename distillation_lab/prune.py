@@ -24,7 +24,7 @@ from pruning_lab.prune.structured import accumulate_gradients, check_structured
 from pruning_lab.prune.unstructured import layer_sparsity
 from pruning_lab.train.run_folder import check_writable_folder
 
-from .runs import finetune_config, run_training
+from .runs import check_finetuning_options, finetune_config, run_training
 
 METHODS = ("structured", "unstructured")
 
@@ -114,6 +114,8 @@ class PruneOptions:
         if self.no_kd and self.loss:
             raise UserError("--no-kd fine-tunes on the labels alone; the loss options are for distillation")
         make_config(self.loss, "command line")  # a loss given twice is refused here
+        check_finetuning_options(self.finetune_epochs, {"--teacher-checkpoint": self.teacher_checkpoint,
+                                                        "--no-kd": self.no_kd, "the loss options": self.loss})
 
 
 def schedule(total: int, steps: int) -> list[int]:

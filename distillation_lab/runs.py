@@ -13,6 +13,7 @@ from pruning_lab.checkpoint import update_checkpoint
 from pruning_lab.config import LOSS_SHORTHANDS, Config, check_config, make_config
 from pruning_lab.inference import soft_target_alignment
 from pruning_lab.models import model_family
+from pruning_lab.errors import UserError
 from pruning_lab.runtime import resolve_precision
 from pruning_lab.train.loop import RunParts, Trainer, build_parts
 from pruning_lab.train.run_folder import check_run_folder
@@ -44,6 +45,14 @@ def run_training(cfg: Config, parts: Optional[RunParts] = None, teacher: Optiona
     if trainer.dist.is_main:
         update_checkpoint(trainer.paths.best, alignment=alignment)
     return {**summary, "teacher_agreement": alignment["agreement"], "teacher_kl": alignment["kl"]}
+
+
+def check_finetuning_options(finetune_epochs: int, given: dict) -> None:
+    """Options of the fine-tuning given without any fine-tuning (--finetune-epochs 0) are errors, not ignored."""
+    unused = [name for name, value in given.items() if value]
+    if unused and finetune_epochs == 0:
+        raise UserError(f"{unused[0]} set{'s' if unused[0].startswith('--') else ''} up the fine-tuning, but "
+                        "--finetune-epochs is 0: add --finetune-epochs N, or leave it out")
 
 
 def finetune_config(original: Config, start: Path, name: str, epochs: int, lr: float, loss: dict,

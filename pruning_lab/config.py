@@ -19,6 +19,14 @@ import yaml
 from .errors import UserError
 
 
+# The datasets, named once here (the data package reads them from here).
+GLUE_TASKS = ("cola", "sst2", "mrpc", "rte", "qnli", "mnli", "qqp")
+TEXT_DATASETS = tuple(f"glue-{t}" for t in GLUE_TASKS) + ("textcsv",)
+DATASETS = ("cifar10", "mnist", "mnist_embedded", "tweets", "imagefolder", *TEXT_DATASETS, "custom")
+IMAGE_SIZE_DATASETS = ("imagefolder", "tweets", *TEXT_DATASETS)  # the datasets that read image_size
+NO_DATA_DIR_DATASETS = ("mnist_embedded",)  # ships inside a package and reads no folder
+
+
 def _opt(default: Any, help: str, choices: Optional[tuple] = None, **kw: Any) -> Any:
     """A dataclass field carrying its --help text (and allowed values for strings)."""
     meta = {"help": help, "choices": choices}
@@ -48,8 +56,7 @@ class Config:
     # --- data
     dataset: str = _opt("cifar10", "dataset (glue-*: a GLUE task in GLUE's TSV layout; textcsv: your train.csv and "
                                    "test.csv with columns text [text_pair] label; custom: your own loaders, Python API)",
-                        ("cifar10", "mnist", "mnist_embedded", "tweets", "imagefolder", "glue-cola", "glue-sst2",
-                         "glue-mrpc", "glue-rte", "glue-qnli", "glue-mnli", "glue-qqp", "textcsv", "custom"))
+                        DATASETS)
     data_dir: str = _opt("data", "where prepare-data put the dataset (imagefolder: the folder with train/ and test/; "
                                  "textcsv: the folder with train.csv and test.csv)")
     image_size: Optional[int] = _opt(None, "imagefolder: square size images are resized to when read (default 32); "
@@ -249,14 +256,10 @@ def merge_loss_keys(values: dict, base: Config, source: str) -> dict:
     return values
 
 
-IMAGE_SIZE_DATASETS = ("imagefolder", "tweets", "glue-cola", "glue-sst2", "glue-mrpc", "glue-rte", "glue-qnli",
-                       "glue-mnli", "glue-qqp", "textcsv")  # the datasets that read image_size
-
-
 def check_config(cfg: Config) -> None:
     """Settings that one another make meaningless (a flag the run would ignore) are errors, before any work."""
-    # (momentum without sgd and milestones without multistep are not checked here: a recipe sets them for
-    # its own optimizer and schedule, and a flag that changes the schedule must not make them an error)
+    # (momentum without sgd and milestones without multistep are checked only where the user typed them,
+    # in check_typed_flags: a recipe sets them for its own schedule, which a flag may change)
     unused = []
     if cfg.channels is not None and cfg.dataset != "imagefolder":
         unused.append(f"channels {cfg.channels} (only imagefolder reads it; {cfg.dataset} has its own)")
@@ -303,14 +306,17 @@ def _parse_cli_value(name: str, text: str) -> Any:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple = (), only: Optional[tuple] = None,
-                         title: str = "config (override the YAML; defaults shown)") -> None:
-    """Add one --flag per Config field (its help text, default and allowed values); `only` picks fields."""
+                         title: str = "config (override the YAML; defaults shown)",
+                         defaults: Optional[Config] = None) -> None:
+    """Add one --flag per Config field (its help text, allowed values and the default that `--help` shows:
+    `defaults`' value, e.g. the command's recipe, else the built-in one); `only` picks fields."""
     group = parser.add_argument_group(title)
+    defaults = defaults or Config()
     for f in dataclasses.fields(Config):
         if f.name in skip or (only is not None and f.name not in only):
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = getattr(defaults, f.name)
         help_text = f.metadata["help"] + f" [default: {default}]"
         if f.metadata.get("choices"):
             help_text += f" (one of: {', '.join(f.metadata['choices'])})"
@@ -331,7 +337,22 @@ def config_from_args(args: argparse.Namespace, yaml_path: Optional[str], default
     if yaml_path:
         cfg = make_config(load_yaml(yaml_path), str(yaml_path), base=cfg)
     overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
-    return make_config(overrides, "command line", base=cfg)
+    cfg = make_config(overrides, "command line", base=cfg)
+    check_typed_flags(cfg, overrides)
+    return cfg
+
+
+def check_typed_flags(cfg: Config, typed: dict) -> None:
+    """Flags the user typed that the resolved run would not use are errors (recipes may set them freely)."""
+    unused = []
+    if "momentum" in typed and cfg.optimizer != "sgd":
+        unused.append(f"--momentum (only sgd uses it; the optimizer is {cfg.optimizer})")
+    unused += [f"--{k} (only the multistep schedule uses it; the schedule is {cfg.scheduler})"
+               for k in ("milestones", "gamma") if k in typed and cfg.scheduler != "multistep"]
+    if "data_dir" in typed and cfg.dataset in NO_DATA_DIR_DATASETS:
+        unused.append(f"--data-dir ({cfg.dataset} ships inside a package and reads no folder)")
+    if unused:
+        raise UserError(f"command line gives {unused[0]}: leave it out")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -207,7 +207,10 @@ dl_run() {
 # dl_launch ARGS...: start main.py ARGS in the scratch copy (one process, torchrun on this node, or
 # one step per node) and wait for it, also across the stop signals that the traps forward.
 dl_launch() {
-    [[ -n "${DL_SCRATCH:-}" ]] && cd "$DL_SCRATCH/repo"
+    if [[ -n "${DL_SCRATCH:-}" ]]; then
+        cd "$DL_SCRATCH/repo"
+        export DL_MODELS_DIR_SHOWN=$DL_MODELS_DIR  # main.py's errors name it, not the scratch copy
+    fi
     dl_log "python main.py $*"
     local launch=("$DL_PYTHON" main.py) torchrun=("$DL_PYTHON" -m torch.distributed.run --nproc_per_node="$DL_NPROC")
     DL_LAUNCHER=python

@@ -64,6 +64,11 @@ def refused(capsys, argv, folder: Path | None = None) -> str:
     (["--model-args", "{width: 0}"], "bad model_args for 'resnet8' {'width': 0}: they give"),
     (["--model", "mnist_mlp", "--model-args", "{hidden: [0, 32]}"], "they give fc1.weight no weights"),
     (["--dataset", "tweets"], "model resnet8 {'width': 4} cannot run on tweets's token ids [B, 64]"),
+    (["--optimizer", "adamw", "--momentum", "0.8"], "command line gives --momentum (only sgd uses it; the optimizer is adamw)"),
+    (["--scheduler", "cosine", "--milestones", "5"], "--milestones (only the multistep schedule uses it; the schedule is cosine)"),
+    (["--data-dir", "my_data"], "--data-dir (mnist_embedded ships inside a package and reads no folder)"),
+    (["--model", "vit_student", "--model-args", "{drop_path_rate: 5}"],
+     "drop_path_rate is a probability and must be in [0, 1), got 5"),
 ])
 def test_numbers_names_and_model_args_are_checked_before_work(finished, capsys, flags, message):
     err = refused(capsys, ["train-student", *TINY, "--out-dir", str(finished), "--name", "new", *flags], finished)
@@ -88,11 +93,23 @@ def test_loss_numbers_are_checked_before_work(finished, capsys, flags, message):
     (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--als-iterations", "0"], "0 must be >= 1"),
     (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--calibration-examples", "0"], "0 must be >= 1"),
     (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--finetune-lr", "nan"], "nan must be a finite number > 0"),
+    (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--alpha", "0.3"],
+     "the loss options set up the fine-tuning, but --finetune-epochs is 0"),
+    (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--structure", "lowrank", "--als-start", "svd"],
+     "--als-start svd starts the Clos fit; --structure lowrank has its own start"),
     (["evaluate", "x.pth", "--batch-size", "0"], "0 must be >= 1"),
     (["pipeline", "--seeds", "-1"], "-1 must be >= 0"),
 ])
-def test_command_numbers_are_checked_by_the_parser(capsys, argv, message):
+def test_command_options_are_checked_before_work(capsys, argv, message):
     assert message in refused(capsys, argv)
+
+
+def test_settings_a_recipe_gives_for_its_own_schedule_do_not_block_a_flag_that_changes_it(finished, capsys):
+    """cnn_student.yaml sets momentum and milestones; switching to adamw and cosine on the command line is fine,
+    only typing --momentum or --milestones for a run that would not use them is refused (above)."""
+    assert main(["train-student", *TINY, "--out-dir", str(finished), "--name", "adamw_cosine", "--optimizer", "adamw",
+                 "--lr", "1e-3", "--scheduler", "cosine", "--max-steps-per-epoch", "1"]) == 0
+    assert load_checkpoint(finished / "adamw_cosine.pth")["config"]["optimizer"] == "adamw"
 
 
 def test_outputs_that_are_folders_or_unwritable_fail_before_any_evaluation(finished, tmp_path, capsys):
@@ -171,6 +188,22 @@ def test_a_second_process_on_the_same_run_stops_at_once(tmp_path, capsys):
         err = refused(capsys, ["train-student", *TINY, "--out-dir", str(out), "--name", "busy"])
     assert "is being written by pid" in err and "use another --name" in err
     assert not (out / "busy.pth").exists()
+    assert not (out / ".busy.lock").exists()  # a run that ends removes its lock file
+
+
+def test_a_lock_file_removed_by_a_finishing_run_is_not_held_by_two(tmp_path):
+    """B opened the lock file just before A (finishing) removed it: B must lock the new file, as C does."""
+    paths = RunPaths.of(make_config({"out_dir": str(tmp_path), "name": "r"}))
+    first = RunLock(paths).__enter__()
+    late = RunLock(paths)
+    late._file = open(paths.lock, "a+")  # opened before the first run's exit removed the path
+    first.__exit__(None, None, None)
+    assert not paths.lock.exists() and not late._holds_the_current_file()
+    late._file.close()
+    with RunLock(paths):  # a later process locks the file at the path
+        assert paths.lock.exists()
+        with pytest.raises(Exception, match="is being written by pid"):
+            RunLock(paths).__enter__()
 
 
 def test_crafted_checkpoint_is_refused_as_not_valid(tmp_path, capsys):
@@ -259,4 +292,10 @@ def test_help_shows_the_recipes_effective_defaults(capsys):
     assert main(["train-teacher", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "--model resnet18: cnn_teacher.yaml (run name cnn_teacher, 300 epochs, sgd lr 0.1, batch 128, cifar10)" in text
-    assert "The [default: ...] values below are the built-in ones" in text
+    assert "The [default: ...] values below are those of cnn_teacher.yaml" in text
+    # each flag shows the value the command would use: the recipe's, not the dataclass's (200 epochs, no name)
+    assert "--epochs VALUE number of epochs [default: 300]" in text
+    assert "[default: cnn_teacher]" in text and "milestones [150, 225, 275]" not in text
+    assert "[default: [150, 225, 275]]" in text
+    assert main(["distill", "--help"]) == 0
+    assert "[default: cnn_student_kd]" in " ".join(capsys.readouterr().out.split())

@@ -141,6 +141,8 @@ def test_bn_scale_importance_and_gradual_structured_steps(trained):
     (["--target-parameters", "10"], "cannot bring this model to 10: the smallest it reaches"),
     (["--amount", "0.5", "--no-kd", "--teacher-checkpoint", "x.pth"], "--no-kd fine-tunes without a teacher"),
     (["--amount", "0.5", "--steps", "0"], "--steps must be >= 1"),
+    (["--amount", "0.5", "--alpha", "0.3"], "the loss options set up the fine-tuning, but --finetune-epochs is 0"),
+    (["--amount", "0.5", "--no-kd"], "--no-kd sets up the fine-tuning, but --finetune-epochs is 0"),
 ])
 def test_bad_prune_options_are_one_line_errors_and_write_nothing(trained, capsys, flags, message):
     before = fingerprint(trained)

@@ -82,6 +82,16 @@ def test_a_job_without_its_teacher_stops_at_once_naming_the_real_folder(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["no teacher repo"]  # the scratch copy is gone
 
 
+def test_an_error_inside_the_scratch_copy_names_the_real_models_folder(tmp_path):
+    repo = copy_repo(tmp_path / "bad init repo")
+    proc = subprocess.run(["bash", str(repo / "slurm/train_cnn_teacher.slurm")], capture_output=True, text=True,
+                          env=job_env(DL_SMOKE="1", TMPDIR=str(tmp_path),
+                                      DL_EXTRA_ARGS="--init-checkpoint models_saved/missing.pth"), timeout=120)
+    assert proc.returncode == 2
+    assert f"error: checkpoint not found: {repo}/models_saved/missing.pth" in proc.stderr, proc.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["bad init repo"]  # the scratch copy is gone
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     if not available():

@@ -15,8 +15,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..config import DATASETS as CONFIG_DATASETS, TEXT_DATASETS
 from ..errors import UserError
-from .text import DEFAULT_SEQ_LEN, GLUE, TEXT_DATASETS, cached_tokenize, download_glue, read_glue, read_textcsv
+from .text import DEFAULT_SEQ_LEN, GLUE, cached_tokenize, download_glue, read_glue, read_textcsv
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ READERS: dict[str, Callable[[Path, bool], tuple[np.ndarray, np.ndarray]]] = {
     "mnist_embedded": _mnist_embedded,
     "tweets": _tweets,
 }
-DATASETS = tuple(READERS) + ("imagefolder",) + TEXT_DATASETS
+DATASETS = tuple(d for d in CONFIG_DATASETS if d != "custom")  # custom: the Python API's own loaders
 
 
 def _stratified_holdout(labels: np.ndarray, n: int, seed: int) -> np.ndarray:

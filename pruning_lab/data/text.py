@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
+from ..config import GLUE_TASKS
 from ..errors import UserError
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ GLUE = {
 # MRPC is not hosted by GLUE: its script builds train/dev.tsv from SentEval's copy and GLUE's dev ids.
 MRPC_FILES = {"msr_paraphrase_train.txt": "https://dl.fbaipublicfiles.com/senteval/senteval_data/msr_paraphrase_train.txt",
               "mrpc_dev_ids.tsv": GLUE_DATA + "mrpc_dev_ids.tsv"}
-TEXT_DATASETS = tuple(f"glue-{t}" for t in GLUE) + ("textcsv",)
+assert tuple(GLUE) == GLUE_TASKS  # the names are declared in pruning_lab.config
 
 
 def cache_dir() -> Path:

@@ -29,6 +29,10 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 3, image_size
     """Build a registered model adapted to the dataset's classes, channels and image size."""
     if name not in MODELS:
         raise UserError(f"unknown model '{name}'; registered models: {', '.join(sorted(MODELS))}")
+    rates = {k: v for k, v in kwargs.items() if "drop" in k or k.endswith("_prob")}  # timm's and BERT's dropouts
+    bad = next((k for k, v in rates.items() if not (isinstance(v, (int, float)) and 0 <= v < 1)), None)
+    if bad is not None:
+        raise UserError(f"bad model_args for '{name}': {bad} is a probability and must be in [0, 1), got {rates[bad]!r}")
     try:
         model = MODELS[name](num_classes=num_classes, in_chans=in_chans, image_size=image_size, **kwargs)
     except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError, RuntimeError, AssertionError) as e:

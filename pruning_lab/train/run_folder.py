@@ -105,7 +105,7 @@ def check_resume(cfg: Config, paths: RunPaths) -> None:
 class RunLock:
     """Holds OUT_DIR/.NAME.lock while a run trains; a second process on the same run stops at once.
 
-    An flock, so a killed process never leaves a stale lock behind."""
+    An flock, so a killed process never leaves a stale lock behind; a run that ends removes the file."""
 
     def __init__(self, paths: RunPaths, enabled: bool = True) -> None:
         self.paths, self.enabled, self._file = paths, enabled, None
@@ -113,26 +113,43 @@ class RunLock:
     def __enter__(self) -> "RunLock":
         if not self.enabled:
             return self
-        try:
-            self.paths.lock.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.paths.lock, "a+")
-        except OSError as e:
-            raise UserError(f"cannot write in {self.paths.lock.parent}: {e.strerror or e}") from None
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.seek(0)
-            holder = self._file.read().strip() or "another process"
-            self._file.close()
-            raise UserError(f"run {self.paths.best.stem} in {self.paths.best.parent} is being written by {holder}; "
-                            "wait for it to finish or use another --name") from None
+        while True:
+            self._file = self._lock_file()
+            if self._holds_the_current_file():
+                break
+            self._file.close()  # the run before ours removed the file after we opened it: lock the new one
         self._file.seek(0)
         self._file.truncate()
         self._file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
         self._file.flush()
         return self
 
+    def _lock_file(self):
+        """The lock file, opened and flocked; a UserError naming the holder when another process has it."""
+        try:
+            self.paths.lock.parent.mkdir(parents=True, exist_ok=True)
+            file = open(self.paths.lock, "a+")
+        except OSError as e:
+            raise UserError(f"cannot write in {self.paths.lock.parent}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            file.close()
+            raise UserError(f"run {self.paths.best.stem} in {self.paths.best.parent} is being written by {holder}; "
+                            "wait for it to finish or use another --name") from None
+        return file
+
+    def _holds_the_current_file(self) -> bool:
+        """Whether the locked file is still the one at the lock's path (not one a finished run removed)."""
+        try:
+            return os.stat(self.paths.lock).st_ino == os.fstat(self._file.fileno()).st_ino
+        except FileNotFoundError:
+            return False
+
     def __exit__(self, *exc: object) -> None:
         if self._file is not None:
+            self.paths.lock.unlink(missing_ok=True)  # while still holding it (see _holds_the_current_file)
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
