@@ -245,7 +245,18 @@ def test_submit_best_gpu_prefers_a_declared_type_and_falls_back(cluster, tmp_pat
     assert refused.returncode != 0 and "Invalid feature" in refused.stderr
     dry = cluster.run(["bash", "submit_best_gpu.sh", "--dry-run", "slurm/report.slurm"], cwd=repo, env=env)
     assert dry.stdout.startswith("sbatch --parsable --partition=markov_gpu -C a100")
-    cluster.run(["scancel", job, plain])
+    # From another directory, with --dry-run after the script: the job still runs in the repository.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    dry = cluster.run(["bash", str(repo / "submit_best_gpu.sh"), str(repo / "slurm/report.slurm"), "--dry-run"],
+                      cwd=elsewhere, env=env)
+    assert dry.returncode == 0 and dry.stdout.startswith("sbatch --parsable"), dry.stderr
+    proc = cluster.run(["bash", str(repo / "submit_best_gpu.sh"), "../gpu repo/slurm/report.slurm", "--hold"],
+                       cwd=elsewhere, env=env)
+    assert proc.returncode == 0, proc.stderr
+    other = proc.stdout.strip()
+    assert f"WorkDir={repo}" in cluster.run(["scontrol", "show", "job", other]).stdout
+    cluster.run(["scancel", job, plain, other])
 
 
 def test_data_parallel_job_under_slurm(cluster, tmp_path):
