@@ -99,7 +99,8 @@ class Config:
     # --- run
     seed: int = _opt(0, "seed for initialisation, data order and augmentation")
     device: str = _opt("auto", "device", ("auto", "cpu", "cuda"))
-    precision: str = _opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", ("auto", "fp32", "bf16", "fp16"))
+    precision: str = _opt("auto", "auto = bf16 autocast where the device computes bf16 natively (CUDA, CPUs with "
+                                     "AVX512-BF16 or AMX), else fp32", ("auto", "fp32", "bf16", "fp16"))
     out_dir: str = _opt("models_saved", "where checkpoints and logs go")
     resume: bool = _opt(False, "continue from OUT_DIR/NAME_last.pth if it exists (a finished run: only evaluated)")
     overwrite: bool = _opt(False, "start afresh even where OUT_DIR/NAME.pth or NAME_last.pth exists (replacing them)")

@@ -35,7 +35,7 @@ from ..checkpoint import (build_model, checkpoint_weights, code_revision, load_c
 from .criterion import CrossEntropyCriterion
 from .run_folder import RunLock, RunPaths, check_run_folder
 from .optim import build_optimizer, build_scheduler
-from ..runtime import autocast, resolve_device, resolve_precision
+from ..runtime import autocast, resolve_device, resolve_precision, tune_cpu_allocator
 
 INTERRUPTED_EXIT_CODE = 3
 
@@ -141,7 +141,8 @@ def build_parts(cfg: Config) -> RunParts:
     bottleneck = find_bottleneck(model)
     if cfg.bottleneck and bottleneck is None:
         bottleneck = add_bottleneck(model, cfg.bottleneck)
-    channels_last = device.type == "cuda"  # faster convolutions on tensor cores
+    # Faster convolutions: on tensor cores, and with oneDNN on CPU (measured 1.2-1.4x on ResNets).
+    channels_last = spec.kind == "image"
     if channels_last:
         model.to(memory_format=torch.channels_last)
 
@@ -167,6 +168,8 @@ class Trainer:
         self.record = dict(record or {})  # more top-level checkpoint entries (e.g. which teacher)
         self.model, self.device, self.train_loader = parts.model, parts.device, parts.train_loader
         self.precision = resolve_precision(cfg.precision, self.device)
+        if self.device.type == "cpu":
+            tune_cpu_allocator()
         self.criterion = (criterion or CrossEntropyCriterion(cfg.label_smoothing)).to(self.device)
         self.optimizer = build_optimizer(cfg, [*self.model.parameters(), *self.criterion.parameters()])
         self.scheduler = build_scheduler(cfg, self.optimizer, len(self.train_loader))
