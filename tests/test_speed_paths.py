@@ -37,14 +37,32 @@ def test_bf16_teacher_gives_the_fp32_soft_targets():
     spec, train, _, _ = load_splits("mnist_embedded", "data", 100, 256)
     x, _ = next(iter(BatchLoader(train, spec, 256, "cpu")))
     exact = FrozenTeacher(model, torch.device("cpu"), dtype=torch.float32)(x)[0]
-    fast = FrozenTeacher(create_model("resnet18", 10, 1, 28, width=16), torch.device("cpu"), dtype=torch.bfloat16)
-    fast.model.load_state_dict({k: v.to(torch.bfloat16) if v.is_floating_point() else v
-                                for k, v in exact_state(model).items()})
-    approx = fast(x)[0]
+    same = create_model("resnet18", 10, 1, 28, width=16)
+    same.load_state_dict(exact_state(model))
+    approx = FrozenTeacher(same, torch.device("cpu"), dtype=torch.bfloat16)(x)[0]
     assert approx.dtype == torch.float32  # the loss sees float32 either way
     assert (approx.argmax(1) == exact.argmax(1)).float().mean() > 0.98
     kl = F.kl_div(F.log_softmax(approx / 4, 1), F.log_softmax(exact / 4, 1), log_target=True, reduction="batchmean")
     assert kl < 1e-3, kl
+
+
+def test_teacher_with_folded_batch_norms_computes_the_same_function():
+    torch.manual_seed(0)
+    model = create_model("resnet18", 10, 1, 28, width=16)
+    model.train()
+    for _ in range(3):  # batch-norm statistics that are not the initial ones
+        model(torch.randn(32, 1, 28, 28))
+    model.eval()
+    x = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        logits, features = model(x)
+    teacher = FrozenTeacher(model, torch.device("cpu"), dtype=torch.float32)
+    assert teacher.forward is not teacher.model  # folded
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.forward.modules())
+    got_logits, got_features = teacher(x)
+    torch.testing.assert_close(got_logits, logits, rtol=1e-4, atol=1e-4)
+    for a, b in zip(got_features, features):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def exact_state(model):
