@@ -117,3 +117,14 @@ def test_f1_and_mcc_match_a_hand_computed_case():
     assert scores["f1_macro"] == pytest.approx(2 / 3)
     # MCC = (c*s - sum_k p_k*t_k) / sqrt((s^2 - sum p_k^2)(s^2 - sum t_k^2)), c = 4 correct, s = 6, p = t = (2, 2, 2)
     assert scores["mcc"] == pytest.approx((4 * 6 - 12) / ((36 - 12) * (36 - 12)) ** 0.5)
+
+
+def test_the_speed_benchmarks_reference_loop_computes_the_same_kd_loss():
+    """benchmarks/train_speed.py compares loops doing the same KD: the tutorial-style loss equals ours."""
+    from benchmarks.reference_loops import tutorial_kd_loss
+    from distillation_lab.losses import distillation_loss
+
+    torch.manual_seed(0)
+    student, teacher, labels = torch.randn(16, 10), 3 * torch.randn(16, 10), torch.randint(0, 10, (16,))
+    torch.testing.assert_close(tutorial_kd_loss(student, teacher, labels, 4.0, 0.5),
+                               distillation_loss(student, teacher, labels, 0.5, 4.0))
