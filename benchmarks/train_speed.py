@@ -2,7 +2,8 @@
 loop and torchdistill doing the same distillation.
 
     python -m benchmarks.train_speed [--device cpu|cuda] [--jobs cnn_teacher ...] [--steps 20]
-                                     [--compare-steps 200] [--json speed.json] [--data-dir data]
+                                     [--compare-steps 200] [--compare-rounds 3] [--json speed.json]
+                                     [--data-dir data]
 
 Jobs: each training job of the chain (distillation_lab/chain.py) at its recipe's batch size, optimizer,
 precision and loss (a distillation job with its teacher's architecture; weights are random, which does
@@ -20,8 +21,8 @@ Comparison (--compare-steps > 0): the CNN distillation (ResNet-18 -> ResNet-8, a
 the same data and batch size, as (a) a plain loop in the style of PyTorch's KD tutorial (a Dataset of
 PIL images with per-sample torchvision transforms, fp32, DataLoader), (b) torchdistill's
 DistillationBox (pip install -r requirements-bench.txt; skipped without it) and (c) this project's loop;
-the ratios of their step times. All three run in this one process, so under the same threads and
-allocator settings, which the output prints. On CPU the models are narrowed (--compare-widths) so
+the ratios of their median times over interleaved rounds (--compare-rounds). All three run in this one
+process, first, so under the same threads and allocator settings, which the output prints. On CPU the models are narrowed (--compare-widths) so
 that a few hundred steps take minutes.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -199,31 +201,40 @@ def our_kd_seconds(teacher: torch.nn.Module, student: torch.nn.Module, data: Dat
     return steps * batch_size / speed["train_images_per_s"]
 
 
-def compare(data: Data, device: torch.device, steps: int, widths: tuple, batch_size: int) -> dict:
-    """The same KD as a tutorial-style loop, with torchdistill, and with this project: seconds and ratios."""
+def compare(data: Data, device: torch.device, steps: int, widths: tuple, batch_size: int, rounds: int) -> dict:
+    """The same KD as a tutorial-style loop, with torchdistill, and with this project: the median seconds of
+    `rounds` rounds (each loop once per round, interleaved, so that a slower moment of a shared machine hits
+    them all) and the ratios of the medians."""
     from benchmarks import reference_loops as ref
 
     def models():
         torch.manual_seed(0)
         return (create_model("resnet18", 10, 3, 32, width=widths[0]), create_model("resnet8", 10, 3, 32, width=widths[1]))
 
-    images, labels = data.train.inputs.numpy(), data.train.labels.numpy()
-    n = min(len(labels), (steps + 1) * batch_size)  # every loop sees each image at most once
-    images, labels = images[:n], labels[:n]
+    n = min(len(data.train.labels), (steps + 1) * batch_size)  # every loop sees each image at most once
     data = Data(data.spec, Split(data.train.inputs[:n], data.train.labels[:n]), data.test, data.source)
-    result = {"steps": steps, "batch_size": batch_size, "widths": list(widths)}
-    loops = {"tutorial": ref.tutorial_kd_steps, "torchdistill": ref.torchdistill_kd_steps}
-    for name, loop in loops.items():
-        teacher, student = models()
-        try:
-            result[f"{name}_s"] = loop(ref.LogitsOnly(teacher), ref.LogitsOnly(student), images, labels,
-                                       data.spec.mean, data.spec.std, batch_size, steps, device)
-        except ImportError as e:
-            print(f"{name}: skipped ({e})")
-    teacher, student = models()
-    result["ours_s"] = our_kd_seconds(teacher, student, data, batch_size, steps, device)
-    for name in loops:
-        if f"{name}_s" in result:
+    images, labels = data.train.inputs.numpy(), data.train.labels.numpy()
+
+    def reference(loop):
+        return lambda teacher, student: loop(ref.LogitsOnly(teacher), ref.LogitsOnly(student), images, labels,
+                                             data.spec.mean, data.spec.std, batch_size, steps, device)
+
+    loops = {"tutorial": reference(ref.tutorial_kd_steps), "torchdistill": reference(ref.torchdistill_kd_steps),
+             "ours": lambda teacher, student: our_kd_seconds(teacher, student, data, batch_size, steps, device)}
+    times: dict[str, list[float]] = {name: [] for name in loops}
+    for _ in range(rounds):
+        for name, loop in loops.items():
+            if name in times:
+                try:
+                    times[name].append(loop(*models()))
+                except ImportError as e:
+                    print(f"{name}: skipped ({e})")
+                    del times[name]
+    result = {"steps": steps, "batch_size": batch_size, "widths": list(widths), "rounds": rounds,
+              **{f"{name}_s": statistics.median(t) for name, t in times.items()},
+              **{f"{name}_s_each_round": t for name, t in times.items()}}
+    for name in times:
+        if name != "ours":
             result[f"speedup_over_{name}"] = result[f"{name}_s"] / result["ours_s"]
     return result
 
@@ -246,7 +257,7 @@ def print_jobs(rows: list[dict]) -> None:
         frac = f"{r['fraction_of_bf16_peak']:.1%}" if r["fraction_of_bf16_peak"] is not None else "n/a"
         print(f"{r['job']:<17}{r['batch_size']:>6}{r['train_images_per_s']:>13,.0f}{r['eval_images_per_s']:>12,.0f}"
               f"{r['seconds_per_epoch']:>10,.1f}{r['epochs']:>8}{r['projected_job_s'] / 3600:>11,.2f}h"
-              f"{r['peak_memory_mb'] or float('nan'):>9,.0f}{frac:>14}")
+              f"{f'{r["peak_memory_mb"]:,.0f}' if r['peak_memory_mb'] else '-':>9}{frac:>14}")
     total = sum(r["projected_job_s"] for r in rows)
     flops = sum(r["train_flops_total"] for r in rows)
     print(f"chain of these jobs, one after another: {total / 3600:,.2f} h; training arithmetic {flops / 1e15:,.1f} PFLOP")
@@ -257,14 +268,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     training_jobs = [j.name for j in CHAIN if j.trains]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--jobs", nargs="*", default=None, choices=training_jobs, help="default: all training jobs "
-                   "(none with --compare-only)")
+    p.add_argument("--jobs", nargs="*", default=None, choices=training_jobs, help="default: all training jobs; "
+                   "--jobs alone: none (the comparison only)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps per job [default: 50 on CUDA, 5 on CPU]")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first [default: 10 on CUDA, 1 on CPU]")
     p.add_argument("--compare-steps", type=int, default=None, help="steps of the side-by-side KD comparison, 0 to "
-                   "skip [default: 200 on CUDA, 200 on CPU]")
+                   "skip [default: 200]")
     p.add_argument("--compare-widths", type=int, nargs=2, default=None, metavar=("TEACHER", "STUDENT"),
                    help="ResNet-18 and ResNet-8 widths in the comparison [default: 64 16 on CUDA (the lab's), 16 4 on CPU]")
+    p.add_argument("--compare-rounds", type=int, default=3, help="interleaved rounds of the comparison (the "
+                   "median is reported)")
     p.add_argument("--compare-batch-size", type=int, default=None, help="[default: 128 on CUDA, 64 on CPU]")
     p.add_argument("--data-dir", default="data", help="where CIFAR-10 is, if it is")
     p.add_argument("--json", help="write every figure here")
@@ -281,6 +294,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(json.dumps(out["settings"]))
     cifar = cifar_like(args.data_dir)
     print(f"data: {cifar.source}")
+    compare_steps = 200 if args.compare_steps is None else args.compare_steps
+    if compare_steps:
+        widths = tuple(args.compare_widths or ((64, 16) if gpu else (16, 4)))
+        batch = args.compare_batch_size or (128 if gpu else 64)
+        c = out["comparison"] = compare(cifar, device, compare_steps, widths, batch, args.compare_rounds)
+        print(f"\nKD ResNet-18 (width {widths[0]}) -> ResNet-8 (width {widths[1]}), batch {batch}, {compare_steps} steps, "
+              f"median of {args.compare_rounds} interleaved rounds:")
+        for name in ("tutorial", "torchdistill", "ours"):
+            if f"{name}_s" in c:
+                ratio = f"  (this project {c[f'speedup_over_{name}']:.2f}x faster)" if name != "ours" else ""
+                each = ", ".join(f"{t:.2f}" for t in c[f"{name}_s_each_round"])
+                print(f"  {name:<13}{c[f'{name}_s']:8.2f} s  {compare_steps * batch / c[f'{name}_s']:8,.0f} img/s  "
+                      f"(rounds: {each} s){ratio}")
     for name in jobs:
         job = next(j for j in CHAIN if j.name == name)
         data = job_data(recipe_config(job.recipe), cifar)
@@ -290,16 +316,6 @@ def main(argv: Optional[list[str]] = None) -> None:
               f"({r['precision']}, batch {r['batch_size']}, {r['data']})", flush=True)
     if out["jobs"]:
         print_jobs(out["jobs"])
-    compare_steps = 200 if args.compare_steps is None else args.compare_steps
-    if compare_steps:
-        widths = tuple(args.compare_widths or ((64, 16) if gpu else (16, 4)))
-        batch = args.compare_batch_size or (128 if gpu else 64)
-        c = out["comparison"] = compare(cifar, device, compare_steps, widths, batch)
-        print(f"\nKD ResNet-18 (width {widths[0]}) -> ResNet-8 (width {widths[1]}), batch {batch}, {compare_steps} steps:")
-        for name in ("tutorial", "torchdistill", "ours"):
-            if f"{name}_s" in c:
-                ratio = f"  (this project {c[f'speedup_over_{name}']:.2f}x faster)" if name != "ours" else ""
-                print(f"  {name:<13}{c[f'{name}_s']:8.2f} s  {compare_steps * batch / c[f'{name}_s']:8,.0f} img/s{ratio}")
     out["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory of this process: {out['process_peak_rss_mb']:,.0f} MB")
     if args.json:
