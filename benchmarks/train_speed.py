@@ -255,9 +255,10 @@ def print_jobs(rows: list[dict]) -> None:
           f"{'projected':>12}{'peak MB':>9}{'of bf16 peak':>14}")
     for r in rows:
         frac = f"{r['fraction_of_bf16_peak']:.1%}" if r["fraction_of_bf16_peak"] is not None else "n/a"
+        peak = f"{r['peak_memory_mb']:,.0f}" if r["peak_memory_mb"] is not None else "-"
         print(f"{r['job']:<17}{r['batch_size']:>6}{r['train_images_per_s']:>13,.0f}{r['eval_images_per_s']:>12,.0f}"
               f"{r['seconds_per_epoch']:>10,.1f}{r['epochs']:>8}{r['projected_job_s'] / 3600:>11,.2f}h"
-              f"{f'{r["peak_memory_mb"]:,.0f}' if r['peak_memory_mb'] else '-':>9}{frac:>14}")
+              f"{peak:>9}{frac:>14}")
     total = sum(r["projected_job_s"] for r in rows)
     flops = sum(r["train_flops_total"] for r in rows)
     print(f"chain of these jobs, one after another: {total / 3600:,.2f} h; training arithmetic {flops / 1e15:,.1f} PFLOP")
