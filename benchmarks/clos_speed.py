@@ -1,23 +1,28 @@
-"""Clos layer against the dense layer it replaces: forward + backward time.
+"""Clos layer and its peers (low-rank, Monarch) against the dense layer they replace: forward + backward time.
 
     python -m benchmarks.clos_speed [--device cpu|cuda] [--shapes 784x784:256 384x1536:2048] [--repeats 50]
+                                    [--precisions fp32 bf16]
 
 For each shape IN x OUT : ROWS (rows = batch, or tokens of a batch of sequences) prints the median
 milliseconds per forward+backward of nn.Linear(IN, OUT) and of Clos(IN, OUT, m) for m = 4 and 2 along
 both of its paths (the three stages; one product with the composed weight), which path its cost
-model picks (`auto`) and that path's speed against dense, with parameter counts and multiply-adds.
+model picks (`auto`), and a low-rank and a Monarch layer with the parameters of that Clos layer (the
+nearest rank), each against dense, with parameter counts.
 The defaults: the MNIST MLP's fc1 at batch 256, and the MiniLM BERT's attention and MLP layers at
 2,048 tokens (32 tweets of 64 tokens).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
 import torch
 
 from pruning_lab.clos import Clos
+from pruning_lab.clos.peers import LowRank, Monarch, lowrank_rank_for, monarch_rank_for
+from pruning_lab.runtime import autocast
 
 
 def time_step(layer: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
@@ -46,34 +51,47 @@ def parse_shape(text: str) -> tuple[int, int, int]:
         raise argparse.ArgumentTypeError(f"shape {text!r} is not IN x OUT : ROWS, e.g. 784x784:256") from None
 
 
+def layers_at(in_features: int, out_features: int, m: int) -> dict[str, torch.nn.Module]:
+    """Clos at multiplier m and its peers with (as near as their shapes allow) the same parameters."""
+    clos = Clos(in_features, out_features, m)
+    budget = sum(p.numel() for p in clos.parameters())
+    return {"clos": clos, "lowrank": LowRank(in_features, out_features, lowrank_rank_for(in_features, out_features, budget)),
+            "monarch": Monarch(in_features, out_features, monarch_rank_for(in_features, out_features, budget))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", type=parse_shape, nargs="+",
                         default=[parse_shape(s) for s in ("784x784:256", "384x384:2048", "384x1536:2048", "1536x384:2048")])
     parser.add_argument("--multipliers", type=int, nargs="+", default=[4, 2])
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=("fp32", "bf16"),
+                        help="fp32, and/or bf16 autocast (as training runs where the device has native bf16)")
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args()
+    device = torch.device(args.device)
     print(f"device {args.device}, threads {torch.get_num_threads()}, forward+backward, median of {args.repeats}")
-    print("| layer | rows | m | parameters | MACs/row | stages ms | composed ms | auto runs | auto vs dense |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for in_features, out_features, rows in args.shapes:
-        x = torch.randn(rows, in_features, device=args.device, requires_grad=True)
-        dense = torch.nn.Linear(in_features, out_features).to(args.device)
-        dense_ms = time_step(dense, x, args.repeats)
-        print(f"| {in_features} -> {out_features} | {rows} | dense | {in_features * out_features + out_features:,} | "
-              f"{in_features * out_features:,} | {dense_ms:.2f} | | dense | 1.00x |", flush=True)
-        for m in args.multipliers:
-            clos = Clos(in_features, out_features, m).to(args.device)
-            ms = {}
-            for path in ("stages", "composed"):
-                clos.path = path
-                ms[path] = time_step(clos, x, args.repeats)
-            clos.path = "auto"
-            auto = "composed" if clos.uses_composed_weight(rows) else "stages"
-            params = sum(p.numel() for p in clos.parameters())
-            print(f"| {in_features} -> {out_features} | {rows} | {m} | {params:,} | {clos.stage_macs():,} | "
-                  f"{ms['stages']:.2f} | {ms['composed']:.2f} | {auto} | {dense_ms / ms[auto]:.2f}x |", flush=True)
+    print("| layer | rows | precision | structure | at Clos m | parameters | ms | vs dense |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (in_features, out_features, rows), precision in itertools.product(args.shapes, args.precisions):
+        x = torch.randn(rows, in_features, device=device, requires_grad=True)
+        row = f"| {in_features} -> {out_features} | {rows} | {precision} |"
+        with autocast(precision, device):
+            dense_ms = time_step(torch.nn.Linear(in_features, out_features).to(device), x, args.repeats)
+            print(f"{row} dense | | {in_features * out_features + out_features:,} | {dense_ms:.2f} | 1.00x |", flush=True)
+            for m in args.multipliers:
+                for name, layer in layers_at(in_features, out_features, m).items():
+                    layer.to(device)
+                    params = sum(p.numel() for p in layer.parameters())
+                    paths = ("stages", "composed") if name == "clos" else ("",)
+                    auto = "composed" if name == "clos" and layer.uses_composed_weight(rows) else "stages"
+                    for path in paths:
+                        if path:
+                            layer.path = path
+                        ms = time_step(layer, x, args.repeats)
+                        picked = " (auto)" if path == auto else ""
+                        label = f"clos, {path}{picked}" if path else name
+                        print(f"{row} {label} | {m} | {params:,} | {ms:.2f} | {dense_ms / ms:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
