@@ -55,7 +55,7 @@ from pruning_lab.inference import count_flops, evaluate
 from pruning_lab.models import create_model
 from pruning_lab.runtime import resolve_device, tune_cpu_allocator
 from pruning_lab.surgery import keep_layers
-from pruning_lab.train.loop import RunParts, StopSignals, Trainer
+from pruning_lab.train.loop import RunParts, StopSignals, Trainer, channels_last_for, run_loader
 
 TRAIN_IMAGES, VAL_IMAGES, TEST_IMAGES = 45_000, 5_000, 10_000  # the plan's CIFAR-10 split
 # Dense bf16 matrix rate (FLOP/s) by device name; the fraction is not shown for others.
@@ -125,15 +125,12 @@ def job_model(cfg: Config, spec: DataSpec) -> torch.nn.Module:
 def time_training(cfg: Config, model: torch.nn.Module, teacher: Optional[FrozenTeacher], data: Data,
                   device: torch.device, steps: int, warmup: int) -> dict:
     """Images per second of the project's training loop (the Trainer every command uses) on `cfg`."""
-    channels_last = data.spec.kind == "image"  # as build_parts does
     model = model.to(device)
-    if channels_last:
+    if channels_last_for(data.spec):
         model.to(memory_format=torch.channels_last)
 
     def loader(split: Split, train: bool, max_steps: Optional[int] = None) -> BatchLoader:
-        return BatchLoader(split, data.spec, cfg.batch_size, device, train=train, augment=cfg.augment and train,
-                           seed=cfg.seed, input_size=model.arch["image_size"], channels_last=channels_last,
-                           max_steps=max_steps)
+        return run_loader(cfg, data.spec, split, device, model.arch["image_size"], train, max_steps=max_steps)
 
     cfg = resolve_loss(cfg, teacher is not None)
     test_loader = loader(Split(data.test.inputs[:max(steps, 4) * cfg.batch_size],

@@ -52,8 +52,8 @@ def bf16_is_native(device: torch.device) -> bool:
 @functools.cache
 def tune_cpu_allocator() -> bool:
     """glibc: let freed activation buffers up to 32 MiB stay in the heap instead of going back to the
-    system and being page-faulted in again at the next step (measured 15-20% faster CPU training steps;
-    benchmarks/train_speed.py). The price is up to 64 MiB of freed memory kept by the process."""
+    system and being page-faulted in again at the next step (measured 15-20% faster CPU distillation steps;
+    README, Speed). The price is up to 64 MiB of freed memory kept by the process."""
     if not sys.platform.startswith("linux"):
         return False
     try:
