@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.clos_speed import time_step
 from distillation_lab.clos_convert import ClosConvertOptions, clos_convert, layer_examples, make_structure
 from distillation_lab.runs import finetune_config, run_training
 from pruning_lab.checkpoint import load_checkpoint
 from pruning_lab.clos import Clos
+from pruning_lab.clos.cost import time_step
 from pruning_lab.clos.fit import fit_clos, fit_to_dense
 from pruning_lab.clos.surgery import matching_linears
 from pruning_lab.config import from_dict

@@ -15,30 +15,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
-import time
-
 import torch
 
 from pruning_lab.clos import Clos
+from pruning_lab.clos.cost import time_step
 from pruning_lab.clos.peers import LowRank, Monarch, lowrank_rank_for, monarch_rank_for
 from pruning_lab.runtime import autocast
-
-
-def time_step(layer: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
-    """Median milliseconds of one forward + backward."""
-    times = []
-    for i in range(repeats + 5):
-        x.grad = None
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        layer(x).sum().backward()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        if i >= 5:
-            times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -84,7 +66,8 @@ def main() -> None:
                     layer.to(device)
                     params = sum(p.numel() for p in layer.parameters())
                     paths = ("stages", "composed") if name == "clos" else ("",)
-                    auto = "composed" if name == "clos" and layer.uses_composed_weight(rows) else "stages"
+                    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+                    auto = "composed" if name == "clos" and layer.uses_composed_weight(rows, device, dtype) else "stages"
                     for path in paths:
                         if path:
                             layer.path = path

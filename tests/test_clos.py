@@ -62,13 +62,48 @@ def test_composed_weight_path_equals_the_stages_in_outputs_and_gradients():
 
 def test_cost_model_picks_the_composed_weight_only_for_many_rows_through_wide_stages():
     clos = Clos(1536, 384, 4)  # 393,216 stage MACs per row against 589,824 dense: memory-bound stages
-    assert clos.uses_composed_weight(2048) and not clos.uses_composed_weight(32)
-    assert not Clos(1536, 384, 2).uses_composed_weight(2048)
+    cpu_fp32 = (3.0, 4.0)  # the factors measured on this project's CPU in fp32
+    assert clos.uses_composed_weight(2048, factors=cpu_fp32) and not clos.uses_composed_weight(32, factors=cpu_fp32)
+    assert not Clos(1536, 384, 2).uses_composed_weight(2048, factors=cpu_fp32)
     clos.path = "composed"
     assert clos.uses_composed_weight(1)
     clos.path = "fast"
     with pytest.raises(UserError, match="Clos.path must be 'auto', 'stages' or 'composed', got 'fast'"):
         clos(torch.zeros(1, 1536))
+
+
+def test_cost_factors_are_measured_once_per_shape_and_precision_without_touching_the_random_stream():
+    from pruning_lab.clos import cost
+
+    clos, x = Clos(96, 64, 2), torch.randn(8, 96)
+    for key in [k for k in cost._MEASURED if dict(k[3]) == clos.config()]:
+        del cost._MEASURED[key]
+    torch.manual_seed(1)
+    clos(x)  # measures (cpu, fp32) for this shape
+    after_measuring = torch.rand(4)
+    assert len([k for k in cost._MEASURED if dict(k[3]) == clos.config()]) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        clos(x)  # bf16 is measured separately
+    factors = {k[2]: v for k, v in cost._MEASURED.items() if dict(k[3]) == clos.config()}
+    assert set(factors) == {torch.float32, torch.bfloat16}
+    assert all(stage > 0 and compose >= 0 for stage, compose in factors.values())
+    torch.manual_seed(1)
+    clos(x)  # measured already: nothing is timed or drawn
+    assert torch.equal(torch.rand(4), after_measuring)
+    assert not clos.uses_composed_weight(1)  # one row never pays for composing a 96 x 64 x b2 weight
+
+
+def test_measured_factors_reproduce_the_measured_times():
+    from pruning_lab.clos.cost import factors_from_times
+
+    clos, rows, dense = Clos(384, 384, 4), 512, 384 * 384
+    times = {"dense": 2.0, "stages": 5.0, "composed": 3.0}  # ms at 512 rows
+    stage, compose = factors_from_times(clos, times, rows)
+    ms_per_mac = times["dense"] / (rows * dense)
+    assert stage * rows * clos.stage_macs() * ms_per_mac == pytest.approx(5.0)
+    assert (rows * dense + compose * dense * clos.b2) * ms_per_mac == pytest.approx(3.0)
+    assert clos.uses_composed_weight(rows, factors=(stage, compose))  # 3 ms < 5 ms
+    assert not clos.uses_composed_weight(rows, factors=factors_from_times(clos, {**times, "composed": 6.0}, rows))
 
 
 def test_invalid_shapes_are_clear_errors():

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
+from .cost import compute_dtype, cost_factors
 
 
 def largest_divisor_up_to_sqrt(n: int) -> int:
@@ -46,11 +47,11 @@ class Clos(nn.Module):
     """Drop-in replacement for nn.Linear(in_features, out_features) with far fewer parameters."""
 
     # A forward runs either the three stages or one dense product with the composed weight, whichever
-    # a cost model says is cheaper. The stages cost about STAGE_COST times their multiply-adds (their
-    # middle activations are m times wider than the input: they are memory-bound), composing the
-    # weight about COMPOSE_COST times its in*out*b2 multiply-adds. Both factors were measured on CPU
-    # with benchmarks/clos_speed.py, which prints both paths; set `path` to force one.
-    STAGE_COST, COMPOSE_COST = 3.0, 4.0
+    # a cost model says is cheaper: the stages cost a factor times their multiply-adds (their middle
+    # activations are m times wider than the input: they are often memory-bound), composing the
+    # weight another factor times its in*out*b2 multiply-adds, both in units of the dense product's.
+    # The factors depend on the machine and the precision, so they are measured on the first forward
+    # of each shape, device and dtype (cost.py); set `path` to force one path.
     path: str = "auto"  # "auto", "stages" or "composed"
 
     def __init__(self, in_features: int, out_features: int, multiplier: int = 4, bin_: Optional[int] = None,
@@ -107,17 +108,21 @@ class Clos(nn.Module):
         """Multiply-adds per row through the three stages."""
         return self.b2 * (self.in_features + self.b1 * self.b3 + self.out_features)
 
-    def uses_composed_weight(self, rows: int) -> bool:
-        """Whether a forward over `rows` rows runs the composed weight (see `path`)."""
+    def uses_composed_weight(self, rows: int, device: torch.device = torch.device("cpu"),
+                             dtype: torch.dtype = torch.float32,
+                             factors: Optional[tuple[float, float]] = None) -> bool:
+        """Whether a forward over `rows` rows on `device` in `dtype` runs the composed weight (see `path`);
+        `factors` (stage cost, compose cost) replace the ones measured here."""
         if self.path != "auto":
             if self.path not in ("stages", "composed"):
                 raise UserError(f"Clos.path must be 'auto', 'stages' or 'composed', got {self.path!r}")
             return self.path == "composed"
+        stage, compose = factors or cost_factors(self, device, dtype)
         dense = self.in_features * self.out_features
-        return rows * dense + self.COMPOSE_COST * dense * self.b2 < self.STAGE_COST * rows * self.stage_macs()
+        return rows * dense + compose * dense * self.b2 < stage * rows * self.stage_macs()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.uses_composed_weight(x.numel() // self.in_features):
+        if self.uses_composed_weight(x.numel() // self.in_features, x.device, compute_dtype(x)):
             return F.linear(x, *self.composed())
         # Stage 3: [b3, bout, b2] @ [b3, b2, N] -> [b3, bout, N], i.e. the output transposed
         h = torch.baddbmm(self.bias3.view(-1, 1, 1), self.w3.permute(1, 2, 0), self.egress_inputs(x))
