@@ -7,7 +7,8 @@ For each shape IN x OUT : ROWS (rows = batch, or tokens of a batch of sequences)
 milliseconds per forward+backward of nn.Linear(IN, OUT) and of Clos(IN, OUT, m) for m = 4 and 2 along
 both of its paths (the three stages; one product with the composed weight), which path its cost
 model picks (`auto`), and a low-rank and a Monarch layer with the parameters of that Clos layer (the
-nearest rank), each against dense, with parameter counts.
+nearest rank), each against dense, with parameter counts; then the cost model's two factors as each
+Clos layer measures them on its first forward on this device and precision, and how long that took.
 The defaults: the MNIST MLP's fc1 at batch 256, and the MiniLM BERT's attention and MLP layers at
 2,048 tokens (32 tweets of 64 tokens).
 """
@@ -15,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import time
 import torch
 
 from pruning_lab.clos import Clos
-from pruning_lab.clos.cost import time_step
+from pruning_lab.clos.cost import CALIBRATION_ROWS, cost_factors, time_step
 from pruning_lab.clos.peers import LowRank, Monarch, lowrank_rank_for, monarch_rank_for
 from pruning_lab.runtime import autocast
 
@@ -55,6 +57,7 @@ def main() -> None:
     print(f"device {args.device}, threads {torch.get_num_threads()}, forward+backward, median of {args.repeats}")
     print("| layer | rows | precision | structure | at Clos m | parameters | ms | vs dense |")
     print("|---|---|---|---|---|---|---|---|")
+    costs = []
     for (in_features, out_features, rows), precision in itertools.product(args.shapes, args.precisions):
         x = torch.randn(rows, in_features, device=device, requires_grad=True)
         row = f"| {in_features} -> {out_features} | {rows} | {precision} |"
@@ -66,8 +69,12 @@ def main() -> None:
                     layer.to(device)
                     params = sum(p.numel() for p in layer.parameters())
                     paths = ("stages", "composed") if name == "clos" else ("",)
-                    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-                    auto = "composed" if name == "clos" and layer.uses_composed_weight(rows, device, dtype) else "stages"
+                    auto = "stages"
+                    if name == "clos":  # what the layer measures on its first forward, timed here
+                        started = time.perf_counter()
+                        factors = cost_factors(layer, device, torch.bfloat16 if precision == "bf16" else torch.float32)
+                        costs.append((row, m, *factors, time.perf_counter() - started))
+                        auto = "composed" if layer.uses_composed_weight(rows, factors=factors) else "stages"
                     for path in paths:
                         if path:
                             layer.path = path
@@ -75,6 +82,12 @@ def main() -> None:
                         picked = " (auto)" if path == auto else ""
                         label = f"clos, {path}{picked}" if path else name
                         print(f"{row} {label} | {m} | {params:,} | {ms:.2f} | {dense_ms / ms:.2f}x |", flush=True)
+
+    print(f"\nThe Clos cost model's factors as measured here (per multiply-add, in units of dense's; "
+          f"{CALIBRATION_ROWS} rows):\n\n| layer | rows | precision | at Clos m | stage factor | compose factor | measured in s |")
+    print("|---|---|---|---|---|---|---|")
+    for row, m, stage, compose, seconds in costs:
+        print(f"{row} {m} | {stage:.2f} | {compose:.2f} | {seconds:.2f} |")
 
 
 if __name__ == "__main__":

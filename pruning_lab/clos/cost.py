@@ -79,14 +79,18 @@ def path_times(clos: nn.Module, device: torch.device, dtype: torch.dtype, rows: 
         torch.manual_seed(0)
         half = dtype in (torch.bfloat16, torch.float16)  # as training runs them: autocast over fp32 weights
         weights = torch.float32 if half else dtype
-        probe = Clos(**clos.config()).to(device, weights)
-        dense = nn.Linear(clos.in_features, clos.out_features).to(device, weights)
+        stages, composed = (Clos(**clos.config()).to(device, weights) for _ in range(2))
+        stages.path, composed.path = "stages", "composed"
+        layers = {"dense": nn.Linear(clos.in_features, clos.out_features).to(device, weights),
+                  "stages": stages, "composed": composed}
         x = torch.randn(rows, clos.in_features, device=device, dtype=weights, requires_grad=True)
-        autocast = torch.autocast(device.type, dtype=dtype, enabled=half)
-        times = {}
-        with autocast:
-            times["dense"] = time_step(dense, x, repeats, warmup=2)
-            for path in ("stages", "composed"):
-                probe.path = path
-                times[path] = time_step(probe, x, repeats, warmup=2)
-    return times
+        times: dict[str, list[float]] = {name: [] for name in layers}
+        with torch.autocast(device.type, dtype=dtype, enabled=half):
+            # one round to warm up, then rounds interleaved, so that the machine's load or clock drifting
+            # affects the three alike
+            for round_ in range(repeats + 1):
+                for name, layer in layers.items():
+                    ms = time_step(layer, x, 1, warmup=0)
+                    if round_:
+                        times[name].append(ms)
+    return {name: statistics.median(ms) for name, ms in times.items()}
