@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
+
 import torch
 
 from pruning_lab.clos import Clos
