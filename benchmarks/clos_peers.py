@@ -9,7 +9,8 @@ fit on calibration inputs, then the same KD fine-tuning from the original) and p
 converted layers' parameters against the Clos budget, the mean and worst relative output error per
 layer on held-out inputs, the model's test accuracy (and, for text, the sentence-embedding cosine
 to the original) after conversion and after fine-tuning, the conversion's fitting seconds, and the
-forward+backward milliseconds of one layer of each shape against dense at --rows rows. The dense
+forward+backward speed against dense (dense's time over the structure's, above 1 is faster; the mean
+over the layers' shapes) at --rows rows. The dense
 control is the original model given the same KD fine-tuning. Then the Clos fit's two starts (the
 closed-form grouped SVD against random) on the first layer: weight error after the ALS, held-out
 output error after the data-aware fit, and seconds.
@@ -36,7 +37,7 @@ STRUCTURES = ("clos", "lowrank", "monarch")
 
 
 def layer_speed(opened, names: list[str], structure: str, m: int, rows: int) -> float:
-    """Mean over the layers' distinct shapes of (structure's fwd+bwd time) / (dense's), at `rows` rows."""
+    """Mean over the layers' distinct shapes of dense's fwd+bwd time / the structure's (above 1: faster), at `rows` rows."""
     shapes = sorted({(opened.model.get_submodule(n).in_features, opened.model.get_submodule(n).out_features)
                      for n in names})
     ratios = []
@@ -44,7 +45,7 @@ def layer_speed(opened, names: list[str], structure: str, m: int, rows: int) -> 
         dense = torch.nn.Linear(fan_in, fan_out)
         layer = make_structure(structure, dense, m)
         x = torch.randn(rows, fan_in, requires_grad=True)
-        ratios.append(time_step(layer, x, 30) / time_step(dense, x, 30))
+        ratios.append(time_step(dense, x, 30) / time_step(layer, x, 30))
     return sum(ratios) / len(ratios)
 
 
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{args.checkpoint}, layers {args.layers} ({len(names)}): test accuracy before conversion "
           f"{ckpt['test']['acc']:.4f}")
     head = "| structure | m budget | parameters (Clos budget) | rel. error mean | worst | test acc converted | after KD FT |"
-    print("\n" + head + (" emb. cosine converted | after FT |" if text else "") + " fit s | fwd+bwd time vs dense |")
+    print("\n" + head + (" emb. cosine converted | after FT |" if text else "") + " fit s | fwd+bwd speed vs dense |")
     print("|" + "---|" * (head.count("|") - 1 + (2 if text else 0) + 2))
     for r in rows:
         if r["structure"] == "dense":
