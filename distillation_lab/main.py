@@ -461,6 +461,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0), or a usage error already printed on one line (2)
         return e.code if isinstance(e.code, int) else 2
+    except UserError as e:  # a flag's value refused while parsing, as the option's dataclass refuses it
+        print(f"error: {for_the_user(str(e))}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except UserError as e:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
@@ -27,12 +28,36 @@ IMAGE_SIZE_DATASETS = ("imagefolder", "tweets", *TEXT_DATASETS)  # the datasets 
 NO_DATA_DIR_DATASETS = ("mnist_embedded",)  # ships inside a package and reads no folder
 
 
-def _opt(default: Any, help: str, choices: Optional[tuple] = None, **kw: Any) -> Any:
-    """A dataclass field carrying its --help text (and allowed values for strings)."""
-    meta = {"help": help, "choices": choices}
+# What a number may be, declared beside its field (`range=`): (the words errors and --help use, the test).
+Range = tuple[str, Callable[[Any], bool]]
+
+
+def minimum(low: float) -> Range:
+    """At least `low`."""
+    return f">= {low}", lambda v: v >= low
+
+
+POSITIVE: Range = ("> 0", lambda v: v > 0)
+FRACTION: Range = ("in [0, 1)", lambda v: 0 <= v < 1)  # a share removed, a probability below 1
+DEVICES = ("auto", "cpu", "cuda")
+REQUIRED = dataclasses.MISSING  # the default of a field without one: its flag is required
+
+
+def option(default: Any, help: str, choices: Any = None, *, range: Optional[Range] = None,
+           aliases: tuple = (), shown_default: Optional[str] = None, metavar: Optional[str] = None, **kw: Any) -> Any:
+    """A dataclass field carrying what its --flag needs, declared once: the --help text, the allowed values
+    for strings (`choices`: a tuple, or a function returning one, read when used), the allowed `range` of a
+    number, other spellings of the flag (`aliases`), how --help shows a default that is not literal
+    (`shown_default`, e.g. what None stands for) and the flag's `metavar`. `add_dataclass_arguments` makes the
+    flags and `check_field` checks a value (the flag's and the dataclass's), both from this."""
+    meta = {"help": help, "choices": choices, "range": range, "aliases": aliases, "shown_default": shown_default,
+            "metavar": metavar}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: json.loads(json.dumps(default)), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
+
+
+_opt = option
 
 
 @dataclass
@@ -48,7 +73,9 @@ class Config:
                                 "then frozen; values trained (no gradient reaches the encoder through it)")
     keep_layers: list = _opt([], "with init_checkpoint: keep only these of its transformer layers (0-based, "
                                  "increasing), initialised from its weights: a DistilBERT-style student, e.g. 0 2 4 "
-                                 "of a 6-layer BERT or ViT")
+                                 "of a 6-layer BERT or ViT",
+                              range=("increasing layer indices >= 0",
+                                     lambda v: all(a >= 0 for a in v) and v == sorted(set(v))))
     name: str = _opt("", "run name: checkpoints are OUT_DIR/NAME.pth (best) and NAME_last.pth; default: the model name")
     role: str = _opt("model", "what the run produces, recorded in the checkpoint", ("teacher", "student", "model"))
     family: str = _opt("", "the report family the run belongs to, recorded in the checkpoint (default: the "
@@ -60,28 +87,34 @@ class Config:
     data_dir: str = _opt("data", "where prepare-data put the dataset (imagefolder: the folder with train/ and test/; "
                                  "textcsv: the folder with train.csv and test.csv)")
     image_size: Optional[int] = _opt(None, "imagefolder: square size images are resized to when read (default 32); "
-                                           "text: tokens per example (tweets 64, glue-* and textcsv 128)")
-    channels: Optional[int] = _opt(None, "imagefolder: 1 reads the images as grayscale, 3 as RGB (default 3)")
-    val_size: Optional[int] = _opt(None, "images held out of the training set for validation (default per dataset)")
-    train_subset: Optional[int] = _opt(None, "use a fixed class-balanced subset of N training images (smoke runs)")
+                                           "text: tokens per example (tweets 64, glue-* and textcsv 128)",
+                                     range=minimum(1))
+    channels: Optional[int] = _opt(None, "imagefolder: 1 reads the images as grayscale, 3 as RGB (default 3)",
+                                   range=("1 or 3", lambda v: v in (1, 3)))
+    val_size: Optional[int] = _opt(None, "images held out of the training set for validation (default per dataset)",
+                                   range=minimum(0))
+    train_subset: Optional[int] = _opt(None, "use a fixed class-balanced subset of N training images (smoke runs)",
+                                       range=minimum(1))
     labelled_subset: Optional[int] = _opt(None, "keep the labels of only N training images (the ones train_subset N "
-                                           "would keep); the rest are unlabelled and reach only distillation terms")
+                                           "would keep); the rest are unlabelled and reach only distillation terms",
+                                          range=minimum(1))
     augment: bool = _opt(True, "random crop (and horizontal flip where the dataset allows it)")
     flip: bool = _opt(True, "horizontal flips when augmenting, where the dataset allows them (never for digits or "
                             "text); --no-flip for your own images that must not be mirrored")
     # --- optimisation
-    epochs: int = _opt(200, "number of epochs")
-    batch_size: int = _opt(128, "batch size")
+    epochs: int = _opt(200, "number of epochs", range=minimum(1))
+    batch_size: int = _opt(128, "batch size", range=minimum(1))
     optimizer: str = _opt("sgd", "optimizer", ("sgd", "adamw", "adam"))
-    lr: float = _opt(0.1, "peak learning rate")
-    momentum: float = _opt(0.9, "SGD momentum")
-    weight_decay: float = _opt(5e-4, "weight decay")
+    lr: float = _opt(0.1, "peak learning rate", range=POSITIVE)
+    momentum: float = _opt(0.9, "SGD momentum", range=FRACTION)
+    weight_decay: float = _opt(5e-4, "weight decay", range=minimum(0))
     scheduler: str = _opt("multistep", "learning-rate schedule", ("multistep", "cosine", "constant"))
-    milestones: list = _opt([100, 150, 180], "epochs at which multistep multiplies the lr by gamma")
-    gamma: float = _opt(0.1, "multistep decay factor")
-    warmup_epochs: float = _opt(0.0, "linear warm-up from 0 over this many epochs")
-    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy")
-    max_steps_per_epoch: Optional[int] = _opt(None, "cap the steps of each epoch (smoke runs)")
+    milestones: list = _opt([100, 150, 180], "epochs at which multistep multiplies the lr by gamma",
+                             range=("epochs >= 0", lambda v: all(m >= 0 for m in v)))
+    gamma: float = _opt(0.1, "multistep decay factor", range=POSITIVE)
+    warmup_epochs: float = _opt(0.0, "linear warm-up from 0 over this many epochs", range=minimum(0))
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy", range=FRACTION)
+    max_steps_per_epoch: Optional[int] = _opt(None, "cap the steps of each epoch (smoke runs)", range=minimum(1))
     # --- loss and distillation
     loss: dict = _opt({}, "named loss terms, e.g. {ce: {weight: 0.5}, kd: {weight: 0.5, temperature: 4}}; "
                           "empty: ce alone, or for distillation the terms that the shorthands below build")
@@ -91,14 +124,16 @@ class Config:
     # Shorthand for `loss` (distillation): alpha * CE + (1 - alpha) * T^2 * KL [+ feature term].
     # None = not given; giving them together with `loss` in one place is an error.
     alpha: Optional[float] = _opt(None, "shorthand for `loss`: weight of the hard-label CE, KD gets 1 - alpha "
-                                        "[0.5 when no loss is given]")
-    temperature: Optional[float] = _opt(None, "shorthand for `loss`: softmax temperature of the KD term [4.0]")
+                                        "[0.5 when no loss is given]", range=("in [0, 1]", lambda v: 0 <= v <= 1))
+    temperature: Optional[float] = _opt(None, "shorthand for `loss`: softmax temperature of the KD term [4.0]",
+                                        range=POSITIVE)
     feature_distill: Optional[bool] = _opt(None, "shorthand for `loss`: add a FitNets feature term (MSE through "
                                                  "1x1 regressors) [off]")
-    feature_weight: Optional[float] = _opt(None, "shorthand for `loss`: weight of the feature term [1.0]")
+    feature_weight: Optional[float] = _opt(None, "shorthand for `loss`: weight of the feature term [1.0]",
+                                           range=minimum(0))
     # --- run
-    seed: int = _opt(0, "seed for initialisation, data order and augmentation")
-    device: str = _opt("auto", "device", ("auto", "cpu", "cuda"))
+    seed: int = _opt(0, "seed for initialisation, data order and augmentation", range=minimum(0))
+    device: str = _opt("auto", "device", DEVICES)
     precision: str = _opt("auto", "auto = bf16 autocast where the device computes bf16 natively (CUDA, CPUs with "
                                      "AVX512-BF16 or AMX), else fp32", ("auto", "fp32", "bf16", "fp16"))
     out_dir: str = _opt("models_saved", "where checkpoints and logs go")
@@ -115,21 +150,9 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
-# What each number may be (checked when a config is built, so a bad value fails before any work).
-RANGES = {
-    "epochs": (">= 1", lambda v: v >= 1), "batch_size": (">= 1", lambda v: v >= 1),
-    "max_steps_per_epoch": (">= 1", lambda v: v >= 1), "train_subset": (">= 1", lambda v: v >= 1),
-    "labelled_subset": (">= 1", lambda v: v >= 1), "val_size": (">= 0", lambda v: v >= 0),
-    "image_size": (">= 1", lambda v: v >= 1), "seed": (">= 0", lambda v: v >= 0),
-    "channels": ("1 or 3", lambda v: v in (1, 3)),
-    "lr": ("> 0", lambda v: v > 0), "momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
-    "weight_decay": (">= 0", lambda v: v >= 0), "gamma": ("> 0", lambda v: v > 0),
-    "warmup_epochs": (">= 0", lambda v: v >= 0), "label_smoothing": ("in [0, 1)", lambda v: 0 <= v < 1),
-    "milestones": ("epochs >= 0", lambda v: all(m >= 0 for m in v)),
-    "keep_layers": ("increasing layer indices >= 0", lambda v: all(a >= 0 for a in v) and v == sorted(set(v))),
-    "alpha": ("in [0, 1]", lambda v: 0 <= v <= 1), "temperature": ("> 0", lambda v: v > 0),
-    "feature_weight": (">= 0", lambda v: v >= 0),
-}
+# What each number may be (declared beside each field; checked when a config is built, so a bad value fails
+# before any work).
+RANGES = {f.name: f.metadata["range"] for f in dataclasses.fields(Config) if f.metadata["range"]}
 
 
 def check_name(value: str, source: str) -> None:
@@ -149,26 +172,41 @@ def _type_name(tp: Any) -> str:
             list: "a list of integers", dict: "a mapping"}.get(tp, str(tp))
 
 
-def _field_type(name: str) -> Any:
-    hints = typing.get_type_hints(Config)
-    return hints[name]
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)
 
 
-def _base_type(name: str) -> Any:
+def _field_type(name: str, cls: type = Config) -> Any:
+    return _hints(cls)[name]
+
+
+def _base_type(name: str, cls: type = Config) -> Any:
     """The field's type without Optional."""
-    tp = _field_type(name)
+    tp = _field_type(name, cls)
     return next((a for a in typing.get_args(tp) if a is not type(None)), tp)
 
 
-def check_value(name: str, value: Any, source: str) -> Any:
-    """Return `value` converted to field `name`'s type, or raise UserError naming the key."""
-    if name not in FIELDS:
-        allowed = ", ".join(sorted(FIELDS))
-        raise UserError(f"unknown config key '{name}' in {source}; allowed keys: {allowed}")
-    tp = _field_type(name)
+def field_choices(f: dataclasses.Field) -> Optional[tuple]:
+    """A field's allowed values (its `choices` metadata, called if it is a function), or None."""
+    choices = f.metadata.get("choices")
+    return tuple(choices()) if callable(choices) else choices
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag of a dataclass field: round_to -> --round-to."""
+    return "--" + name.replace("_", "-")
+
+
+def check_field(cls: type, name: str, value: Any, subject: str) -> Any:
+    """Return `value` converted to field `name` of dataclass `cls`'s type, or raise a one-line UserError
+    "SUBJECT must be WHAT IS ALLOWED, got VALUE": the type, the choices and the range declared beside the field.
+    The one check of every dataclass-made option: its flag's (`add_dataclass_arguments`) and the dataclass's."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    tp = _field_type(name, cls)
     optional = type(None) in typing.get_args(tp)
     base = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
-    bad = UserError(f"config key '{name}' in {source} must be {_type_name(tp)}, got {value!r}")
+    bad = UserError(f"{subject} must be {_type_name(tp)}, got {value!r}")
     if value is None:
         if optional:
             return None
@@ -186,9 +224,9 @@ def check_value(name: str, value: Any, source: str) -> Any:
     elif base is str:
         if not isinstance(value, str):
             raise bad
-        choices = FIELDS[name].metadata.get("choices")
+        choices = field_choices(f)
         if choices and value not in choices:
-            raise UserError(f"config key '{name}' in {source} must be one of {', '.join(choices)}; got '{value}'")
+            raise UserError(f"{subject} must be one of {', '.join(choices)}; got '{value}'")
     elif base is list:
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise bad
@@ -197,12 +235,30 @@ def check_value(name: str, value: Any, source: str) -> Any:
             raise bad
         glued = [k for k, v in value.items() if v is None and isinstance(k, str) and ":" in k]
         if glued:  # YAML reads {width:4} as one key 'width:4' with no value
-            raise UserError(f"config key '{name}' in {source} has a key '{glued[0]}' without a value: write a space "
+            raise UserError(f"{subject} has a key '{glued[0]}' without a value: write a space "
                             f"after the colon, e.g. {{{glued[0].replace(':', ': ', 1)}}}")
+    allowed = f.metadata.get("range")
     if isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"config key '{name}' in {source} must be a finite number, got {value}")
-    if name in RANGES and not RANGES[name][1](value):
-        raise UserError(f"config key '{name}' in {source} must be {RANGES[name][0]}, got {value!r}")
+        raise UserError(f"{subject} must be a finite number{' ' + allowed[0] if allowed else ''}, got {value}")
+    if allowed and not allowed[1](value):
+        raise UserError(f"{subject} must be {allowed[0]}, got {value!r}")
+    return value
+
+
+def check_dataclass(obj: Any) -> None:
+    """Check (and convert, e.g. an int given for a float) every field of a dataclass made with `option` fields,
+    naming each by its flag: what the options' __post_init__ calls, so the Python API refuses what the
+    command line refuses, with the same message."""
+    for f in dataclasses.fields(obj):
+        setattr(obj, f.name, check_field(type(obj), f.name, getattr(obj, f.name), flag_name(f.name)))
+
+
+def check_value(name: str, value: Any, source: str) -> Any:
+    """Return `value` converted to Config field `name`'s type, or raise UserError naming the key."""
+    if name not in FIELDS:
+        allowed = ", ".join(sorted(FIELDS))
+        raise UserError(f"unknown config key '{name}' in {source}; allowed keys: {allowed}")
+    value = check_field(Config, name, value, f"config key '{name}' in {source}")
     if name == "name":
         check_name(value, source)
     return value
@@ -287,13 +343,14 @@ def make_config(values: dict, source: str = "overrides", base: Optional[Config] 
 
 
 # ---------------------------------------------------------------- command line
-def _parse_cli_value(name: str, text: str) -> Any:
+def _parse_cli_value(name: str, text: str, cls: type = Config) -> Any:
     """Parse one command-line string into a value for field `name` (YAML syntax for lists/dicts)."""
-    base = next((a for a in typing.get_args(_field_type(name)) if a is not type(None)), _field_type(name))
-    if text.lower() in ("none", "null") and type(None) in typing.get_args(_field_type(name)):
-        return None
-    if base is str:
+    tp = _field_type(name, cls)
+    base = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+    if base is str:  # a string is taken as typed (an --output named "none" is a file name)
         return text
+    if text.lower() in ("none", "null") and type(None) in typing.get_args(tp):
+        return None
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -306,30 +363,69 @@ def _parse_cli_value(name: str, text: str) -> Any:
     return value
 
 
+class _Checked(argparse.Action):
+    """Stores a flag's value after `check(value, the flag as typed)`: bad values are refused while parsing."""
+
+    def __init__(self, *args: Any, check: Callable[[Any, str], Any], **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.check = check
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, self.check(values, option_string or flag_name(self.dest)))
+
+
+def shown_default(f: dataclasses.Field, value: Any) -> str:
+    """What --help shows as a field's default: its `shown_default` words where given, else the value."""
+    return f.metadata.get("shown_default") or str(value)
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple = (),
+                            only: Optional[tuple] = None, title: Optional[str] = None, defaults: Any = None,
+                            negatable: bool = True,
+                            check: Optional[Callable[[str, Any, str], Any]] = None) -> argparse._ActionsContainer:
+    """Add one --flag per field of dataclass `cls` made with `option` (its aliases, help text, allowed values and
+    range, and the default that --help shows: `defaults`' value where given, else the field's own); `only` picks
+    fields, `skip` leaves some out. A field without a default is a required flag. Values are parsed like YAML
+    and checked while parsing by `check(name, value, flag)` (default: `check_field`, naming the flag typed), the
+    check the dataclass itself makes. Flags not given stay out of the namespace, so the dataclass's defaults
+    apply. Booleans: --x/--no-x (`negatable`), or a plain switch --x. Returns the group the flags are in."""
+    group = parser.add_argument_group(title) if title else parser
+    check = check or (lambda name, value, flag: check_field(cls, name, value, flag))
+    for f in dataclasses.fields(cls):
+        if f.name in skip or (only is not None and f.name not in only):
+            continue
+        flags = [flag_name(f.name), *f.metadata.get("aliases", ())]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        help_text = f.metadata["help"]
+        if not required:
+            default = getattr(defaults, f.name) if defaults is not None else \
+                (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            help_text += f" [default: {shown_default(f, default)}]"
+        if field_choices(f):
+            help_text += f" (one of: {', '.join(field_choices(f))})"
+        if f.metadata.get("range"):
+            help_text += f" ({f.metadata['range'][0]})"
+        common = dict(dest=f.name, help=help_text,
+                      **({"required": True} if required else {"default": argparse.SUPPRESS}))
+        checked = lambda value, flag, n=f.name: check(n, value, flag)  # noqa: E731
+        if _base_type(f.name, cls) is bool:
+            action = argparse.BooleanOptionalAction if negatable else "store_true"
+            group.add_argument(*flags, action=action, **common)
+        elif _base_type(f.name, cls) is list:
+            group.add_argument(*flags, nargs="+", type=int, metavar="N", action=_Checked, check=checked, **common)
+        else:
+            group.add_argument(*flags, metavar=f.metadata.get("metavar") or "VALUE", action=_Checked, check=checked,
+                               type=lambda t, n=f.name: _parse_cli_value(n, t, cls), **common)
+    return group
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple = (), only: Optional[tuple] = None,
                          title: str = "config (override the YAML; defaults shown)",
                          defaults: Optional[Config] = None) -> None:
     """Add one --flag per Config field (its help text, allowed values and the default that `--help` shows:
     `defaults`' value, e.g. the command's recipe, else the built-in one); `only` picks fields."""
-    group = parser.add_argument_group(title)
-    defaults = defaults or Config()
-    for f in dataclasses.fields(Config):
-        if f.name in skip or (only is not None and f.name not in only):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        help_text = f.metadata["help"] + f" [default: {default}]"
-        if f.metadata.get("choices"):
-            help_text += f" (one of: {', '.join(f.metadata['choices'])})"
-        if _base_type(f.name) is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=help_text)
-        elif _base_type(f.name) is list:
-            group.add_argument(flag, dest=f.name, nargs="+", type=int, default=argparse.SUPPRESS,
-                               metavar="N", help=help_text)
-        else:
-            group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar="VALUE",
-                               type=lambda t, n=f.name: _parse_cli_value(n, t), help=help_text)
+    add_dataclass_arguments(parser, Config, skip, only, title, defaults or Config(),
+                            check=lambda name, value, flag: check_value(name, value, "command line"))
 
 
 def config_from_args(args: argparse.Namespace, yaml_path: Optional[str], defaults: Optional[dict] = None) -> Config:
