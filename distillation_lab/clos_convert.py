@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -20,7 +20,7 @@ from pruning_lab.clos.peers import (LowRank, Monarch, fit_lowrank_to_outputs, lo
 from pruning_lab.clos.surgery import matching_linears
 from pruning_lab.surgery import replace_module
 from pruning_lab.checkpoint import build_model, load_checkpoint, save_derived
-from pruning_lab.config import from_dict
+from pruning_lab.config import DEVICES, POSITIVE, REQUIRED, check_dataclass, from_dict, minimum, option
 from pruning_lab.inference import count_parameters, evaluate, open_checkpoint
 from pruning_lab.errors import UserError
 from pruning_lab.models.bert import PAD_ID
@@ -170,23 +170,38 @@ def convert_layer(model: nn.Module, name: str, multiplier: int, fit: str, calibr
 class ClosConvertOptions:
     """What `clos-convert` does: which layers, the Clos size, the fit budget, and the KD fine-tuning."""
 
-    checkpoint: str
-    layers: str
-    multiplier: int = 4  # Clos's middle-stage multiplier; a peer structure gets that Clos layer's parameters
-    structure: str = "clos"  # clos, lowrank or monarch
-    als_start: str = "random"  # where the Clos ALS starts: random, or the closed-form grouped SVD (measured: no gain
-    # after the data-aware fit, see the README)
-    fit: str = "data"  # data-aware (after the weight-space fit) or weights only
-    fit_steps: int = 1000
-    als_iterations: int = 50
-    calibration_examples: int = 4096  # training images or texts whose layer inputs are fitted
-    finetune_epochs: int = 0
-    finetune_lr: float = 1e-3
-    loss: dict = field(default_factory=dict)  # the fine-tuning loss: config keys loss / alpha / temperature / ...
-    output: Optional[str] = None
-    device: str = "auto"
-    overwrite: bool = False  # replace an existing output (and its fine-tuned version)
-    allow_more_parameters: bool = False  # convert layers even where the Clos layer is not smaller
+    checkpoint: str = option(REQUIRED, "the trained model (.pth)")
+    layers: str = option(REQUIRED, "e.g. fc1 (MLP), 'vit.blocks.*.attn.qkv,vit.blocks.*.mlp.fc*' (ViT) or "
+                         "'*.attention.*' (BERT)")
+    multiplier: int = option(4, "Clos's middle-stage multiplier m (b2 = m * bin); with --structure lowrank or monarch, "
+                             "the layer gets the parameters of this Clos layer", range=minimum(1))
+    structure: str = option("clos", "the compact layer: clos, lowrank (truncated SVD, then the closed-form fit to the "
+                            "layer's outputs) or monarch (per-block SVD, then gradient steps and a least-squares last "
+                            "stage, as Clos)", lambda: tuple(STRUCTURES))
+    als_start: str = option("random", "Clos: start the weight-space ALS at random or at the closed-form grouped SVD "
+                            "(where b2 is a multiple of bout; a lower ALS error, but no gain once the data-aware fit "
+                            "has run)", ("random", "svd"))
+    fit: str = option("data", "data-aware (after the weight-space fit) or weight-space only", ("data", "weights"))
+    fit_steps: int = option(1000, "gradient steps of the data-aware fit", range=minimum(0))
+    als_iterations: int = option(50, "iterations of the weight-space ALS fit", range=minimum(1))
+    calibration_examples: int = option(4096, "training examples (images or texts) whose layer inputs are fitted "
+                                       "(--calibration-images and --calibration-texts are the same option)",
+                                       range=minimum(1), aliases=("--calibration-images", "--calibration-texts"),
+                                       metavar="N")
+    finetune_epochs: int = option(0, "KD fine-tuning epochs with the original as teacher", range=minimum(0))
+    finetune_lr: float = option(1e-3, "Adam learning rate of the KD fine-tuning (1e-3 for small models; about 1e-4 "
+                                "for a pretrained BERT)", range=POSITIVE)
+    # The fine-tuning loss: config keys loss / alpha / temperature / ..., whose flags are Config's.
+    loss: dict = option({}, "the fine-tuning loss: Config's loss keys (loss, alpha, temperature, ...)")
+    output: Optional[str] = option(None, "converted checkpoint path",
+                                   shown_default="CHECKPOINT_STRUCTURE_mM.pth beside it")
+    device: str = option("auto", "device", DEVICES)
+    overwrite: bool = option(False, "replace an existing output checkpoint (and its _kd)")
+    allow_more_parameters: bool = option(False, "convert layers whose Clos layer would have as many parameters as "
+                                         "the dense one or more (tiny layers, smoke tests); refused otherwise")
+
+    def __post_init__(self) -> None:
+        check_dataclass(self)  # each value as its flag checks it: fit_steps=-1 fails as --fit-steps -1
 
     def output_path(self) -> Path:
         """Where the converted checkpoint goes: --output, or CHECKPOINT_clos_mM.pth beside the original."""

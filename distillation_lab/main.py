@@ -15,12 +15,12 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-from pruning_lab.config import FIELDS, LOSS_SHORTHANDS, Config, add_config_arguments, config_from_args, make_config
+from pruning_lab.config import (FIELDS, LOSS_SHORTHANDS, Config, add_config_arguments, add_dataclass_arguments,
+                                 check_field, config_from_args, make_config)
 from pruning_lab.errors import UserError
 from pruning_lab.models import MODELS
 from pruning_lab.train.loop import INTERRUPTED_EXIT_CODE, TrainingInterrupted
 
-from .clos_convert import STRUCTURES
 from .recipes import CONFIG_DIR, recipe_path
 
 # The lab plan's recipe for each model, used when no --config is given.
@@ -120,14 +120,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def options_from_args(cls: type, args: argparse.Namespace, **given):
+    """The options dataclass of a command from its parsed flags (flags not given: the dataclass's defaults)."""
+    return cls(**{k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__ and k not in given}, **given)
+
+
 def cmd_clos_convert(args: argparse.Namespace) -> int:
     """clos-convert: replace linear layers by fitted Clos layers; optional KD fine-tuning."""
     from .clos_convert import ClosConvertOptions, clos_convert
 
     loss = {k: v for k, v in vars(args).items() if k in ("loss", *LOSS_SHORTHANDS)}
-    options = {k: v for k, v in vars(args).items() if k in ClosConvertOptions.__dataclass_fields__ and k != "loss"}
     make_config(loss, "command line")  # a loss given twice is refused before any work
-    summary = clos_convert(ClosConvertOptions(**options, loss=loss))
+    summary = clos_convert(options_from_args(ClosConvertOptions, args, loss=loss))
     for layer in summary["layers"]:
         fit = layer.get("data_aware", layer["weight_space"])
         err = fit.get("relative_error_heldout", fit.get("identity_probe_relative_error"))
@@ -151,8 +155,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .prune import PruneOptions, prune
 
     loss = {k: v for k, v in vars(args).items() if k in ("loss", *LOSS_SHORTHANDS)}
-    options = {k: v for k, v in vars(args).items() if k in PruneOptions.__dataclass_fields__ and k != "loss"}
-    summary = prune(PruneOptions(**options, loss=loss))
+    summary = prune(options_from_args(PruneOptions, args, loss=loss))
     print(f"parameters {summary['parameters_before']:,} -> {summary['parameters_after']:,}, MACs "
           f"{summary['macs_before']:,} -> {summary['macs_after']:,}; test accuracy {summary['test_accuracy_before']:.4f} "
           f"-> {summary['test_accuracy_pruned']:.4f} pruned"
@@ -294,58 +297,28 @@ def at_least(low: int):
     return parse
 
 
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not (value > 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
-    return value
-
-
 def params_like(value: str) -> int:
-    """--params-like clos:M -> M."""
+    """--params-like clos:M -> M (checked as --multiplier is, under the name --params-like)."""
+    from .clos_convert import ClosConvertOptions
+
     kind, _, m = value.partition(":")
-    if kind != "clos" or not m.isdigit() or int(m) < 1:
-        raise argparse.ArgumentTypeError(f"'{value}' is not clos:M with M an integer >= 1 (e.g. clos:4)")
-    return int(m)
+    if kind != "clos" or not m.strip().lstrip("-").isdigit():
+        raise argparse.ArgumentTypeError(f"'{value}' is not clos:M with M an integer (e.g. clos:4)")
+    return check_field(ClosConvertOptions, "multiplier", int(m), "M in --params-like clos:M")
 
 
 def add_clos_convert_parser(sub) -> None:
     """clos-convert."""
+    from .clos_convert import ClosConvertOptions
+
     p = sub.add_parser("clos-convert", help="replace linear layers by Clos layers fitted to them",
                        description="Replace the linear layers matching --layers (glob, comma-separated) by Clos "
                                    "layers, layer by layer: weight-space fit (ALS), then a data-aware fit on the "
                                    "layer's real inputs; evaluate; save a checkpoint recording the conversion; "
                                    "optionally fine-tune with KD from the original model.")
-    p.add_argument("--checkpoint", required=True, help="the trained model (.pth)")
-    p.add_argument("--layers", required=True, help="e.g. fc1 (MLP), 'vit.blocks.*.attn.qkv,vit.blocks.*.mlp.fc*' (ViT) or '*.attention.*' (BERT)")
-    p.add_argument("--multiplier", type=int, default=4, help="Clos's middle-stage multiplier m (b2 = m * bin); "
-                   "with --structure lowrank or monarch, the layer gets the parameters of this Clos layer")
-    p.add_argument("--structure", choices=STRUCTURES, default="clos", help="the compact layer: clos, lowrank "
-                   "(truncated SVD, then the closed-form fit to the layer's outputs) or monarch (per-block SVD, then "
-                   "gradient steps and a least-squares last stage, as Clos)")
-    p.add_argument("--params-like", metavar="clos:M", type=params_like, dest="multiplier",
+    add_dataclass_arguments(p, ClosConvertOptions, skip=("loss",), negatable=False)
+    p.add_argument("--params-like", metavar="clos:M", type=params_like, dest="multiplier", default=argparse.SUPPRESS,
                    help="the same as --multiplier M: give each layer the parameters of the Clos layer at m = M")
-    p.add_argument("--als-start", choices=("random", "svd"), default="random", help="Clos: start the weight-space "
-                   "ALS at random or at the closed-form grouped SVD (where b2 is a multiple of bout; a lower ALS error, "
-                   "but no gain once the data-aware fit has run)")
-    p.add_argument("--fit", choices=("data", "weights"), default="data", help="data-aware (default) or weight-space only")
-    p.add_argument("--fit-steps", type=at_least(0), default=1000, help="gradient steps of the data-aware fit")
-    p.add_argument("--als-iterations", type=at_least(1), default=50, help="iterations of the weight-space ALS fit")
-    p.add_argument("--calibration-examples", "--calibration-images", "--calibration-texts", type=at_least(1), default=4096,
-                   dest="calibration_examples", help="training examples (images or texts) whose layer inputs are "
-                   "fitted (--calibration-images and --calibration-texts are the same option)")
-    p.add_argument("--finetune-epochs", type=at_least(0), default=0, help="KD fine-tuning epochs with the original as teacher")
-    p.add_argument("--finetune-lr", type=positive_float, default=1e-3, help="Adam learning rate of the KD fine-tuning "
-                   "(1e-3 for small models; about 1e-4 for a pretrained BERT)")
-    p.add_argument("--output", help="converted checkpoint path (default: CHECKPOINT_STRUCTURE_mM.pth beside it)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output checkpoint (and its _kd)")
-    p.add_argument("--allow-more-parameters", action="store_true", help="convert layers whose Clos layer would have "
-                   "as many parameters as the dense one or more (tiny layers, smoke tests); refused otherwise")
     add_config_arguments(p, only=("loss", *LOSS_SHORTHANDS),
                          title="the KD fine-tuning's loss (as for distill; default alpha 0.5, temperature 4)")
     p.set_defaults(func=cmd_clos_convert)
@@ -353,8 +326,9 @@ def add_clos_convert_parser(sub) -> None:
 
 def add_prune_parser(sub) -> None:
     """prune."""
-    from pruning_lab.prune import IMPORTANCES
     from pruning_lab.prune.structured import STRUCTURED_MODELS
+
+    from .prune import PruneOptions
 
     p = sub.add_parser("prune", help="prune a trained model (structured or unstructured), then fine-tune it",
                        description="Structured pruning removes channels, hidden units and attention heads for real "
@@ -365,29 +339,7 @@ def add_prune_parser(sub) -> None:
                                    "fine-tuning that distils from the unpruned model (or --teacher-checkpoint; "
                                    "--no-kd: labels only). Writes CHECKPOINT_TAG.pth and, fine-tuned, CHECKPOINT_TAG_kd.pth "
                                    "(or _ft.pth).")
-    p.add_argument("--checkpoint", required=True, help="the trained model (.pth)")
-    p.add_argument("--method", default="structured", choices=("structured", "unstructured"), help="what is removed")
-    p.add_argument("--importance", choices=IMPORTANCES, help="structured: how channels are ranked: weight magnitude "
-                   "(l1, l2), first-order Taylor on training batches, or batch-norm scale (ResNets) [default: l2]")
-    p.add_argument("--amount", type=float, help="fraction removed, in [0, 1): of every layer's channels (structured) "
-                   "or of all weights (unstructured)")
-    p.add_argument("--target-parameters", help="structured: prune until at most N parameters, or Fx fewer (e.g. 4x)")
-    p.add_argument("--target-macs", help="structured: prune until at most N MACs per example, or Fx fewer (e.g. 2x)")
-    p.add_argument("--steps", type=int, default=1, help="gradual pruning: K steps, each removing the same share of "
-                   "what is left and followed by fine-tuning")
-    p.add_argument("--round-to", type=int, default=8, help="structured: channel counts become multiples of this "
-                   "(aligned widths run faster on GPUs; 1 for exact ratios on tiny models)")
-    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs in all, spread over the steps")
-    p.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam learning rate of the fine-tuning")
-    p.add_argument("--teacher-checkpoint", default="", help="distil from this model while fine-tuning "
-                   "[default: the unpruned checkpoint]")
-    p.add_argument("--no-kd", action="store_true", help="fine-tune on the labels alone (the baseline for the KD fine-tuning)")
-    p.add_argument("--calibration-examples", type=int, default=512, help="training examples whose gradients rank "
-                   "channels for --importance taylor")
-    p.add_argument("--output", help="pruned checkpoint path (default: CHECKPOINT_TAG.pth beside it: pruned50, "
-                   "pruned_p19226, pruned_macs2x, sparse70)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    add_dataclass_arguments(p, PruneOptions, skip=("loss",), negatable=False)
     add_config_arguments(p, only=("loss", *LOSS_SHORTHANDS),
                          title="the KD fine-tuning's loss (as for distill; default alpha 0.5, temperature 4)")
     p.set_defaults(func=cmd_prune)

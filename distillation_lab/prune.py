@@ -6,14 +6,15 @@ from __future__ import annotations
 import copy
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch.nn as nn
 
 from pruning_lab.checkpoint import save_derived
-from pruning_lab.config import from_dict, make_config
+from pruning_lab.config import (DEVICES, FRACTION, POSITIVE, REQUIRED, check_dataclass, from_dict, make_config,
+                                 minimum, option)
 from pruning_lab.errors import UserError
 from pruning_lab.inference import count_flops, count_parameters, evaluate, open_checkpoint
 from pruning_lab.inference.checkpoint_eval import OpenedCheckpoint
@@ -43,30 +44,55 @@ def parse_target(value: Optional[str], what: str) -> Optional[tuple[str, float]]
             return "count", int(text)
     except ValueError:
         pass
-    raise UserError(f"--target-{what} must be a count (e.g. 19226) or a reduction like 2x (more than 1x); got '{value}'")
+    raise UserError(f"--target-{what} must be {TARGET[0]}, got '{value}'")
+
+
+def _is_target(value: str) -> bool:
+    try:
+        return parse_target(value, "") is not None
+    except UserError:
+        return False
+
+
+TARGET = ("a count (e.g. 19226) or a reduction like 2x (more than 1x)", _is_target)
 
 
 @dataclass
 class PruneOptions:
     """What `prune` does: the method and how much, the schedule, the fine-tuning and where it writes."""
 
-    checkpoint: str
-    method: str = "structured"
-    importance: Optional[str] = None  # structured: l1, l2 (default), taylor, bn-scale
-    amount: Optional[float] = None  # fraction of channels (structured) or weights (unstructured) removed
-    target_parameters: Optional[str] = None  # structured: N, or Fx fewer
-    target_macs: Optional[str] = None  # structured: N, or Fx fewer
-    steps: int = 1  # prune a little, fine-tune, repeat
-    round_to: int = 8  # structured: channel counts are multiples of this
-    finetune_epochs: int = 0  # in all, spread over the steps
-    finetune_lr: float = 1e-3
-    teacher_checkpoint: str = ""  # default: the unpruned model
-    no_kd: bool = False  # fine-tune on the labels alone
-    loss: dict = field(default_factory=dict)  # the fine-tuning loss: config keys loss / alpha / temperature / ...
-    calibration_examples: int = 512  # training examples whose gradients rank channels (taylor)
-    output: Optional[str] = None
-    device: str = "auto"
-    overwrite: bool = False
+    checkpoint: str = option(REQUIRED, "the trained model (.pth)")
+    method: str = option("structured", "what is removed: channels, hidden units and heads (structured) or weights "
+                         "(unstructured)", METHODS)
+    importance: Optional[str] = option(None, "structured: how channels are ranked: weight magnitude (l1, l2), "
+                                       "first-order Taylor on training batches, or batch-norm scale (ResNets)",
+                                       IMPORTANCES, shown_default="l2")
+    amount: Optional[float] = option(None, "fraction removed: of every layer's channels (structured) or of all "
+                                     "weights (unstructured)", range=FRACTION)
+    target_parameters: Optional[str] = option(None, "structured: prune until at most N parameters, or Fx fewer "
+                                              "(e.g. 4x)", range=TARGET)
+    target_macs: Optional[str] = option(None, "structured: prune until at most N MACs per example, or Fx fewer "
+                                        "(e.g. 2x)", range=TARGET)
+    steps: int = option(1, "gradual pruning: K steps, each removing the same share of what is left and followed by "
+                        "fine-tuning", range=minimum(1))
+    round_to: int = option(8, "structured: channel counts become multiples of this (aligned widths run faster on "
+                           "GPUs; 1 for exact ratios on tiny models)", range=minimum(1))
+    finetune_epochs: int = option(0, "fine-tuning epochs in all, spread over the steps", range=minimum(0))
+    finetune_lr: float = option(1e-3, "Adam learning rate of the fine-tuning", range=POSITIVE)
+    teacher_checkpoint: str = option("", "distil from this model while fine-tuning",
+                                     shown_default="the unpruned checkpoint")
+    no_kd: bool = option(False, "fine-tune on the labels alone (the baseline for the KD fine-tuning)")
+    # The fine-tuning loss: config keys loss / alpha / temperature / ..., whose flags are Config's.
+    loss: dict = option({}, "the fine-tuning loss: Config's loss keys (loss, alpha, temperature, ...)")
+    calibration_examples: int = option(512, "training examples whose gradients rank channels for --importance "
+                                       "taylor", range=minimum(1))
+    output: Optional[str] = option(None, "pruned checkpoint path", shown_default="CHECKPOINT_TAG.pth beside it: "
+                                   "pruned50, pruned_p19226, pruned_macs2x, sparse70")
+    device: str = option("auto", "device", DEVICES)
+    overwrite: bool = option(False, "replace existing outputs")
+
+    def __post_init__(self) -> None:
+        check_dataclass(self)  # each value as its flag checks it: PruneOptions(round_to=0) fails as --round-to 0
 
     def tag(self) -> str:
         """What was asked, for the default file name: pruned50, pruned_p19226, pruned_macs2x, sparse70."""
@@ -85,30 +111,19 @@ class PruneOptions:
         return out.with_name(out.stem + ("_ft" if self.no_kd else "_kd") + ".pth")
 
     def check(self) -> None:
-        """Refuse a bad combination of options before any work, naming the option."""
-        if self.method not in METHODS:
-            raise UserError(f"--method must be one of {', '.join(METHODS)}; got '{self.method}'")
+        """Refuse a bad combination of options before any work, naming the option (each value alone is checked
+        when the options are made)."""
+        check_dataclass(self)  # again: a field may have been changed since
         given = [k for k in ("amount", "target_parameters", "target_macs") if getattr(self, k) is not None]
         if len(given) != 1:
             raise UserError("give exactly one of --amount, --target-parameters, --target-macs"
                             + (f" (got {', '.join('--' + g.replace('_', '-') for g in given)})" if given else ""))
-        if self.amount is not None and not (0 <= self.amount < 1):
-            raise UserError(f"--amount must be in [0, 1) (the fraction removed); got {self.amount}")
         if self.method == "unstructured":
             if self.amount is None:
                 raise UserError("unstructured pruning takes --amount (the fraction of weights set to zero); "
                                 "--target-parameters and --target-macs are for --method structured")
             if self.importance is not None:
                 raise UserError("unstructured pruning ranks weights by magnitude; --importance is for --method structured")
-        if self.importance is not None and self.importance not in IMPORTANCES:
-            raise UserError(f"--importance must be one of {', '.join(IMPORTANCES)}; got '{self.importance}'")
-        parse_target(self.target_parameters, "parameters")
-        parse_target(self.target_macs, "macs")
-        for name, low in (("steps", 1), ("round_to", 1), ("finetune_epochs", 0), ("calibration_examples", 1)):
-            if getattr(self, name) < low:
-                raise UserError(f"--{name.replace('_', '-')} must be >= {low}; got {getattr(self, name)}")
-        if not (math.isfinite(self.finetune_lr) and self.finetune_lr > 0):
-            raise UserError(f"--finetune-lr must be a positive number; got {self.finetune_lr}")
         if self.no_kd and self.teacher_checkpoint:
             raise UserError("--no-kd fine-tunes without a teacher, but --teacher-checkpoint names one: give one of them")
         if self.no_kd and self.loss:

@@ -89,10 +89,12 @@ def test_loss_numbers_are_checked_before_work(finished, capsys, flags, message):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--fit-steps", "-1"], "-1 must be >= 0"),
-    (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--als-iterations", "0"], "0 must be >= 1"),
-    (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--calibration-examples", "0"], "0 must be >= 1"),
-    (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--finetune-lr", "nan"], "nan must be a finite number > 0"),
+    (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--fit-steps", "-1"], "--fit-steps must be >= 0, got -1"),
+    (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--als-iterations", "0"], "--als-iterations must be >= 1, got 0"),
+    (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--calibration-examples", "0"],
+     "--calibration-examples must be >= 1, got 0"),
+    (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--finetune-lr", "nan"],
+     "--finetune-lr must be a finite number > 0, got nan"),
     (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--alpha", "0.3"],
      "the loss options set up the fine-tuning, but --finetune-epochs is 0"),
     (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--structure", "lowrank", "--als-start", "svd"],
