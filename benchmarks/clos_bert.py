@@ -18,7 +18,9 @@ import time
 
 import torch
 
-from distillation_lab.clos_convert import STRUCTURES, convert_layer, embedding_cosine, layer_examples
+from benchmarks.results import Results, add_results_flag
+from distillation_lab.clos_convert import convert_layer, embedding_cosine, layer_examples
+from pruning_lab.clos.structures import STRUCTURES
 from pruning_lab.clos.surgery import matching_linears
 from pruning_lab.data import BatchLoader, load_splits
 from pruning_lab.inference import count_parameters
@@ -32,7 +34,7 @@ LAYER_SETS = {
 }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--multipliers", type=int, nargs="+", default=[4, 2])
     parser.add_argument("--calibration-texts", type=int, default=256, help="training tweets whose layer inputs are fitted")
@@ -44,18 +46,20 @@ def main() -> None:
     parser.add_argument("--layer-sets", nargs="+", default=list(LAYER_SETS), choices=list(LAYER_SETS))
     parser.add_argument("--structures", nargs="+", default=["clos"], choices=STRUCTURES,
                         help="low-rank and Monarch layers get the parameters of the Clos layer at the same m")
-    args = parser.parse_args()
+    add_results_flag(parser)
+    args = parser.parse_args(argv)
+    out = Results("clos_bert", argv)
     torch.manual_seed(0)
     spec, train, val, test = load_splits("tweets", "data")
     loader = lambda split: BatchLoader(split, spec, 128, "cpu")  # noqa: E731
     original = create_model("minilm_bert", spec.num_classes, 1, spec.input_size)
     encoder_params = count_parameters(original.hf.bert)
-    print(f"MiniLM-L6 encoder: {encoder_params:,} parameters; {len(test)} test tweets, "
-          f"{args.calibration_texts} calibration tweets, {args.fit_steps} fit steps per layer, "
-          f"fit targets: {args.targets}")
-    print("| layers | structure | at Clos m | layer parameters dense -> converted | encoder parameters | "
-          "sentence-embedding cosine | fit time |")
-    print("|---|---|---|---|---|---|---|")
+    out(f"MiniLM-L6 encoder: {encoder_params:,} parameters; {len(test)} test tweets, "
+        f"{args.calibration_texts} calibration tweets, {args.fit_steps} fit steps per layer, "
+        f"fit targets: {args.targets}")
+    out("| layers | structure | at Clos m | layer parameters dense -> converted | encoder parameters | "
+        "sentence-embedding cosine | fit time |")
+    out("|---|---|---|---|---|---|---|")
     for label in args.layer_sets:
         for m, structure in itertools.product(args.multipliers, args.structures):
             start = time.perf_counter()
@@ -70,8 +74,9 @@ def main() -> None:
                 dense, clos = dense + result["dense_parameters"], clos + result["parameters"]
             cosine = embedding_cosine(model, original, loader(test))
             after = count_parameters(model.hf.bert)
-            print(f"| {label} | {structure} | {m} | {dense:,} -> {clos:,} ({dense / clos:.2f}x) | {encoder_params:,} -> {after:,} "
-                  f"({encoder_params / after:.2f}x) | {cosine:.4f} | {time.perf_counter() - start:.0f} s |", flush=True)
+            out(f"| {label} | {structure} | {m} | {dense:,} -> {clos:,} ({dense / clos:.2f}x) | {encoder_params:,} -> {after:,} "
+                f"({encoder_params / after:.2f}x) | {cosine:.4f} | {time.perf_counter() - start:.0f} s |")
+    out.finish(args.write_results)
 
 
 if __name__ == "__main__":

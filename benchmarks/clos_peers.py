@@ -23,18 +23,17 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.results import Results, add_results_flag
 from distillation_lab.clos_convert import ClosConvertOptions, clos_convert, layer_examples, make_structure
 from distillation_lab.runs import finetune_config, run_training
 from pruning_lab.checkpoint import load_checkpoint
 from pruning_lab.clos import Clos
 from pruning_lab.clos.cost import time_step
 from pruning_lab.clos.fit import fit_clos, fit_to_dense
+from pruning_lab.clos.structures import STRUCTURES
 from pruning_lab.clos.surgery import matching_linears
 from pruning_lab.config import from_dict
 from pruning_lab.inference import count_parameters, open_checkpoint
-
-STRUCTURES = ("clos", "lowrank", "monarch")
-
 
 def layer_speed(opened, names: list[str], structure: str, m: int, rows: int) -> float:
     """Mean over the layers' distinct shapes of dense's fwd+bwd time / the structure's (above 1: faster), at `rows` rows."""
@@ -83,7 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=256, help="rows (batch or tokens) of the speed measurement")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="also write the rows here")
+    add_results_flag(parser)
     args = parser.parse_args(argv)
+    out = Results("clos_peers", argv)
     opened = open_checkpoint(args.checkpoint, device=args.device)
     names = matching_linears(opened.model, args.layers)
     ckpt = load_checkpoint(args.checkpoint)
@@ -114,31 +115,32 @@ def main(argv: list[str] | None = None) -> None:
                          "cosine_converted": summary.get("embedding_cosine_after"),
                          "cosine_finetuned": summary.get("embedding_cosine_finetuned"),
                          "fit_seconds": seconds, "speed_vs_dense": layer_speed(opened, names, structure, m, args.rows)})
-    print(f"\n{args.checkpoint}, layers {args.layers} ({len(names)}): test accuracy before conversion "
-          f"{ckpt['test']['acc']:.4f}")
+    out(f"\n{args.checkpoint}, layers {args.layers} ({len(names)}): test accuracy before conversion "
+        f"{ckpt['test']['acc']:.4f}")
     head = "| structure | m budget | parameters (Clos budget) | rel. error mean | worst | test acc converted | after KD FT |"
-    print("\n" + head + (" emb. cosine converted | after FT |" if text else "") + " fit s | fwd+bwd speed vs dense |")
-    print("|" + "---|" * (head.count("|") - 1 + (2 if text else 0) + 2))
+    out("\n" + head + (" emb. cosine converted | after FT |" if text else "") + " fit s | fwd+bwd speed vs dense |")
+    out("|" + "---|" * (head.count("|") - 1 + (2 if text else 0) + 2))
     for r in rows:
         if r["structure"] == "dense":
-            print(f"| dense (same KD fine-tuning) | - | {r['parameters']:,} | - | - | {r['accuracy_converted']:.4f} | "
-                  f"{r['accuracy_finetuned']:.4f} |" + (" 1.0000 | - |" if text else "") + " - | 1.00x |")
+            out(f"| dense (same KD fine-tuning) | - | {r['parameters']:,} | - | - | {r['accuracy_converted']:.4f} | "
+                f"{r['accuracy_finetuned']:.4f} |" + (" 1.0000 | - |" if text else "") + " - | 1.00x |")
             continue
         cos = f" {r['cosine_converted']:.4f} | {r['cosine_finetuned']:.4f} |" if text else ""
-        print(f"| {r['structure']} | {r['m']} | {r['parameters']:,} ({r['clos_budget']:,}) | {r['mean_error']:.4f} | "
-              f"{r['worst_error']:.4f} | {r['accuracy_converted']:.4f} | {r['accuracy_finetuned']:.4f} |{cos} "
-              f"{r['fit_seconds']:.1f} | {r['speed_vs_dense']:.2f}x |", flush=True)
+        out(f"| {r['structure']} | {r['m']} | {r['parameters']:,} ({r['clos_budget']:,}) | {r['mean_error']:.4f} | "
+            f"{r['worst_error']:.4f} | {r['accuracy_converted']:.4f} | {r['accuracy_finetuned']:.4f} |{cos} "
+            f"{r['fit_seconds']:.1f} | {r['speed_vs_dense']:.2f}x |")
     starts = [row for m in args.multipliers
               for row in compare_starts(opened, args.checkpoint, names[0], m, args.calibration_examples,
                                         args.fit_steps, args.als_iterations)]
-    print(f"\nClos fit of {names[0]} from two starts ({args.als_iterations} ALS iterations, {args.fit_steps} "
-          "data-aware steps):\n\n| m | start | weight error after ALS | ALS s | held-out output error | total s |")
-    print("|---|---|---|---|---|---|")
+    out(f"\nClos fit of {names[0]} from two starts ({args.als_iterations} ALS iterations, {args.fit_steps} "
+        "data-aware steps):\n\n| m | start | weight error after ALS | ALS s | held-out output error | total s |")
+    out("|---|---|---|---|---|---|")
     for r in starts:
-        print(f"| {r['m']} | {r['start']} | {r['weight_error_after_als']:.4f} | {r['als_seconds']:.1f} | "
-              f"{r['heldout_output_error']:.4f} | {r['total_seconds']:.1f} |")
+        out(f"| {r['m']} | {r['start']} | {r['weight_error_after_als']:.4f} | {r['als_seconds']:.1f} | "
+            f"{r['heldout_output_error']:.4f} | {r['total_seconds']:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "starts": starts}, indent=2))
+    out.finish(args.write_results)
 
 
 if __name__ == "__main__":

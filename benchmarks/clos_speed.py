@@ -23,6 +23,7 @@ import torch
 from pruning_lab.clos import Clos
 from pruning_lab.clos.cost import CALIBRATION_ROWS, cost_factors, time_step
 from pruning_lab.clos.peers import LowRank, Monarch, lowrank_rank_for, monarch_rank_for
+from benchmarks.results import Results, add_results_flag
 from pruning_lab.runtime import autocast
 
 
@@ -44,7 +45,7 @@ def layers_at(in_features: int, out_features: int, m: int) -> dict[str, torch.nn
             "monarch": Monarch(in_features, out_features, monarch_rank_for(in_features, out_features, budget))}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", type=parse_shape, nargs="+",
@@ -53,18 +54,20 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=("fp32", "bf16"),
                         help="fp32, and/or bf16 autocast (as training runs where the device has native bf16)")
     parser.add_argument("--repeats", type=int, default=50)
-    args = parser.parse_args()
+    add_results_flag(parser)
+    args = parser.parse_args(argv)
+    out = Results("clos_speed", argv)
     device = torch.device(args.device)
-    print(f"device {args.device}, threads {torch.get_num_threads()}, forward+backward, median of {args.repeats}")
-    print("| layer | rows | precision | structure | at Clos m | parameters | ms | vs dense |")
-    print("|---|---|---|---|---|---|---|---|")
+    out(f"device {args.device}, threads {torch.get_num_threads()}, forward+backward, median of {args.repeats}")
+    out("| layer | rows | precision | structure | at Clos m | parameters | ms | vs dense |")
+    out("|---|---|---|---|---|---|---|---|")
     costs = []
     for (in_features, out_features, rows), precision in itertools.product(args.shapes, args.precisions):
         x = torch.randn(rows, in_features, device=device, requires_grad=True)
         row = f"| {in_features} -> {out_features} | {rows} | {precision} |"
         with autocast(precision, device):
             dense_ms = time_step(torch.nn.Linear(in_features, out_features).to(device), x, args.repeats)
-            print(f"{row} dense | | {in_features * out_features + out_features:,} | {dense_ms:.2f} | 1.00x |", flush=True)
+            out(f"{row} dense | | {in_features * out_features + out_features:,} | {dense_ms:.2f} | 1.00x |")
             for m in args.multipliers:
                 for name, layer in layers_at(in_features, out_features, m).items():
                     layer.to(device)
@@ -82,13 +85,14 @@ def main() -> None:
                         ms = time_step(layer, x, args.repeats)
                         picked = " (auto)" if path == auto else ""
                         label = f"clos, {path}{picked}" if path else name
-                        print(f"{row} {label} | {m} | {params:,} | {ms:.2f} | {dense_ms / ms:.2f}x |", flush=True)
+                        out(f"{row} {label} | {m} | {params:,} | {ms:.2f} | {dense_ms / ms:.2f}x |")
 
-    print(f"\nThe Clos cost model's factors as measured here (per multiply-add, in units of dense's; "
-          f"{CALIBRATION_ROWS} rows):\n\n| layer | rows | precision | at Clos m | stage factor | compose factor | measured in s |")
-    print("|---|---|---|---|---|---|---|")
+    out(f"\nThe Clos cost model's factors as measured here (per multiply-add, in units of dense's; "
+        f"{CALIBRATION_ROWS} rows):\n\n| layer | rows | precision | at Clos m | stage factor | compose factor | measured in s |")
+    out("|---|---|---|---|---|---|---|")
     for row, m, stage, compose, seconds in costs:
-        print(f"{row} {m} | {stage:.2f} | {compose:.2f} | {seconds:.2f} |")
+        out(f"{row} {m} | {stage:.2f} | {compose:.2f} | {seconds:.2f} |")
+    out.finish(args.write_results)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from benchmarks.results import Results, add_results_flag
 from distillation_lab.main import main
 from distillation_lab.runs import run_training
 from pruning_lab.checkpoint import build_model, load_checkpoint
@@ -73,7 +74,9 @@ def main_(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the heads")
     parser.add_argument("--out-dir", default="models_saved/kvb_continual")
+    add_results_flag(parser)
     args = parser.parse_args(argv)
+    out_ = Results("kvb_continual", argv)
     out = Path(args.out_dir)
     encoder = out / "encoder.pth"
     if main(["train-teacher", "--model", "resnet8", "--model-args", "{width: 8}", "--dataset", "mnist_embedded",
@@ -85,17 +88,18 @@ def main_(argv: list[str] | None = None) -> None:
     results = {kind: [learn_in_order(head_model(encoder, kind, train, spec, seed), kind, splits, spec, seed, out,
                                      args.lr)
                       for seed in args.seeds] for kind in ("linear", "bottleneck")}
-    print(f"\nheads trained with Adam at lr {args.lr}; encoder test accuracy {load_checkpoint(encoder)['test']['acc']:.4f}; test accuracy on all classes "
-          f"seen so far, mean ± std over seeds {args.seeds}:\n")
-    print("| head | " + " | ".join(f"after {a}-{b}" for a, b in PAIRS) + " |")
-    print("|---|" + "---|" * len(PAIRS))
+    out_(f"\nheads trained with Adam at lr {args.lr}; encoder test accuracy {load_checkpoint(encoder)['test']['acc']:.4f}; test accuracy on all classes "
+         f"seen so far, mean ± std over seeds {args.seeds}:\n")
+    out_("| head | " + " | ".join(f"after {a}-{b}" for a, b in PAIRS) + " |")
+    out_("|---|" + "---|" * len(PAIRS))
     for kind, runs in results.items():
         cells = [f"{statistics.fmean(col):.4f} ± {statistics.stdev(col) if len(col) > 1 else 0:.4f}"
                  for col in zip(*runs)]
-        print(f"| {kind} | " + " | ".join(cells) + " |")
+        out_(f"| {kind} | " + " | ".join(cells) + " |")
     diffs = [b[-1] - a[-1] for a, b in zip(results["linear"], results["bottleneck"])]
-    print(f"\nafter the last pair, bottleneck minus linear, paired by seed: {statistics.fmean(diffs) * 100:+.2f} ± "
-          f"{statistics.stdev(diffs) * 100 if len(diffs) > 1 else 0:.2f} points ({sum(d > 0 for d in diffs)}/{len(diffs)} seeds)")
+    out_(f"\nafter the last pair, bottleneck minus linear, paired by seed: {statistics.fmean(diffs) * 100:+.2f} ± "
+         f"{statistics.stdev(diffs) * 100 if len(diffs) > 1 else 0:.2f} points ({sum(d > 0 for d in diffs)}/{len(diffs)} seeds)")
+    out_.finish(args.write_results)
 
 
 if __name__ == "__main__":

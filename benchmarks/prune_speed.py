@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from benchmarks.results import Results, add_results_flag
 from pruning_lab.inference import count_flops, count_parameters
 from pruning_lab.models import create_model
 from pruning_lab.prune import prune_structured, prune_unstructured, ratio_for_target
@@ -63,15 +64,17 @@ def latencies(models: dict, batch: int, device: str, repeats: int) -> dict[str, 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--models", nargs="+", default=["resnet18", "vit_tiny"])
     parser.add_argument("--repeats", type=int, default=20)
-    args = parser.parse_args()
-    print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| model | variant | parameters | MACs | batch 1 ms | speed-up | batch 256 ms | speed-up |")
-    print("|---|---|---|---|---|---|---|---|")
+    add_results_flag(parser)
+    args = parser.parse_args(argv)
+    out = Results("prune_speed", argv)
+    out(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    out("| model | variant | parameters | MACs | batch 1 ms | speed-up | batch 256 ms | speed-up |")
+    out("|---|---|---|---|---|---|---|---|")
     for name in args.models:
         models = variants(name, args.device)
         if args.device == "cuda":
@@ -80,9 +83,10 @@ def main() -> None:
         one = latencies(models, 1, args.device, args.repeats)
         many = latencies(models, 256, args.device, max(3, args.repeats // 4))
         for variant, model in models.items():
-            print(f"| {name} | {variant} | {count_parameters(model):,} | {count_flops(model.cpu().float(), (3, 32, 32)) // 2:,} "
-                  f"| {one[variant]:.2f} | {one['dense'] / one[variant]:.2f}x | {many[variant]:.1f} | "
-                  f"{many['dense'] / many[variant]:.2f}x |", flush=True)
+            out(f"| {name} | {variant} | {count_parameters(model):,} | {count_flops(model.cpu().float(), (3, 32, 32)) // 2:,} "
+                f"| {one[variant]:.2f} | {one['dense'] / one[variant]:.2f}x | {many[variant]:.1f} | "
+                f"{many['dense'] / many[variant]:.2f}x |")
+    out.finish(args.write_results)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import json
 import statistics
 from pathlib import Path
 
+from benchmarks.results import Results, add_results_flag
 from distillation_lab.main import main
 from pruning_lab.checkpoint import build_model, load_checkpoint
 from pruning_lab.inference import count_flops, count_parameters
@@ -49,7 +50,9 @@ def main_(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out-dir", default="models_saved/demo")
+    add_results_flag(parser)
     args = parser.parse_args(argv)
+    result = Results("prune_vs_students", argv)
     out, seeds = Path(args.out_dir), args.seeds
     run(["pipeline", "--out-dir", str(out), "--seeds", *map(str, seeds), "--no-progress"])
     teacher = out / "cnn_teacher.pth"
@@ -78,18 +81,19 @@ def main_(argv: list[str] | None = None) -> None:
             results["ft"].append(accuracy(out / f"{ft}.pth"))
             results["kd"].append(accuracy(out / f"{kd}.pth"))
         rows.append((label, count_parameters(model), count_flops(model, shape) // 2, results))
-    print(f"\nteacher: {count_parameters(teacher_model):,} parameters, {count_flops(teacher_model, shape) // 2:,} MACs, "
-          f"test accuracy {accuracy(teacher):.4f}")
-    print(f"ResNet-8 student: {count_parameters(student):,} parameters, {count_flops(student, shape) // 2:,} MACs; "
-          f"alone {mean_std(students['alone'])}, with KD {mean_std(students['kd'])} ({len(seeds)} seeds)\n")
-    print("| pruned to | parameters | MACs | pruned + fine-tuning | pruned + KD fine-tuning | "
-          "pruned+FT - student alone | pruned+KD - student KD | pruned+KD - pruned+FT |")
-    print("|---|---|---|---|---|---|---|---|")
+    result(f"\nteacher: {count_parameters(teacher_model):,} parameters, {count_flops(teacher_model, shape) // 2:,} MACs, "
+           f"test accuracy {accuracy(teacher):.4f}")
+    result(f"ResNet-8 student: {count_parameters(student):,} parameters, {count_flops(student, shape) // 2:,} MACs; "
+           f"alone {mean_std(students['alone'])}, with KD {mean_std(students['kd'])} ({len(seeds)} seeds)\n")
+    result("| pruned to | parameters | MACs | pruned + fine-tuning | pruned + KD fine-tuning | "
+           "pruned+FT - student alone | pruned+KD - student KD | pruned+KD - pruned+FT |")
+    result("|---|---|---|---|---|---|---|---|")
     for label, params, macs, r in rows:
-        print(f"| {label} | {params:,} | {macs:,} | {mean_std(r['ft'])} | {mean_std(r['kd'])} | "
-              f"{paired(r['ft'], students['alone'])} | {paired(r['kd'], students['kd'])} | {paired(r['kd'], r['ft'])} |")
-    print("\nDifferences in points, paired by seed (mean ± std, seeds where the first is better).")
+        result(f"| {label} | {params:,} | {macs:,} | {mean_std(r['ft'])} | {mean_std(r['kd'])} | "
+               f"{paired(r['ft'], students['alone'])} | {paired(r['kd'], students['kd'])} | {paired(r['kd'], r['ft'])} |")
+    result("\nDifferences in points, paired by seed (mean ± std, seeds where the first is better).")
     run(["report", "--models-dir", str(out), "--output", str(out / "report.json"), "--device", "cpu"])
+    result.finish(args.write_results)
 
 
 if __name__ == "__main__":

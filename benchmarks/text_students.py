@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from benchmarks.results import Results, add_results_flag
 from distillation_lab.main import main
 from pruning_lab.inference import evaluate_checkpoint
 
@@ -64,7 +65,9 @@ def main_(argv: list[str] | None = None) -> None:
     parser.add_argument("--bottleneck", default=BOTTLENECK, help="the bottleneck's options (YAML)")
     parser.add_argument("--bottleneck-lr", default="1e-2", help="learning rate of the bottleneck's values")
     parser.add_argument("--no-bottleneck", action="store_true", help="only the runs without the bottleneck")
+    add_results_flag(parser)
     args = parser.parse_args(argv)
+    result = Results("text_students", argv)
     out = Path(args.out_dir)
     common = ["--config", RECIPE, "--out-dir", str(out), "--resume", "--no-progress"]
     run(["train-teacher", *common, "--name", "tweet_bert"])
@@ -79,12 +82,13 @@ def main_(argv: list[str] | None = None) -> None:
          "--name", runs["student, KD on logits + sentence embeddings"]])
     if not args.no_bottleneck:
         runs.update(bottleneck_runs(common, out, runs, args))
-    print("\n| model | test accuracy | macro F1 | MCC | parameters | latency ms (batch 1) |")
-    print("|---|---|---|---|---|---|")
+    result("\n| model | test accuracy | macro F1 | MCC | parameters | latency ms (batch 1) |")
+    result("|---|---|---|---|---|---|")
     for label, name in runs.items():
         card = evaluate_checkpoint(str(out / f"{name}.pth"), device="cpu")
-        print(f"| {label} | {card['test_accuracy']:.4f} | {card['test_f1_macro']:.4f} | {card['test_mcc']:.4f} | "
-              f"{card['parameters']:,} | {card['latency_ms_batch1']:.1f} |", flush=True)
+        result(f"| {label} | {card['test_accuracy']:.4f} | {card['test_f1_macro']:.4f} | {card['test_mcc']:.4f} | "
+               f"{card['parameters']:,} | {card['latency_ms_batch1']:.1f} |")
+    result.finish(args.write_results)
 
 
 if __name__ == "__main__":

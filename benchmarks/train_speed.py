@@ -42,6 +42,7 @@ from typing import Optional
 
 import torch
 
+from benchmarks.results import Results, add_results_flag
 from distillation_lab.chain import CHAIN
 from distillation_lab.criterion import DistillationCriterion, resolve_loss
 from distillation_lab.recipes import recipe_config
@@ -54,7 +55,7 @@ from pruning_lab.errors import UserError
 from pruning_lab.inference import count_flops, evaluate
 from pruning_lab.models import create_model
 from pruning_lab.runtime import resolve_device, tune_cpu_allocator
-from pruning_lab.surgery import keep_layers
+from pruning_lab.models.thin import keep_layers
 from pruning_lab.train.loop import RunParts, StopSignals, Trainer, channels_last_for, run_loader
 
 TRAIN_IMAGES, VAL_IMAGES, TEST_IMAGES = 45_000, 5_000, 10_000  # the plan's CIFAR-10 split
@@ -246,19 +247,19 @@ def settings(device: torch.device) -> dict:
             "interop_threads": torch.get_num_interop_threads(), "environment": env}
 
 
-def print_jobs(rows: list[dict]) -> None:
+def print_jobs(rows: list[dict], out=print) -> None:
     """The per-job table and the chain's total."""
-    print(f"\n{'job':<17}{'batch':>6}{'train img/s':>13}{'eval img/s':>12}{'s/epoch':>10}{'epochs':>8}"
-          f"{'projected':>12}{'peak MB':>9}{'of bf16 peak':>14}")
+    out(f"\n{'job':<17}{'batch':>6}{'train img/s':>13}{'eval img/s':>12}{'s/epoch':>10}{'epochs':>8}"
+        f"{'projected':>12}{'peak MB':>9}{'of bf16 peak':>14}")
     for r in rows:
         frac = f"{r['fraction_of_bf16_peak']:.1%}" if r["fraction_of_bf16_peak"] is not None else "n/a"
         peak = f"{r['peak_memory_mb']:,.0f}" if r["peak_memory_mb"] is not None else "-"
-        print(f"{r['job']:<17}{r['batch_size']:>6}{r['train_images_per_s']:>13,.0f}{r['eval_images_per_s']:>12,.0f}"
-              f"{r['seconds_per_epoch']:>10,.1f}{r['epochs']:>8}{r['projected_job_s'] / 3600:>11,.2f}h"
-              f"{peak:>9}{frac:>14}")
+        out(f"{r['job']:<17}{r['batch_size']:>6}{r['train_images_per_s']:>13,.0f}{r['eval_images_per_s']:>12,.0f}"
+            f"{r['seconds_per_epoch']:>10,.1f}{r['epochs']:>8}{r['projected_job_s'] / 3600:>11,.2f}h"
+            f"{peak:>9}{frac:>14}")
     total = sum(r["projected_job_s"] for r in rows)
     flops = sum(r["train_flops_total"] for r in rows)
-    print(f"chain of these jobs, one after another: {total / 3600:,.2f} h; training arithmetic {flops / 1e15:,.1f} PFLOP")
+    out(f"chain of these jobs, one after another: {total / 3600:,.2f} h; training arithmetic {flops / 1e15:,.1f} PFLOP")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -279,7 +280,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--compare-batch-size", type=int, default=None, help="[default: 128 on CUDA, 64 on CPU]")
     p.add_argument("--data-dir", default="data", help="where CIFAR-10 is, if it is")
     p.add_argument("--json", help="write every figure here")
+    add_results_flag(p)
     args = p.parse_args(argv)
+    result = Results("train_speed", argv)
     warnings.filterwarnings("ignore", module="sklearn")  # F1/MCC on the few test batches timed here
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
@@ -289,22 +292,22 @@ def main(argv: Optional[list[str]] = None) -> None:
     jobs = training_jobs if args.jobs is None else args.jobs
     out = {"settings": {**settings(device), "glibc_malloc_tuned_by_the_project": allocator_tuned},
            "jobs": [], "comparison": None}
-    print(json.dumps(out["settings"]))
+    result(json.dumps(out["settings"]))
     cifar = cifar_like(args.data_dir)
-    print(f"data: {cifar.source}")
+    result(f"data: {cifar.source}")
     compare_steps = 200 if args.compare_steps is None else args.compare_steps
     if compare_steps:
         widths = tuple(args.compare_widths or ((64, 16) if gpu else (16, 4)))
         batch = args.compare_batch_size or (128 if gpu else 64)
         c = out["comparison"] = compare(cifar, device, compare_steps, widths, batch, args.compare_rounds)
-        print(f"\nKD ResNet-18 (width {widths[0]}) -> ResNet-8 (width {widths[1]}), batch {batch}, {compare_steps} steps, "
-              f"median of {args.compare_rounds} interleaved rounds:")
+        result(f"\nKD ResNet-18 (width {widths[0]}) -> ResNet-8 (width {widths[1]}), batch {batch}, {compare_steps} steps, "
+               f"median of {args.compare_rounds} interleaved rounds:")
         for name in ("tutorial", "torchdistill", "ours"):
             if f"{name}_s" in c:
                 ratio = f"  (this project {c[f'speedup_over_{name}']:.2f}x faster)" if name != "ours" else ""
                 each = ", ".join(f"{t:.2f}" for t in c[f"{name}_s_each_round"])
-                print(f"  {name:<13}{c[f'{name}_s']:8.2f} s  {compare_steps * batch / c[f'{name}_s']:8,.0f} img/s  "
-                      f"(rounds: {each} s){ratio}")
+                result(f"  {name:<13}{c[f'{name}_s']:8.2f} s  {compare_steps * batch / c[f'{name}_s']:8,.0f} img/s  "
+                       f"(rounds: {each} s){ratio}")
     for name in jobs:
         job = next(j for j in CHAIN if j.name == name)
         data = job_data(recipe_config(job.recipe), cifar)
@@ -313,12 +316,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"{name}: {r['train_images_per_s']:,.0f} train img/s, {r['eval_images_per_s']:,.0f} eval img/s "
               f"({r['precision']}, batch {r['batch_size']}, {r['data']})", flush=True)
     if out["jobs"]:
-        print_jobs(out["jobs"])
+        print_jobs(out["jobs"], result)
     out["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak resident memory of this process: {out['process_peak_rss_mb']:,.0f} MB")
+    result(f"peak resident memory of this process: {out['process_peak_rss_mb']:,.0f} MB")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.json}")
+    result.finish(args.write_results)
 
 
 if __name__ == "__main__":
