@@ -111,7 +111,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from .submit import submit_chain
 
     jobs = submit_chain(args.folder, smoke=args.smoke, partition=args.partition, gpus=args.gpus,
-                        timeout_min=args.timeout_min, overrides=config_overrides(args), cluster=args.cluster)
+                        timeout_min=args.timeout_min, overrides=config_overrides(args), cluster=args.cluster,
+                        only=args.jobs)
     print("submitted: " + " ".join(f"{name}={job.job_id}" for name, job in jobs.items()), flush=True)
     if args.wait:
         for name, job in jobs.items():
@@ -268,9 +269,9 @@ def add_evaluate_parser(sub) -> None:
 def add_submit_parser(sub) -> None:
     """submit."""
     p = sub.add_parser("submit", help="submit the whole lab chain through submitit",
-                       description="Submit every job of the job table (distillation_lab/chain.py), each after the "
-                                   "jobs it needs (afterok, kill_on_invalid_dep), through submitit. Jobs run in this "
-                                   "directory. The batch scripts (slurm/submit_chain.sh) do the same with scratch "
+                       description="Submit every job of the job table (distillation_lab/chain.py), or those "
+                                   "of --jobs, each after the jobs it needs (afterok, kill_on_invalid_dep), through "
+                                   "submitit. Jobs run in this directory. The batch scripts (slurm/submit_chain.sh) do the same with scratch "
                                    "staging.")
     p.add_argument("--folder", default="slurm/submitit", help="submitit's folder for job files and logs")
     p.add_argument("--smoke", action="store_true", help="embedded data, tiny models, a few steps, CPU")
@@ -279,6 +280,9 @@ def add_submit_parser(sub) -> None:
     p.add_argument("--timeout-min", type=int, help="time limit of every job in minutes [default: the job table's]")
     p.add_argument("--cluster", choices=("slurm", "local"), help="force submitit's executor (default: detect)")
     p.add_argument("--wait", action="store_true", help="wait for every job and fail if one fails")
+    p.add_argument("--jobs", nargs="+", metavar="NAME", help="submit only these jobs of the table (e.g. to resubmit "
+                   "part of the chain); the jobs they wait for outside them count as done, so their checkpoints "
+                   "must exist [default: every job]")
     add_config_arguments(p, skip=("model", "model_args", "name", "role", "family", "resume", "teacher",
                                   "teacher_checkpoint", "init_checkpoint", "keep_layers", "bottleneck"))
     p.set_defaults(func=cmd_submit)

@@ -2,11 +2,13 @@
 jobs it needs (afterok, kill_on_invalid_dep), as the batch scripts of slurm/submit_chain.sh run them.
 
 submitit runs each job's command line (`python main.py ...` in-process) on the cluster in the
-submitting directory: no scratch staging (use the batch scripts for that).
+submitting directory: no scratch staging (use the batch scripts for that). `only` (the `--jobs` of
+`submit`) submits some jobs of the table; those they wait for outside it count as done.
 """
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Optional
 
 import submitit
@@ -14,6 +16,7 @@ import submitit
 from pruning_lab.errors import UserError
 
 from .chain import CHAIN, MODELS_DIR, Job
+from .clos_convert import ClosConvertOptions
 
 
 def config_flags(overrides: dict) -> list[str]:
@@ -65,25 +68,66 @@ def minutes(time: str) -> int:
     return hours * 60 + mins
 
 
+def flag_value(args: list[str], flag: str) -> Optional[str]:
+    """The value after `flag` in a command line, if the flag is there."""
+    return args[args.index(flag) + 1] if flag in args else None
+
+
+def made_checkpoint(job: Job, models: str = MODELS_DIR) -> str:
+    """The checkpoint a job writes, which the jobs after it read (a conversion's default name as clos-convert
+    chooses it; prune: its --output)."""
+    args = job.argv(models)
+    if job.command == "clos-convert":
+        given = {"multiplier": flag_value(args, "--multiplier"), "structure": flag_value(args, "--structure"),
+                 "output": flag_value(args, "--output")}
+        options = ClosConvertOptions(flag_value(args, "--checkpoint"), flag_value(args, "--layers"),
+                                     **{k: int(v) if k == "multiplier" else v for k, v in given.items() if v})
+        return str(options.output_path())
+    return flag_value(args, "--output") or f"{models}/{job.name}.pth"
+
+
+def select_jobs(only: Optional[list[str]] = None, models: str = MODELS_DIR) -> list[Job]:
+    """The jobs to submit, in table order: all, or those named in `only`, whose dependencies outside `only`
+    count as done: their checkpoints must exist (relative to this directory, where the jobs run)."""
+    if not only:
+        return list(CHAIN)
+    names = [job.name for job in CHAIN]
+    unknown = [name for name in only if name not in names]
+    if unknown:
+        raise UserError(f"unknown job{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in --jobs; "
+                        f"the jobs are: {', '.join(names)}")
+    jobs = [job for job in CHAIN if job.name in only]
+    outside = dict.fromkeys(dep for job in jobs for dep in job.after if dep not in only)
+    missing = [(made_checkpoint(job, models), job.name) for job in CHAIN if job.name in outside]
+    missing = [(path, name) for path, name in missing if not Path(path).exists()]
+    if missing:
+        raise UserError("; ".join(f"{path} not found (job {name} makes it)" for path, name in missing)
+                        + ": add " + ("that job" if len(missing) == 1 else "those jobs") + " to --jobs or run "
+                        + ("it" if len(missing) == 1 else "them") + " first; nothing was submitted")
+    return jobs
+
+
 def submit_chain(folder: str, smoke: bool = False, partition: str = "markov_gpu", gpus: Optional[int] = None,
                  timeout_min: Optional[int] = None, overrides: Optional[dict] = None,
-                 cluster: Optional[str] = None) -> dict:
-    """Submit the chain; returns {name: submitit.Job}. `cluster="local"` runs it without SLURM."""
+                 cluster: Optional[str] = None, only: Optional[list[str]] = None) -> dict:
+    """Submit the chain, or the jobs named in `only`; returns {name: submitit.Job}. `cluster="local"` runs it
+    without SLURM."""
     overrides = overrides or {}
+    selected = select_jobs(only, overrides.get("out_dir", MODELS_DIR))  # refused before anything is submitted
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     if executor.cluster == "debug":
         raise UserError("submitit found no cluster; use --cluster local to run the chain here")
     jobs: dict[str, submitit.Job] = {}
-    for job in CHAIN:
+    for job in selected:
         n_gpus = 0 if smoke else (gpus if gpus is not None else job.gpus)
         params = {"name": job.name, "timeout_min": timeout_min or minutes(job.time),
                   "cpus_per_task": 1 if smoke else job.cpus, "mem_gb": 4 if smoke else job.mem_gb}
         if executor.cluster == "slurm":
             params.update(slurm_partition=partition, gpus_per_node=n_gpus,
                           tasks_per_node=max(n_gpus, 1) if job.trains else 1)
-            if job.after:
-                deps = ":".join(jobs[dep].job_id for dep in job.after)
-                params["slurm_additional_parameters"] = {"dependency": f"afterok:{deps}", "kill_on_invalid_dep": "yes"}
+            deps = [jobs[dep].job_id for dep in job.after if dep in jobs]  # the others are done
+            params["slurm_additional_parameters"] = (
+                {"dependency": f"afterok:{':'.join(deps)}", "kill_on_invalid_dep": "yes"} if deps else {})
         executor.update_parameters(**params)
         jobs[job.name] = executor.submit(CliJob(), job_argv(job, smoke, overrides))
     return jobs

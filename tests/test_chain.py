@@ -137,3 +137,33 @@ def test_pipeline_options_reach_every_job_and_the_loss_only_distillation():
     assert all(c.model_args == {"width": 2} and c.epochs == 1 and c.resume for c in configs)
     assert [c.alpha for c in configs] == [None, None, 0.3]
     assert configs[2].teacher_checkpoint == "models_saved/demo/cnn_teacher.pth"
+
+
+def test_submit_jobs_names_unknown_jobs_and_missing_checkpoints_before_submitting(tmp_path, monkeypatch, capsys):
+    """`submit --jobs`: unknown names list the table's; a dependency outside the subset counts as done, so its
+    checkpoint must exist; a refusal is one line and submits nothing (no SLURM needed to see it)."""
+    from distillation_lab.submit import made_checkpoint, select_jobs
+
+    monkeypatch.chdir(tmp_path)  # where the jobs would run: its models_saved/
+    folder = tmp_path / "submitit"
+    assert main(["submit", "--jobs", "cnn_student_kd", "cnn_teachr", "--folder", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: unknown job cnn_teachr in --jobs; the jobs are: " + ", ".join(j.name for j in CHAIN)
+    assert main(["submit", "--jobs", "report", "cnn_student_kd", "cnn_teacher", "--folder", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: models_saved/vit_teacher.pth not found (job vit_teacher makes it); ") and "\n" not in err
+    assert "cnn_teacher.pth" not in err and "cnn_student_kd.pth" not in err  # submitted with it: made first
+    assert "models_saved/vit_teacher_clos_m4.pth not found (job vit_teacher_clos makes it)" in err
+    assert "models_saved/cnn_teacher_pruned.pth not found (job cnn_teacher_pruned makes it)" in err
+    assert err.endswith("add those jobs to --jobs or run them first; nothing was submitted")
+    assert not folder.exists()
+    (tmp_path / "models_saved").mkdir()
+    (tmp_path / "models_saved/cnn_teacher.pth").touch()
+    assert [j.name for j in select_jobs(["cnn_teacher_pruned", "cnn_student_kd"])] == ["cnn_student_kd",
+                                                                                       "cnn_teacher_pruned"]
+    assert select_jobs() == list(CHAIN)  # without --jobs: every job of the table, the Clos conversions too
+    # What each job makes is what the jobs after it read.
+    for job in CHAIN:
+        for dep in job.after:
+            made = made_checkpoint(next(j for j in CHAIN if j.name == dep))
+            assert made in job.argv() or job.command in ("train-student", "report"), (job.name, made)
