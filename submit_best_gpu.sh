@@ -11,7 +11,7 @@
 # sbatch command instead of running it.
 #
 # Settings: DL_GPU_PREFERENCE (default "h200 h100 a100 l40s a40 a6000 v100 rtx"), DL_PARTITION
-# (default: the script's #SBATCH --partition, else markov_gpu).
+# (default: the script's #SBATCH --partition, else the cluster's default partition).
 set -euo pipefail
 
 dry_run=0
@@ -36,10 +36,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 
 preference=${DL_GPU_PREFERENCE:-h200 h100 a100 l40s a40 a6000 v100 rtx}
 partition=$(sed -n -E 's/^#SBATCH[[:space:]]+(--partition=|-p[[:space:]]*)([^[:space:]]+).*/\2/p' "$script" | head -n 1)
-partition=${DL_PARTITION:-${partition:-markov_gpu}}
+partition=${DL_PARTITION:-$partition}  # empty: the cluster's default partition
 
 # One line per node group: features|gres|state|node count.
-nodes=$(sinfo -h -p "$partition" -o '%f|%G|%T|%D' 2>/dev/null) || nodes=""
+nodes=$(sinfo -h ${partition:+-p "$partition"} -o '%f|%G|%T|%D' 2>/dev/null) || nodes=""
 
 # count TYPE STATES...: nodes of TYPE (feature or gres type) in any of STATES ("any" for all).
 count() {
@@ -76,13 +76,13 @@ fi
 extra=()
 if [[ -n "$choice" ]]; then
     if [[ $(how "$choice") == feature ]]; then extra=(-C "$choice"); else extra=("--gres=gpu:$choice:1"); fi
-    echo "submit_best_gpu: partition $partition, choosing $choice ($reason) among: $preference" >&2
+    echo "submit_best_gpu: partition ${partition:-(default)}, choosing $choice ($reason) among: $preference" >&2
 else
-    echo "submit_best_gpu: could not tell the GPU types of partition $partition (sinfo gave nothing known);" \
+    echo "submit_best_gpu: could not tell the GPU types of partition ${partition:-(default)} (sinfo gave nothing known);" \
          "submitting without a GPU type" >&2
 fi
 
-cmd=(sbatch --parsable --partition="$partition" "${extra[@]}" "$@" "$script")
+cmd=(sbatch --parsable ${partition:+--partition="$partition"} ${extra[@]+"${extra[@]}"} "$@" "$script")
 if (( dry_run )); then
     printf '%q ' "${cmd[@]}"; echo
     exit 0

@@ -16,7 +16,9 @@ import torch.nn as nn
 from pruning_lab.config import make_config
 from pruning_lab.runtime import resolve_device
 from pruning_lab.train.loop import RunParts
+from pruning_lab.train.terms import TERMS
 
+from . import methods  # noqa: F401  (registers the distillation terms)
 from .runs import run_training
 from .teacher import FrozenTeacher
 
@@ -95,6 +97,16 @@ class DeviceLoader:
         return self.epoch(0)
 
 
+def loss_spec(weights: dict, shared: dict) -> dict:
+    """The config's `loss` from the API's weights: each term gets the shared parameters it takes."""
+    spec = {}
+    for term, value in weights.items():
+        params = dict(value) if isinstance(value, dict) else {"weight": float(value)}
+        takes = TERMS[term].parameters if term in TERMS else ()  # an unknown term is refused by the config check
+        spec[term] = {**{k: v for k, v in shared.items() if k in takes}, **params}
+    return spec
+
+
 def distill(teacher: Optional[nn.Module], student: nn.Module, train_loader: Iterable, val_loaders: dict[str, Iterable], *,
             eval_fn: Optional[Callable[[nn.Module], dict]] = None, loss_weights: Optional[dict] = None,
             temperature: float = 4.0, feature_kind: str = "mse",
@@ -105,8 +117,10 @@ def distill(teacher: Optional[nn.Module], student: nn.Module, train_loader: Iter
             resume: bool = False, overwrite: bool = False, progress: bool = True, seed: int = 0) -> dict:
     """Distill `teacher` into `student` (teacher None: plain training); returns the summary and history.
 
-    loss_weights: weights by term name: ce, kd (temperature), dkd, feature (feature_kind; needs
-    student_layers/teacher_layers), at. Default {"ce": 0.5, "kd": 0.5}. val_loaders: named loaders
+    loss_weights: weights by registered term name (ce, kd, dkd, feature, at, ...: `term_list()`), each a
+    number or a mapping of the term's parameters with its weight, e.g. {"dkd": {"weight": 1, "beta": 8}};
+    `temperature` and `feature_kind` go to the terms that take them; feature terms need
+    student_layers/teacher_layers. Default {"ce": 0.5, "kd": 0.5}. val_loaders: named loaders
     evaluated every epoch; the first one's accuracy picks the best checkpoint. eval_fn(student) may
     return more named metrics per epoch. Checkpoints: checkpoint_dir/NAME.pth (best) and NAME_last.pth;
     existing ones are continued with resume=True, replaced with overwrite=True, else refused.
@@ -114,9 +128,7 @@ def distill(teacher: Optional[nn.Module], student: nn.Module, train_loader: Iter
     torch.manual_seed(seed)
     dev = resolve_device(device)
     weights = loss_weights or {"ce": 0.5, "kd": 0.5}
-    params = {"kd": {"temperature": temperature}, "dkd": {"temperature": temperature},
-              "feature": {"kind": feature_kind}}
-    spec = {term: {"weight": float(w), **params.get(term, {})} for term, w in weights.items()}
+    spec = loss_spec(weights, {"temperature": temperature, "kind": feature_kind})
     cfg = make_config({"name": name, "out_dir": checkpoint_dir, "epochs": epochs, "optimizer": optimizer, "lr": lr,
                        "momentum": momentum, "weight_decay": weight_decay, "scheduler": scheduler,
                        "warmup_epochs": float(warmup_epochs), "precision": precision, "device": str(dev.type),

@@ -19,6 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TRAINING_COMMANDS = ("train-teacher", "train-student", "distill")
 MODELS_DIR = "models_saved"  # where jobs read and write checkpoints, relative to the repository
+DEFAULT_PARTITION = "markov_gpu"  # the lab cluster's GPU partition: the batch scripts' and submitit's default
+RENDERED_NOTE = ("# Rendered from the job table in distillation_lab/chain.py: edit the table, then run "
+                 "python -m distillation_lab.chain --write.")
 
 # The smoke preset (embedded data, tiny models, a few steps, CPU) per command; a row adds its own.
 SMOKE = {
@@ -205,17 +208,16 @@ def stage_lines(job: Job) -> list[str]:
 
 def render_script(job: Job) -> str:
     """The batch script slurm/SCRIPT.slurm of a job."""
-    header = [f"--job-name={job.name}", "--partition=markov_gpu", f"--gres=gpu:{job.gpus}",
+    header = [f"--job-name={job.name}", f"--partition={DEFAULT_PARTITION}", f"--gres=gpu:{job.gpus}",
               f"--cpus-per-task={job.cpus}", f"--mem={job.mem_gb}G", f"--time={job.time}",
               "--output=slurm/logs/%x-%j.out"]
     if job.trains:  # save 5 minutes before the limit, requeue, resume; one log for all attempts
         header += ["--signal=B:USR1@300", "--requeue", "--open-mode=append"]
     about = job.about + (f" Runs after {', '.join(job.after)} in the chain." if job.after else "")
-    lines = ["#!/bin/bash -l", *(f"#SBATCH {h}" for h in header),
+    lines = ["#!/bin/bash -l", RENDERED_NOTE, *(f"#SBATCH {h}" for h in header),
              *textwrap.wrap(about, 100, initial_indent="# ", subsequent_indent="# "),
              f"# Submit from the repository root: bash submit_best_gpu.sh slurm/{job.script}.slurm",
              f"# Locally (no SLURM): bash slurm/{job.script}.slurm",
-             "# Rendered from the job table in distillation_lab/chain.py (python -m distillation_lab.chain --write).",
              "# shellcheck disable=SC2034  # read by dl_run in common.sh when DL_SMOKE=1",
              shell_lines("DL_SMOKE_ARGS=(", job.smoke_argv(), ")"),
              'source "${DL_REPO:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}/slurm/common.sh"',
@@ -225,6 +227,7 @@ def render_script(job: Job) -> str:
 
 
 SUBMIT_CHAIN_HEAD = '''#!/usr/bin/env bash
+''' + RENDERED_NOTE + '''
 # Submit the whole lab chain: every job of the table in distillation_lab/chain.py, each after the
 # jobs it needs (afterok). With --kill-on-invalid-dep=yes a failed job cancels its dependants instead
 # of leaving them pending forever.
@@ -234,7 +237,6 @@ SUBMIT_CHAIN_HEAD = '''#!/usr/bin/env bash
 # --smoke: the smoke preset (embedded data, tiny models, a few steps, CPU): the chain in minutes.
 # --dry-run: print the sbatch commands (with placeholder job ids) instead of submitting.
 # Every job goes through submit_best_gpu.sh. Run it from the repository root.
-# Rendered from the job table (python -m distillation_lab.chain --write).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

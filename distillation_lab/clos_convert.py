@@ -3,8 +3,6 @@ optionally fine-tune the converted model with knowledge distillation from the or
 from __future__ import annotations
 
 import dataclasses
-import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -13,12 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pruning_lab.clos import Clos
-from pruning_lab.clos.fit import fit_clos, fit_to_dense, identity_probe, relative_error
-from pruning_lab.clos.peers import (LowRank, Monarch, fit_lowrank_to_outputs, lowrank_rank_for, monarch_rank_for,
-                                    project_lowrank, project_monarch)
+from pruning_lab.clos.structures import STRUCTURES, clos_for
 from pruning_lab.clos.surgery import matching_linears
-from pruning_lab.surgery import replace_module
+from pruning_lab.surgery import record_surgery, replace_module
 from pruning_lab.checkpoint import build_model, load_checkpoint, save_derived
 from pruning_lab.config import DEVICES, POSITIVE, REQUIRED, check_dataclass, from_dict, minimum, option
 from pruning_lab.inference import count_parameters, evaluate, open_checkpoint
@@ -89,23 +84,9 @@ def embedding_cosine(model: nn.Module, original: nn.Module, loader) -> float:
     return float(torch.cat(sims).mean())
 
 
-STRUCTURES = ("clos", "lowrank", "monarch")
-
-
 def make_structure(structure: str, dense: nn.Linear, multiplier: int) -> nn.Module:
-    """An untrained `structure` layer for `dense`: Clos at `multiplier`, or a low-rank or Monarch layer
-    with the rank whose parameter count is nearest to that Clos layer's."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. a prime width: check_saves_parameters says what it costs
-        clos = Clos(dense.in_features, dense.out_features, multiplier)
-    if structure == "clos":
-        return clos
-    budget, bias = count_parameters(clos), dense.bias is not None
-    if structure == "lowrank":
-        return LowRank(dense.in_features, dense.out_features, lowrank_rank_for(
-            dense.in_features, dense.out_features, budget), bias=bias)
-    return Monarch(dense.in_features, dense.out_features, monarch_rank_for(
-        dense.in_features, dense.out_features, budget), bias=bias)
+    """An untrained `structure` layer for `dense` at the parameters of the Clos layer at `multiplier`."""
+    return STRUCTURES[structure].make(dense, multiplier)
 
 
 def check_saves_parameters(model: nn.Module, names: list[str], multiplier: int, structure: str = "clos") -> None:
@@ -121,48 +102,22 @@ def check_saves_parameters(model: nn.Module, names: list[str], multiplier: int, 
                             "leave the layer out of --layers, or add --allow-more-parameters")
 
 
-def fit_weight_space(layer: nn.Module, dense: nn.Linear, als_iterations: int, als_start: str) -> dict:
-    """The layer's weight-space fit to `dense`: ALS for Clos, the closed-form projection for its peers."""
-    if isinstance(layer, Clos):
-        return fit_to_dense(layer, dense, als_iterations, als_start)
-    start = time.perf_counter()
-    weight, bias = dense.weight.detach(), None if dense.bias is None else dense.bias.detach()
-    (project_lowrank if isinstance(layer, LowRank) else project_monarch)(layer, weight, bias)
-    x, y = identity_probe(dense)
-    with torch.no_grad():
-        probe = relative_error(layer(x), y)
-    return {"identity_probe_relative_error": probe, "seconds": time.perf_counter() - start}
-
-
-def fit_data_aware(layer: nn.Module, x, y, x_val, y_val, fit_steps: int) -> dict:
-    """The fit to the layer's outputs on calibration inputs: closed form for low-rank (reduced-rank
-    regression), gradient steps then a least-squares last stage for Clos and Monarch."""
-    if not isinstance(layer, LowRank):
-        return fit_clos(layer, x, y, steps=fit_steps, x_val=x_val, y_val=y_val)
-    start = time.perf_counter()
-    fit_lowrank_to_outputs(layer, x, y)
-    with torch.no_grad():
-        return {"relative_error": relative_error(layer(x), y), "relative_error_heldout": relative_error(layer(x_val), y_val),
-                "steps": 0, "seconds": time.perf_counter() - start}
-
-
 def convert_layer(model: nn.Module, name: str, multiplier: int, fit: str, calibration, held_out,
                   fit_steps: int, als_iterations: int, structure: str = "clos", als_start: str = "random") -> dict:
     """Fit a Clos (or low-rank, or Monarch) layer to one linear layer (weight-space, then data-aware)
     and put it in its place.
 
     `calibration(name)` and `held_out(name)` give (inputs, targets) of the layer (`layer_examples`)."""
-    dense = model.get_submodule(name)
-    layer = make_structure(structure, dense, multiplier).to(dense.weight.device)
-    budget = count_parameters(Clos(dense.in_features, dense.out_features, multiplier)) if structure != "clos" else None
+    dense, kind = model.get_submodule(name), STRUCTURES[structure]
+    layer = kind.make(dense, multiplier).to(dense.weight.device)
     result = {"layer": name, "structure": structure, "dense_parameters": count_parameters(dense),
-              "parameters": count_parameters(layer), "clos_parameters": budget or count_parameters(layer)}
-    result["weight_space"] = fit_weight_space(layer, dense, als_iterations, als_start)
+              "parameters": count_parameters(layer), "clos_parameters": count_parameters(clos_for(dense, multiplier))}
+    result["weight_space"] = kind.fit_weights(layer, dense, als_iterations, als_start)
     if fit == "data":
         (x, y), (x_val, y_val) = calibration(name), held_out(name)
-        result["data_aware"] = fit_data_aware(layer, x, y, x_val, y_val, fit_steps)
+        result["data_aware"] = kind.fit_data(layer, x, y, x_val, y_val, fit_steps)
     replace_module(model, name, layer)
-    model.surgery = [*getattr(model, "surgery", []), {"kind": structure, "layer": name, "config": layer.config()}]
+    record_surgery(model, {"kind": structure, "layer": name, "config": layer.config()})
     return result
 
 

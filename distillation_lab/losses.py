@@ -1,6 +1,7 @@
 """Knowledge-distillation losses (batch-mean) and the loss-term modules a config names.
 
-Cross-entropy is pruning_lab's (`masked_cross_entropy`, `CETerm`), the one every run has.
+Cross-entropy is pruning_lab's (`masked_cross_entropy`, `CETerm`), the one every run has. The loss-term
+modules a config names, built on these functions, are in distillation_lab/methods/ (one file each).
 
 Functions follow the lab plan's names and meanings:
 - kl_divergence_loss: KL(p_teacher^T || p_student^T) * T^2
@@ -105,69 +106,9 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     return alpha * tckd + beta * nckd
 
 
-# ------------------------------------------------------------------ loss terms (CETerm is pruning_lab's)
-class KDTerm(nn.Module):
-    """T^2 * KL(p_t^T || p_s^T) on every image, labelled or not."""
-
-    def __init__(self, temperature: float = 4.0) -> None:
-        super().__init__()
-        self.temperature = temperature
-
-    def forward(self, s_logits, s_feats, t_logits, t_feats, labels):
-        return kl_divergence_loss(s_logits, t_logits, self.temperature)
-
-
-class DKDTerm(nn.Module):
-    """Decoupled KD on the labelled images of the batch."""
-
-    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> None:
-        super().__init__()
-        self.alpha, self.beta, self.temperature = alpha, beta, temperature
-
-    def forward(self, s_logits, s_feats, t_logits, t_feats, labels):
-        keep = labels >= 0
-        if not bool(keep.all()):
-            s_logits, t_logits, labels = s_logits[keep], t_logits[keep], labels[keep]
-        if len(labels) == 0:
-            return s_logits.sum() * 0.0
-        return dkd_loss(s_logits, t_logits, labels, self.alpha, self.beta, self.temperature)
-
-
 def feature_pairs(n_student: int, n_teacher: int, layers: Optional[Sequence[int]]) -> list[tuple[int, int]]:
     """Which (student, teacher) feature indices to match: given layers of both, or the last min(n) aligned."""
     if layers is not None:
         return [(i, i) for i in layers]
     n = min(n_student, n_teacher)
     return [(n_student - n + k, n_teacher - n + k) for k in range(n)]
-
-
-class FeatureTerm(nn.Module):
-    """FitNets hints (kind mse, with 1x1-conv regressors trained with the student) or cosine matching."""
-
-    def __init__(self, student_widths: Sequence[int], teacher_widths: Sequence[int], kind: str = "mse",
-                 layers: Optional[Sequence[int]] = None) -> None:
-        super().__init__()
-        if kind not in ("mse", "cosine"):
-            raise ValueError(f"feature loss kind must be 'mse' or 'cosine', got '{kind}'")
-        self.kind = kind
-        self.pairs = feature_pairs(len(student_widths), len(teacher_widths), layers)
-        self.regressors = nn.ModuleList(
-            nn.Conv2d(student_widths[i], teacher_widths[j], 1, bias=False) if student_widths[i] != teacher_widths[j]
-            else nn.Identity() for i, j in self.pairs)
-
-    def forward(self, s_logits, s_feats, t_logits, t_feats, labels):
-        losses = [feature_distillation_loss(s_feats[i], t_feats[j], self.kind, reg)
-                  for (i, j), reg in zip(self.pairs, self.regressors)]
-        return torch.stack(losses).mean()
-
-
-class AttentionTerm(nn.Module):
-    """Attention transfer over the same feature pairs as FeatureTerm."""
-
-    def __init__(self, student_widths: Sequence[int], teacher_widths: Sequence[int],
-                 layers: Optional[Sequence[int]] = None) -> None:
-        super().__init__()
-        self.pairs = feature_pairs(len(student_widths), len(teacher_widths), layers)
-
-    def forward(self, s_logits, s_feats, t_logits, t_feats, labels):
-        return torch.stack([attention_transfer_loss(s_feats[i], t_feats[j]) for i, j in self.pairs]).mean()

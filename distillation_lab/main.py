@@ -20,14 +20,11 @@ from pruning_lab.config import (FIELDS, LOSS_SHORTHANDS, Config, add_config_argu
 from pruning_lab.errors import UserError
 from pruning_lab.models import MODELS
 from pruning_lab.train.loop import INTERRUPTED_EXIT_CODE, TrainingInterrupted
+from pruning_lab.train.terms import term_list
 
-from .recipes import CONFIG_DIR, recipe_path
-
-# The lab plan's recipe for each model, used when no --config is given.
-RECIPES = {"teacher": {"resnet18": "cnn_teacher", "vit_tiny": "vit_teacher"},
-           "student": {"resnet8": "cnn_student", "vit_student": "vit_student"},
-           "distill": {"resnet8": "distill_cnn", "vit_student": "distill_vit"}}
-DEFAULT_MODEL = {"teacher": "resnet18", "student": "resnet8", "distill": "resnet8"}
+from . import methods  # noqa: F401  (registers the distillation terms listed in --help)
+from .chain import DEFAULT_PARTITION
+from .recipes import CONFIG_DIR, DEFAULT_MODEL, RECIPES, recipe_path
 
 
 def resolve_config(args: argparse.Namespace, job: str) -> Config:
@@ -233,7 +230,7 @@ def add_distill_parser(sub) -> None:
     p = sub.add_parser("distill", help="distill a student from a frozen teacher checkpoint",
                        description="Train a student with a loss that also sees a frozen teacher: "
                                    "alpha * CE + (1 - alpha) * T^2 * KL by default, or the named terms of `loss` "
-                                   "(ce, kd, dkd, feature, at). Without --config the lab recipe of the "
+                                   f"({term_list()}). Without --config the lab recipe of the "
                                    "student is used." + recipes_help("distill"))
     p.add_argument("--config", help="YAML config file (keys as the flags below, with underscores)")
     p.add_argument("--student", dest="model", default=argparse.SUPPRESS, help="the student architecture (same as --model)")
@@ -275,7 +272,7 @@ def add_submit_parser(sub) -> None:
                                    "staging.")
     p.add_argument("--folder", default="slurm/submitit", help="submitit's folder for job files and logs")
     p.add_argument("--smoke", action="store_true", help="embedded data, tiny models, a few steps, CPU")
-    p.add_argument("--partition", default="markov_gpu", help="SLURM partition")
+    p.add_argument("--partition", default=DEFAULT_PARTITION, help="SLURM partition")
     p.add_argument("--gpus", type=int, help="GPUs per job (more than 1: data-parallel) [default: the job table's]")
     p.add_argument("--timeout-min", type=int, help="time limit of every job in minutes [default: the job table's]")
     p.add_argument("--cluster", choices=("slurm", "local"), help="force submitit's executor (default: detect)")

@@ -13,6 +13,7 @@ from typing import Optional
 import torch.nn as nn
 
 from pruning_lab.checkpoint import save_derived
+from pruning_lab.clos.structures import STRUCTURES
 from pruning_lab.config import (DEVICES, FRACTION, POSITIVE, REQUIRED, check_dataclass, from_dict, make_config,
                                  minimum, option)
 from pruning_lab.errors import UserError
@@ -201,7 +202,7 @@ def prune_step(opened: OpenedCheckpoint, o: PruneOptions, step: int, original_si
 
 def check_prunable(opened: OpenedCheckpoint, o: PruneOptions) -> None:
     """Refuse a model the method does not apply to, before any work."""
-    if any(s.get("kind") in ("clos", "lowrank", "monarch") for s in opened.ckpt.get("surgery", [])):
+    if any(s.get("kind") in STRUCTURES for s in opened.ckpt.get("surgery", [])):
         raise UserError(f"{opened.path} has Clos (or low-rank, Monarch) layers: prune the model before converting "
                         "it, not after")
     if o.method == "structured":

@@ -7,6 +7,12 @@ from pruning_lab.config import Config, load_yaml, make_config
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
+# The lab plan's recipe for each model, used by train-teacher / train-student / distill without --config.
+RECIPES = {"teacher": {"resnet18": "cnn_teacher", "vit_tiny": "vit_teacher"},
+           "student": {"resnet8": "cnn_student", "vit_student": "vit_student"},
+           "distill": {"resnet8": "distill_cnn", "vit_student": "distill_vit"}}
+DEFAULT_MODEL = {"teacher": "resnet18", "student": "resnet8", "distill": "resnet8"}
+
 
 def recipe_path(name: str) -> Path:
     """Path of the shipped recipe `name` (e.g. cnn_teacher)."""

@@ -15,6 +15,8 @@ import torch.nn as nn
 
 from .errors import UserError
 from .models import create_model
+from .clos import structures  # noqa: F401  (the modules below register the layer surgery kinds they replay)
+from .models import bottleneck, thin  # noqa: F401
 from .prune.record import pack_sparse, unpack_sparse
 from .surgery import apply_surgery, sparse_weights
 

@@ -1,15 +1,38 @@
 """Layer surgery recorded in checkpoints, and its replay on a freshly built model.
 
-Each step of a checkpoint's `surgery` list is plain data: `clos`, `lowrank` or `monarch` (a linear
-layer replaced by a Clos, low-rank or Monarch layer), `prune` (modules made narrower by structured pruning) or `sparse` (weights with zeros that
-stay zero) or `keep_layers` (a transformer's layers thinned to some of them: a DistilBERT-style
-student) or `bottleneck` (the classifier replaced by a discrete key-value bottleneck). Replaying the list before loading the weights rebuilds the model that was saved.
+Each step of a checkpoint's `surgery` list is plain data with a `kind`. Each kind is registered by a
+replay function beside the code that does the surgery, as timm registers models:
+
+    @register_surgery("sparse")
+    def replay_sparse(model, step): keep_zeros(model, step["weights"])
+
+The kinds: `clos`, `lowrank`, `monarch` (a linear layer replaced by a structured one: clos/structures.py),
+`prune` and `sparse` (structured and unstructured pruning: prune/record.py), `keep_layers` (a
+transformer thinned to some of its layers, a DistilBERT-style student: models/thin.py) and `bottleneck`
+(the classifier replaced by a key-value bottleneck: models/bottleneck.py). checkpoint.py imports those
+modules, so every kind is registered wherever a checkpoint is read. Replaying the list before loading
+the weights rebuilds the model that was saved.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch.nn as nn
 
 from .errors import UserError
+
+Replay = Callable[[nn.Module, dict], None]
+SURGERIES: dict[str, Replay] = {}
+
+
+def register_surgery(kind: str) -> Callable[[Replay], Replay]:
+    """Decorator: `fn(model, step)` replays a recorded step of this kind on a freshly built model."""
+    def register(fn: Replay) -> Replay:
+        if kind in SURGERIES and SURGERIES[kind] is not fn:
+            raise ValueError(f"layer surgery '{kind}' is registered twice")
+        SURGERIES[kind] = fn
+        return fn
+    return register
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -20,61 +43,19 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def apply_surgery(model: nn.Module, surgery: list[dict]) -> nn.Module:
     """Replay recorded surgery on a freshly built model (before its weights are loaded)."""
-    from .clos.layer import Clos
-    from .clos.peers import LowRank, Monarch
-    from .models.bottleneck import KeyValueBottleneck, freeze_encoder
-    from .prune.record import keep_zeros, resize_modules
-
-    STRUCTURED_LAYERS = {"clos": Clos, "lowrank": LowRank, "monarch": Monarch}
     for step in surgery:
         kind = step.get("kind")
-        if kind in STRUCTURED_LAYERS:
-            replace_module(model, step["layer"], STRUCTURED_LAYERS[kind](**step["config"]))
-        elif kind == "prune":
-            resize_modules(model, step["modules"])
-        elif kind == "sparse":
-            keep_zeros(model, step["weights"])
-        elif kind == "keep_layers":
-            keep_layers(model, step["layers"])
-        elif kind == "bottleneck":
-            replace_module(model, step["layer"], KeyValueBottleneck(**step["config"]))
-            freeze_encoder(model)
-        else:
-            raise UserError(f"unknown layer surgery {kind!r} recorded in the checkpoint")
+        if kind not in SURGERIES:
+            raise UserError(f"unknown layer surgery {kind!r} recorded in the checkpoint; this version knows "
+                            f"{', '.join(sorted(SURGERIES))}")
+        SURGERIES[kind](model, step)
     model.surgery = list(surgery)
     return model
 
 
-def layer_stack(model: nn.Module) -> tuple[nn.Module, str]:
-    """(parent, attribute) of a transformer's stack of layers: a BERT's encoder layers, a ViT's blocks."""
-    from .models.bert import BertClassifier
-    from .models.vit import ViT
-
-    if isinstance(model, BertClassifier):
-        return model.hf.bert.encoder, "layer"
-    if isinstance(model, ViT):
-        return model.vit, "blocks"
-    raise UserError(f"keep_layers thins the layers of a BERT or a ViT; a {type(model).__name__} has no such stack")
-
-
-def keep_layers(model: nn.Module, layers: list[int]) -> nn.Module:
-    """Keep only the listed layers (0-based, increasing) of a transformer, with their weights, in place."""
-    from .models.vit import ViT, feature_blocks
-
-    parent, attribute = layer_stack(model)
-    stack = getattr(parent, attribute)
-    if not layers or layers != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= len(stack):
-        raise UserError(f"keep_layers must be increasing indices of the model's {len(stack)} layers "
-                        f"(0 to {len(stack) - 1}); got {layers}")
-    kept = [stack[i] for i in layers]
-    setattr(parent, attribute, nn.ModuleList(kept) if isinstance(stack, nn.ModuleList) else nn.Sequential(*kept))
-    if isinstance(model, ViT):
-        model.feature_blocks = feature_blocks(len(layers))
-        model.feature_widths = [model.vit.embed_dim] * len(model.feature_blocks)
-    else:
-        model.hf.config.num_hidden_layers = len(layers)
-    model.surgery = [*getattr(model, "surgery", []), {"kind": "keep_layers", "layers": list(layers)}]
-    return model
+def record_surgery(model: nn.Module, step: dict) -> None:
+    """Append a step to the surgery the model's checkpoints will record."""
+    model.surgery = [*getattr(model, "surgery", []), step]
 
 
 def sparse_weights(model: nn.Module) -> list[str]:

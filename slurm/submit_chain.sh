@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Rendered from the job table in distillation_lab/chain.py: edit the table, then run python -m distillation_lab.chain --write.
 # Submit the whole lab chain: every job of the table in distillation_lab/chain.py, each after the
 # jobs it needs (afterok). With --kill-on-invalid-dep=yes a failed job cancels its dependants instead
 # of leaving them pending forever.
@@ -8,7 +9,6 @@
 # --smoke: the smoke preset (embedded data, tiny models, a few steps, CPU): the chain in minutes.
 # --dry-run: print the sbatch commands (with placeholder job ids) instead of submitting.
 # Every job goes through submit_best_gpu.sh. Run it from the repository root.
-# Rendered from the job table (python -m distillation_lab.chain --write).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

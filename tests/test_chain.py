@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from distillation_lab.chain import CHAIN, DEMO, Job, check_order, render_script, rendered_files
+from distillation_lab.chain import (CHAIN, DEFAULT_PARTITION, DEMO, RENDERED_NOTE, Job, check_order, render_script,
+                                    rendered_files)
 from distillation_lab.main import main
 from distillation_lab.recipes import recipe_config
 from pruning_lab.checkpoint import load_checkpoint
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_committed_scripts_are_what_the_table_renders():
     for path, text in rendered_files().items():
         assert path.read_text() == text, f"{path.name} differs: run python -m distillation_lab.chain --write"
+        assert text.splitlines()[1] == RENDERED_NOTE  # a user who opens one reads first that it is rendered
     scripts = {p.name for p in (ROOT / "slurm").glob("*.slurm")}
     assert scripts == {f"{job.script}.slurm" for job in CHAIN}  # no script without a row
     assert subprocess.run([sys.executable, "-m", "distillation_lab.chain", "--check"], cwd=ROOT).returncode == 0
@@ -125,8 +127,17 @@ def test_submit_best_gpu_works_from_any_directory_with_dry_run_anywhere(tmp_path
                            "--dry-run", "--hold"], cwd=ROOT / "tests", capture_output=True, text=True,
                           env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["sbatch", "--parsable", "--partition=markov_gpu", "--hold",
+    assert proc.stdout.split() == ["sbatch", "--parsable", f"--partition={DEFAULT_PARTITION}", "--hold",
                                    str(ROOT / "slurm/report.slurm")]
+
+
+def test_submit_best_gpu_leaves_the_partition_to_the_cluster_when_the_script_names_none(tmp_path):
+    script = tmp_path / "plain.slurm"
+    script.write_text("#!/bin/bash\n#SBATCH --time=1:00\necho hi\n")
+    run = lambda **env: subprocess.run(["bash", str(ROOT / "submit_best_gpu.sh"), "--dry-run", str(script)],  # noqa: E731
+                                       capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", **env})
+    assert run().stdout.split() == ["sbatch", "--parsable", str(script)]
+    assert run(DL_PARTITION="gpu_a").stdout.split() == ["sbatch", "--parsable", "--partition=gpu_a", str(script)]
 
 
 def test_pipeline_options_reach_every_job_and_the_loss_only_distillation():

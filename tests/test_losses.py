@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from distillation_lab import (attention_transfer_loss, distillation_loss, dkd_loss, feature_distillation_loss,
                               kl_divergence_loss)
-from distillation_lab.losses import FeatureTerm, as_feature_map
+from distillation_lab.losses import as_feature_map
+from distillation_lab.methods.feature import FeatureTerm
 
 S = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
 T = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])

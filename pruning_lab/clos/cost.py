@@ -72,14 +72,12 @@ def factors_from_times(clos: nn.Module, times: dict[str, float], rows: int) -> t
 def path_times(clos: nn.Module, device: torch.device, dtype: torch.dtype, rows: int,
                repeats: int) -> dict[str, float]:
     """Milliseconds of forward + backward at `rows` rows: a dense layer, and a copy of `clos` along each path."""
-    from .layer import Clos  # the layer module imports this one
-
     fork = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork), torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(0)
         half = dtype in (torch.bfloat16, torch.float16)  # as training runs them: autocast over fp32 weights
         weights = torch.float32 if half else dtype
-        stages, composed = (Clos(**clos.config()).to(device, weights) for _ in range(2))
+        stages, composed = (type(clos)(**clos.config()).to(device, weights) for _ in range(2))  # copies of its shape
         stages.path, composed.path = "stages", "composed"
         layers = {"dense": nn.Linear(clos.in_features, clos.out_features).to(device, weights),
                   "stages": stages, "composed": composed}

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from ..surgery import record_surgery, register_surgery, replace_module
 
 OPTIONS = {"codebooks": int, "keys": int, "decay": float}  # bottleneck config keys and their types
 
@@ -136,17 +137,22 @@ def freeze_encoder(model: nn.Module) -> None:
     freeze_all_but(model, name)
 
 
+@register_surgery("bottleneck")
+def replay_bottleneck(model: nn.Module, step: dict) -> None:
+    """Put a bottleneck of the recorded shape in place of a freshly built model's classifier; freeze the encoder."""
+    replace_module(model, step["layer"], KeyValueBottleneck(**step["config"]))
+    freeze_encoder(model)
+
+
 def add_bottleneck(model: nn.Module, options: dict) -> KeyValueBottleneck:
     """Replace the model's classifier by a bottleneck of the same input width and classes (recorded as
     surgery); its keys still need `init_keys`."""
-    from ..surgery import replace_module
-
     name = classifier_name(model)
     classifier = model.get_submodule(name)
     bottleneck = KeyValueBottleneck(classifier.in_features, classifier.out_features,
                                     **check_options(options, classifier.in_features)).to(classifier.weight.device)
     replace_module(model, name, bottleneck)
-    model.surgery = [*getattr(model, "surgery", []), {"kind": "bottleneck", "layer": name, "config": bottleneck.config}]
+    record_surgery(model, {"kind": "bottleneck", "layer": name, "config": bottleneck.config})
     freeze_encoder(model)
     return bottleneck
 

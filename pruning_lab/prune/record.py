@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from ..surgery import register_surgery
 
 # Attributes that define a module's width, as torch, timm and our models name them.
 SHAPE_ATTRS = ("in_channels", "out_channels", "in_features", "out_features", "num_features", "normalized_shape",
@@ -38,6 +39,18 @@ def shape_changes(model: nn.Module, original: nn.Module) -> dict[str, dict]:
     before = dict(original.named_modules())
     return {name: now for name, module in model.named_modules()
             if (now := module_shapes(module)) != module_shapes(before[name])}
+
+
+@register_surgery("prune")
+def replay_prune(model: nn.Module, step: dict) -> None:
+    """Give a freshly built model the widths structured pruning left (the weights are loaded after)."""
+    resize_modules(model, step["modules"])
+
+
+@register_surgery("sparse")
+def replay_sparse(model: nn.Module, step: dict) -> None:
+    """Keep the zeros of the weights unstructured pruning made sparse."""
+    keep_zeros(model, step["weights"])
 
 
 def resize_modules(model: nn.Module, changes: dict[str, dict]) -> None:

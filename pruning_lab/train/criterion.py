@@ -2,7 +2,8 @@
 
 A term is a module called as term(student_logits, student_features, teacher_logits,
 teacher_features, labels); terms that do not need a teacher get None for its outputs. The
-distillation terms (KD, DKD, FitNets, attention transfer) live in distillation_lab and plug in here.
+distillation terms (KD, DKD, FitNets, attention transfer) live in distillation_lab/methods/ and plug
+in here through the registry of terms.py.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .terms import register_term
 
 Teacher = Callable[[torch.Tensor], tuple]  # inputs -> (logits, features), frozen
 
@@ -22,6 +25,7 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoot
     return (losses * keep).sum() / keep.sum().clamp(min=1)  # no host sync, no NaN on unlabelled batches
 
 
+@register_term("ce")
 class CETerm(nn.Module):
     """Cross-entropy on the labelled examples of the batch (label -1 means unlabelled)."""
 

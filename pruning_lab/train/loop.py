@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..inference.evaluate import count_parameters, evaluate
 from ..models import create_model
 from ..models.bottleneck import add_bottleneck, find_bottleneck, init_keys, keys_ready
-from ..surgery import keep_layers
+from ..models.thin import keep_layers
 from . import distributed
 from ..checkpoint import (build_model, checkpoint_weights, code_revision, load_checkpoint, model_weights, save_checkpoint,
                           update_checkpoint)

@@ -1,0 +1,20 @@
+"""KD (Hinton et al. 2015): T^2 * KL between the softened predictions of teacher and student."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from pruning_lab.train.terms import register_term
+
+from ..losses import kl_divergence_loss
+
+
+@register_term("kd", needs_teacher=True)
+class KDTerm(nn.Module):
+    """T^2 * KL(p_t^T || p_s^T) on every example, labelled or not."""
+
+    def __init__(self, temperature: float = 4.0) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, s_logits, s_feats, t_logits, t_feats, labels):
+        return kl_divergence_loss(s_logits, t_logits, self.temperature)
