@@ -127,7 +127,7 @@ def time_training(cfg: Config, model: torch.nn.Module, teacher: Optional[FrozenT
                   device: torch.device, steps: int, warmup: int) -> dict:
     """Images per second of the project's training loop (the Trainer every command uses) on `cfg`."""
     model = model.to(device)
-    if channels_last_for(data.spec):
+    if channels_last_for(data.spec, device):
         model.to(memory_format=torch.channels_last)
 
     def loader(split: Split, train: bool, max_steps: Optional[int] = None) -> BatchLoader:

@@ -13,7 +13,7 @@ from torch.fx.proxy import TraceError
 from pruning_lab.errors import UserError
 from pruning_lab.models import model_family
 from pruning_lab.checkpoint import build_model, load_checkpoint
-from pruning_lab.runtime import bf16_is_native
+from pruning_lab.runtime import bf16_is_native, channels_last_is_safe
 
 
 def fold_batch_norms(model: nn.Module) -> nn.Module:
@@ -44,7 +44,9 @@ class FrozenTeacher:
         # bf16 where the device computes it natively (measured 2.4x faster on a CPU with AVX512-BF16): soft
         # targets need no more precision; channels_last as the student's batches come.
         self.dtype = dtype or (torch.bfloat16 if bf16_is_native(device) else torch.float32)
-        self.model.to(self.dtype).to(memory_format=torch.channels_last)
+        self.model.to(self.dtype)
+        if channels_last_is_safe(device):
+            self.model.to(memory_format=torch.channels_last)
         self.forward = fold_batch_norms(self.model)
         self.input_size = model.arch["image_size"] if hasattr(model, "arch") else None
         self.feature_widths = model.feature_widths

@@ -8,7 +8,8 @@ from distillation_lab.teacher import FrozenTeacher
 from pruning_lab.data import load_splits
 from pruning_lab.data.loader import BatchLoader
 from pruning_lab.models import create_model
-from pruning_lab.runtime import bf16_is_native, resolve_precision, tune_cpu_allocator
+from pruning_lab.runtime import bf16_is_native, channels_last_is_safe, resolve_precision, tune_cpu_allocator
+from pruning_lab.train.loop import channels_last_for
 
 
 def test_bf16_training_reaches_the_fp32_accuracy(tiny):
@@ -76,10 +77,19 @@ def test_channels_last_batches_hold_the_same_images_and_give_the_same_outputs():
     model = create_model("resnet8", 10, 1, 28, width=8).eval()
     for (xa, ya), (xb, yb) in zip(plain.epoch(0), fast.epoch(0)):
         assert xb.is_contiguous(memory_format=torch.channels_last) and torch.equal(xa, xb) and torch.equal(ya, yb)
+        if not channels_last_is_safe(torch.device("cpu")):
+            continue  # an AVX2-only CPU: the loop never runs models channels_last there (runtime.py says why)
         with torch.no_grad():
             torch.testing.assert_close(model(xa)[0], model.to(memory_format=torch.channels_last)(xb)[0],
                                        rtol=1e-4, atol=1e-4)
         model.to(memory_format=torch.contiguous_format)
+
+
+def test_channels_last_only_where_the_device_runs_it_safely():
+    spec, _, _, _ = load_splits("mnist_embedded", "data", 100, 256)
+    cpu_is_avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    assert channels_last_for(spec, torch.device("cpu")) == cpu_is_avx512
+    assert channels_last_for(spec, torch.device("cuda"))
 
 
 def test_the_cpu_allocator_setting_is_applied_once_where_glibc_has_it():
