@@ -1,9 +1,12 @@
 """Checkpoints: plain dicts of tensors and values, written atomically, read with weights_only=True.
 
 A checkpoint is data, never code: loading refuses anything that needs unpickling of Python objects.
+Every checkpoint carries a SHA-256 of its contents (tensors' bytes and plain values), checked on every
+load, so a damaged file is refused instead of evaluated; checkpoints written before it still load.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import subprocess
@@ -22,6 +25,30 @@ from .surgery import apply_surgery, sparse_weights
 
 FORMAT = "distill-lab-checkpoint"
 VERSION = 1
+ENVELOPE = ("format", "version", "checksum")  # written by save_checkpoint around the payload
+
+
+def content_digest(value, digest=None) -> str:
+    """SHA-256 over a checkpoint's contents: keys, tensors' dtype, shape and bytes, and plain values."""
+    digest = digest or hashlib.sha256()
+    if isinstance(value, dict):
+        digest.update(b"{")
+        for key in sorted(value, key=repr):
+            digest.update(repr(key).encode() + b":")
+            content_digest(value[key], digest)
+        digest.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        digest.update(b"[" if isinstance(value, list) else b"(")
+        for item in value:
+            content_digest(item, digest)
+        digest.update(b"]")
+    elif isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)}:".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        digest.update(repr(value).encode())
+    return digest.hexdigest()
 
 
 class CheckpointError(UserError):
@@ -31,11 +58,12 @@ class CheckpointError(UserError):
 def save_checkpoint(payload: dict, path: str | Path) -> Path:
     """Write `payload` to `path` via a temporary file and a rename, so a kill never leaves half a file."""
     path = Path(path)
+    payload = {k: v for k, v in payload.items() if k not in ENVELOPE}  # e.g. a loaded checkpoint saved again
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
+            torch.save({"format": FORMAT, "version": VERSION, "checksum": content_digest(payload), **payload}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -49,7 +77,7 @@ def update_checkpoint(path: str | Path, **fields) -> None:
     """Add or replace top-level entries of an existing checkpoint (atomically)."""
     data = load_checkpoint(path)
     data.update(fields)
-    save_checkpoint({k: v for k, v in data.items() if k not in ("format", "version")}, path)
+    save_checkpoint({k: v for k, v in data.items() if k not in ENVELOPE}, path)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -74,6 +102,9 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(data.get("version"), int) or data["version"] > VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {data.get('version')!r}; this code reads "
                               f"version {VERSION} and older: update distill-lab")
+    if "checksum" in data and content_digest({k: v for k, v in data.items() if k not in ENVELOPE}) != data["checksum"]:
+        raise CheckpointError(f"{path} is damaged: its contents do not match the checksum written with them "
+                              "(a partial copy or a disk error); copy it again or retrain it")
     return data
 
 
@@ -137,7 +168,7 @@ def save_derived(ckpt: dict, model: nn.Module, path: Path, extra: dict, drop: tu
     named after `path`: the original's record without its results, the new weights and surgery, `extra`;
     the keys in `drop` are left out too."""
     config = {**ckpt["config"], "name": path.stem, "out_dir": str(path.parent)}  # the report finds it by this name
-    kept = {k: v for k, v in ckpt.items() if k not in ("format", "version", "test", "alignment", "state_dict",
+    kept = {k: v for k, v in ckpt.items() if k not in (*ENVELOPE, "test", "alignment", "state_dict",
                                                        "sparse_weights", "surgery", "config", *drop)}
     save_checkpoint({**kept, "config": config, **model_weights(model), "surgery": model.surgery, **extra}, path)
 

@@ -38,6 +38,7 @@ from .optim import build_optimizer, build_scheduler
 from ..runtime import autocast, channels_last_is_safe, resolve_device, resolve_precision, tune_cpu_allocator
 
 INTERRUPTED_EXIT_CODE = 3
+CHECK_EVERY = 50  # steps between looks at whether the loss stayed finite (each look waits for the device)
 
 class Loader(Protocol):
     """What the loop iterates: batches of (inputs, labels) on the device, restartable per epoch."""
@@ -48,6 +49,10 @@ class Loader(Protocol):
 
 class TrainingInterrupted(Exception):
     """Raised after a stop signal once the last checkpoint is saved; `--resume` continues."""
+
+
+class TrainingDiverged(UserError):
+    """Raised when the loss is no longer finite, before anything of the diverged run is saved."""
 
 
 @dataclass
@@ -187,6 +192,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.select = f"{next(iter(parts.val_loaders))}_acc" if parts.val_loaders else None
         self.state = TrainState()
+        self.first_bad_step = torch.full((), -1, device=self.device)  # the step the loss first was not finite
         self.dist = distributed.setup()
         self.step_module = distributed.wrap(self.model, self.criterion, self.dist, self.device)
 
@@ -262,7 +268,10 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
-            # Sums stay on the device: no host synchronisation per step.
+            # Sums stay on the device: no host synchronisation per step. The first step whose loss is not
+            # finite is noted there too, and looked at every CHECK_EVERY steps and before any save.
+            self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss.detach()),
+                                              torch.full((), self.state.step, device=self.device), self.first_bad_step)
             n = torch.tensor(float(len(y)), device=self.device)
             for key, value in {"loss": loss, **{f"loss_{k}": v for k, v in terms.items()}}.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float() * n
@@ -272,15 +281,31 @@ class Trainer:
             sums["n"] = sums.get("n", 0.0) + n
             self.state.step += 1
             bar.update()
+            if self.state.step % CHECK_EVERY == 0:
+                self.check_finite(epoch)
             # Processes see a signal at different steps: they agree every 10 steps (not every step, which
             # would synchronise with the host) and stop together.
             if self.dist.enabled and self.state.step % 10 != 0:
                 continue
             if self.stop_agreed(stop) and self.state.step < len(self.train_loader):  # the last step ends the epoch
                 bar.close()
+                self.check_finite(epoch)
                 return False
         bar.close()
+        self.check_finite(epoch)
         return True
+
+    def check_finite(self, epoch: int) -> None:
+        """Stop the run at the first non-finite loss, before anything is saved: the checkpoints on disk
+        stay those of the last finite epoch (one host synchronisation per call)."""
+        bad = int(self.first_bad_step.item())
+        if distributed.any_rank(bad >= 0, self.dist):  # every process stops at the same step
+            where = f"step {bad + 1}" if bad >= 0 else f"a step before {self.state.step + 1}"
+            raise TrainingDiverged(
+                f"{self.cfg.run_name()}: the loss became non-finite (NaN or infinite) at epoch {epoch + 1}, "
+                f"{where} of {len(self.train_loader)}; stopped without saving (the checkpoints in "
+                f"{self.paths.best.parent} are from before). Likely cause: a learning rate too high (lr "
+                f"{self.cfg.lr:g}), or a loss weight or temperature out of scale; lower them and rerun with --overwrite")
 
     def stop_agreed(self, stop: StopSignals) -> bool:
         """Whether any process received a stop signal (a collective call when data-parallel)."""
@@ -296,7 +321,7 @@ class Trainer:
                "train_acc": sums["correct"] / max(sums["labelled"], 1.0), "lr": self.optimizer.param_groups[0]["lr"]}
         distributed.broadcast_weights(self.model, self.dist)  # every process evaluates and saves one model
         for name, loader in self.parts.val_loaders.items():
-            result = evaluate(self.model, loader, self.precision)
+            result = evaluate(self.model, loader)  # fp32, as every reported number (training may use bf16)
             row.update({f"{name}_loss": result["loss"], f"{name}_acc": result["acc"]})
         if self.eval_fn is not None:
             row.update({k: float(v) for k, v in self.eval_fn(self.model).items()})
@@ -350,7 +375,7 @@ class Trainer:
         distributed.broadcast_weights(self.model, self.dist)
         test = {"acc": None, "loss": None}
         if self.parts.test_loader is not None:
-            test = evaluate(self.model, self.parts.test_loader, self.precision)
+            test = evaluate(self.model, self.parts.test_loader)  # fp32, as evaluate and report compute it
             if self.dist.is_main:
                 update_checkpoint(self.paths.best, test=test)
         return {"name": self.cfg.run_name(), "model": self.model.arch["name"], "role": self.cfg.role,

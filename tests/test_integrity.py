@@ -1,0 +1,170 @@
+"""Nothing silently wrong: a run whose loss stops being finite stops without saving, and a damaged
+checkpoint is refused instead of evaluated."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from distillation_lab.main import main
+from pruning_lab.checkpoint import FORMAT, VERSION, CheckpointError, load_checkpoint, save_checkpoint, update_checkpoint
+
+TINY = ["--dataset", "mnist_embedded", "--model-args", "{width: 4}", "--train-subset", "128", "--val-size", "100",
+        "--batch-size", "32", "--no-progress", "--optimizer", "sgd", "--scheduler", "constant"]
+
+
+def test_a_diverging_run_stops_at_once_and_the_checkpoints_on_disk_stay_as_they_were(tmp_path, capsys):
+    out = ["--out-dir", str(tmp_path), "--name", "run"]
+    assert main(["train-student", *TINY, *out, "--epochs", "1", "--lr", "0.05"]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("run*")}
+    capsys.readouterr()
+    code = main(["train-student", *TINY, *out, "--epochs", "1", "--lr", "1e30", "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "the loss became non-finite (NaN or infinite) at epoch 1, step" in err and "lr 1e+30" in err
+    assert len(err.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("run*")} == before  # nothing of the diverged run saved
+    assert not list(tmp_path.glob(".*.lock"))  # nor a lock left behind
+
+
+def test_a_loss_weight_out_of_scale_is_caught_too(tmp_path, capsys):
+    assert main(["train-student", *TINY, "--out-dir", str(tmp_path), "--epochs", "1",
+                 "--loss", "{ce: {weight: 1.0e+308}}"]) == 2
+    assert "non-finite" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.pth"))
+
+
+def written(tmp_path: Path) -> Path:
+    weights = {"w": torch.randn(64, 1024), "b": torch.arange(10, dtype=torch.bfloat16)}
+    return save_checkpoint({"state_dict": weights, "config": {"name": "x"}, "history": [{"acc": 0.5}]},
+                           tmp_path / "x.pth")
+
+
+def test_every_checkpoint_carries_a_checksum_of_its_contents(tmp_path):
+    path = written(tmp_path)
+    data = load_checkpoint(path)
+    assert len(data["checksum"]) == 64
+    update_checkpoint(path, test={"acc": 0.9})  # rewritten with a new checksum, still loads
+    assert load_checkpoint(path)["test"] == {"acc": 0.9}
+
+
+def test_a_checkpoint_with_flipped_bytes_is_refused_naming_it(tmp_path):
+    path = written(tmp_path)
+    raw = bytearray(path.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 4096] = bytes(b ^ 0xFF for b in raw[middle:middle + 4096])
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=f"{path}"):
+        load_checkpoint(path)
+
+
+def test_a_changed_tensor_is_refused_even_where_the_file_itself_reads(tmp_path):
+    path = written(tmp_path)
+    data = torch.load(path, weights_only=True)
+    data["state_dict"]["w"][3, 7] += 1.0  # what a flipped bit inside the weights does
+    torch.save(data, path)
+    with pytest.raises(CheckpointError, match="is damaged: its contents do not match the checksum"):
+        load_checkpoint(path)
+
+
+def test_checkpoints_written_before_checksums_still_load(tmp_path):
+    path = tmp_path / "old.pth"
+    torch.save({"format": FORMAT, "version": VERSION, "state_dict": {"w": torch.ones(2)}, "config": {}}, path)
+    assert torch.equal(load_checkpoint(path)["state_dict"]["w"], torch.ones(2))
+    assert os.path.getsize(path) > 0
+
+
+# --- text labels and texts are read as the task's classes, or refused with their line ------------------------
+def write_csvs(folder: Path, train_labels: list, test_labels: list, texts: list | None = None) -> None:
+    import pandas as pd
+
+    texts = texts or [f"text number {i}" for i in range(len(train_labels))]
+    pd.DataFrame({"text": texts, "label": train_labels}).to_csv(folder / "train.csv", index=False)
+    pd.DataFrame({"text": [f"t {i}" for i in range(len(test_labels))], "label": test_labels}).to_csv(
+        folder / "test.csv", index=False)
+
+
+def test_integer_labels_written_differently_are_one_class(tmp_path):
+    from pruning_lab.data import load_splits
+
+    write_csvs(tmp_path, ["1", "1.0", " 1", "0", "0.0", "2"], ["0", " 2 "])
+    spec, train, val, test = load_splits("textcsv", tmp_path, image_size=16, val_size=0)
+    assert spec.num_classes == 3
+    assert sorted(train.labels.tolist()) == [0, 0, 1, 1, 1, 2] and test.labels.tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("labels, message", [
+    (["1", "0", "one", "1"], r"train.csv line 4 has label 'one', but the file's labels are integer class indices"),
+    (["1", "", "0", "1"], r"train.csv line 3 has no label \(''\); every row needs one"),
+    (["pos", "neg", "NaN", "pos"], r"train.csv line 4 has no label"),
+])
+def test_labels_unlike_the_rest_or_missing_are_refused_with_their_line(tmp_path, labels, message):
+    from pruning_lab.data import load_splits
+    from pruning_lab.errors import UserError
+
+    write_csvs(tmp_path, labels, ["0", "1"] if labels[0] == "1" else ["pos", "neg"])
+    with pytest.raises(UserError, match=message):
+        load_splits("textcsv", tmp_path, image_size=16, val_size=0)
+
+
+def test_an_empty_text_is_refused_with_its_line(tmp_path):
+    from pruning_lab.data import load_splits
+    from pruning_lab.errors import UserError
+
+    write_csvs(tmp_path, ["0", "1", "0"], ["0", "1"], texts=["fine", "  ", "ok"])
+    with pytest.raises(UserError, match=r"train.csv line 3 has no text in column 'text'"):
+        load_splits("textcsv", tmp_path, image_size=16, val_size=0)
+
+
+def test_an_mnli_file_without_gold_labels_is_refused(tmp_path):
+    from pruning_lab.data import load_splits
+    from pruning_lab.errors import UserError
+
+    head = "index\tpromptID\tpairID\tgenre\ts1b\ts2b\ts1p\ts2p\tsentence1\tsentence2\tlabel1\tgold_label"
+    row = "{i}\t{i}\t{i}e\tfiction\tx\ty\tx\ty\tA {i}.\tB {i}.\t-\t-"
+    (tmp_path / "MNLI").mkdir()
+    (tmp_path / "MNLI" / "train.tsv").write_text("\n".join([head] + [row.format(i=i) for i in range(4)]) + "\n")
+    (tmp_path / "MNLI" / "dev_matched.tsv").write_text(head + "\n" + row.format(i=9).replace("-\t-", "neutral\tneutral")
+                                                       + "\n")
+    with pytest.raises(UserError, match=r"MNLI/train.tsv has no row with a gold label"):
+        load_splits("glue-mnli", tmp_path, image_size=16, val_size=0)
+
+
+# --- nothing written where it should not be -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("trained")
+    assert main(["train-student", *TINY, "--out-dir", str(folder), "--name", "m", "--epochs", "1"]) == 0
+    return folder / "m.pth"
+
+
+@pytest.mark.parametrize("command", [["prune", "--amount", "0.5", "--round-to", "1"],
+                                     ["clos-convert", "--layers", "fc", "--allow-more-parameters", "--fit-steps", "1",
+                                      "--als-iterations", "1", "--calibration-examples", "8"]])
+def test_an_output_that_is_the_input_is_refused_whatever_the_flags(trained, command, capsys):
+    before = trained.read_bytes()
+    assert main([*command, "--checkpoint", str(trained), "--output", str(trained), "--overwrite"]) == 2
+    assert "would replace the checkpoint it reads" in capsys.readouterr().err
+    assert trained.read_bytes() == before
+
+
+def test_an_output_written_as_a_folder_is_refused_before_anything_is_written(trained, tmp_path, capsys):
+    target = tmp_path / "newdir"
+    assert main(["prune", "--checkpoint", str(trained), "--amount", "0.5", "--output", f"{target}/"]) == 2
+    assert f"--output {target}/ is a folder: give the path of the pruned checkpoint" in capsys.readouterr().err
+    assert not target.exists()
+
+
+def test_evaluate_refuses_a_data_dir_for_a_dataset_that_ships_in_a_package(trained, capsys):
+    assert main(["evaluate", str(trained), "--data-dir", "/somewhere"]) == 2
+    assert "ships inside a package and reads no folder" in capsys.readouterr().err
+
+
+def test_reported_accuracy_is_computed_in_fp32_unless_asked(trained, capsys):
+    import json
+
+    assert main(["evaluate", str(trained), "--json", "--device", "cpu"]) == 0
+    fp32 = json.loads(capsys.readouterr().out)["test_accuracy"]
+    assert load_checkpoint(trained)["test"]["acc"] == pytest.approx(fp32, abs=1e-9)  # the run's end, the same way
