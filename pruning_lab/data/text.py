@@ -124,14 +124,50 @@ def _label_ids(values, classes: tuple, path: Path, name: str, header: bool) -> n
     bad = next(((i, v) for i, v in enumerate(values) if v not in index), None)
     if bad is not None:
         line = bad[0] + 1 + header
-        raise UserError(f"{name}: {path} line {line} has label '{bad[1]}'; the task's labels are {', '.join(classes)}")
+        raise UserError(f"{name}: {path} line {line} has label '{bad[1]}'; the task's labels are "
+                        f"{', '.join(map(str, classes))}")
     return np.fromiter((index[v] for v in values), np.int64, len(values))
 
 
-def _tokens(table, path: Path, columns: tuple, max_length: int) -> np.ndarray:
+def _tokens(table, path: Path, columns: tuple, max_length: int, name: str, first_line: int) -> np.ndarray:
+    """Token ids of the text columns; an empty or missing text is refused with its line."""
+    for column in columns:
+        values = table[column].tolist()
+        empty = next((i for i, v in enumerate(values) if not isinstance(v, str) or not v.strip()), None)
+        if empty is not None:
+            raise UserError(f"{name}: {path} line {int(table.index[empty]) + first_line} has no text in column "
+                            f"'{column}'; every row needs one (remove the row or fill it in)")
     texts = table[columns[0]].tolist()
     pairs = table[columns[1]].tolist() if len(columns) > 1 else None
     return cached_tokenize(path, columns, texts, pairs, max_length)
+
+
+def csv_label(raw) -> int | str | None:
+    """A label as written in a CSV: integer-like text ('1', '1.0', ' 1') as that integer, other text as
+    itself (stripped), nothing (empty, NaN) as None."""
+    text = raw.strip() if isinstance(raw, str) else ""
+    if not text or text.lower() in ("nan", "na", "n/a", "none", "null"):
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return int(number) if number.is_integer() else text
+
+
+def csv_labels(values: list, path: Path) -> list:
+    """The labels of a CSV, all integers or all names; an empty label, or one that is not like the rest,
+    is refused with its line."""
+    labels = [csv_label(v) for v in values]
+    integers = sum(isinstance(v, int) for v in labels) * 2 >= len(labels)
+    for i, (raw, label) in enumerate(zip(values, labels)):
+        if label is None:
+            raise UserError(f"textcsv: {path} line {i + 2} has no label ({raw!r}); every row needs one")
+        if isinstance(label, int) != integers:
+            want = "integer class indices (0, 1, ...)" if integers else "class names"
+            raise UserError(f"textcsv: {path} line {i + 2} has label {raw!r}, but the file's labels are {want}: "
+                            "write every label the same way")
+    return labels
 
 
 def read_glue(task: str, data_dir: Path, max_length: int, hint: str) -> tuple[int, tuple, tuple]:
@@ -145,8 +181,10 @@ def read_glue(task: str, data_dir: Path, max_length: int, hint: str) -> tuple[in
         _columns(table, path, name, (*spec.texts, spec.label))
         if task == "mnli" and file == "train.tsv":  # a handful of MNLI rows have no gold label ("-")
             table = table[table[spec.label] != "-"]
+            if table.empty:
+                raise UserError(f"{name}: {path} has no row with a gold label (every label is '-')")
         labels = _label_ids(table[spec.label].tolist(), spec.labels, path, name, spec.header)
-        out.append((_tokens(table, path, spec.texts, max_length), labels))
+        out.append((_tokens(table, path, spec.texts, max_length, name, 1 + spec.header), labels))
     return len(spec.labels), out[0], out[1]
 
 
@@ -158,13 +196,12 @@ def read_textcsv(data_dir: Path, max_length: int) -> tuple[int, tuple, tuple]:
     columns = ("text", "text_pair") if "text_pair" in tables["train.csv"].columns else ("text",)
     for f, table in tables.items():
         _columns(table, data_dir / f, name, (*columns, "label"))
-    values = sorted(set(tables["train.csv"]["label"]))
-    if all(v.lstrip("-").isdigit() for v in values):
-        values.sort(key=int)  # 0..9 and not 0, 1, 10, 2
+    read = {f: csv_labels(table["label"].tolist(), data_dir / f) for f, table in tables.items()}
+    values = sorted(set(read["train.csv"]), key=lambda v: (isinstance(v, str), v))  # 0..9, not 0, 1, 10, 2
     out = []
     for f, table in tables.items():
-        labels = _label_ids(table["label"].tolist(), tuple(values), data_dir / f, name, True)
-        out.append((_tokens(table, data_dir / f, columns, max_length), labels))
+        labels = _label_ids(read[f], tuple(values), data_dir / f, name, True)
+        out.append((_tokens(table, data_dir / f, columns, max_length, name, 2), labels))
     if len(values) < 2:
         raise UserError(f"textcsv: {data_dir / 'train.csv'} has {len(values)} label value(s); a classifier needs two or more")
     return len(values), out[0], out[1]
