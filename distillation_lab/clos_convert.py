@@ -19,7 +19,7 @@ from pruning_lab.config import DEVICES, POSITIVE, REQUIRED, check_dataclass, fro
 from pruning_lab.inference import count_parameters, evaluate, open_checkpoint
 from pruning_lab.errors import UserError
 from pruning_lab.models.bert import PAD_ID
-from pruning_lab.train.run_folder import check_writable_folder
+from pruning_lab.train.run_folder import check_outputs
 
 from .runs import check_finetuning_options, finetune_config, run_training
 
@@ -172,12 +172,7 @@ def clos_convert(options: ClosConvertOptions) -> dict:
         raise UserError(f"--als-start {o.als_start} starts the Clos fit; --structure {o.structure} has its own start: "
                         "leave it out")
     out = o.output_path()
-    if out.is_dir():
-        raise UserError(f"--output {out} is a folder: give the path of the converted checkpoint (.pth)")
-    taken = [p for p in (out, out.with_name(out.stem + "_kd.pth")) if p.exists()]
-    if taken and not o.overwrite:
-        raise UserError(f"{taken[0]} exists: add --overwrite to replace it, or give another --output")
-    check_writable_folder(out.parent, "--output's folder")
+    check_outputs(o.checkpoint, o.output, [out, out.with_name(out.stem + "_kd.pth")], o.overwrite, "converted")
     opened = open_checkpoint(o.checkpoint, device=o.device)
     o = dataclasses.replace(o, device=str(opened.device))
     ckpt, model = opened.ckpt, opened.model

@@ -84,7 +84,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pruning_lab.inference.checkpoint_eval import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, expect_model=args.model, data_dir=args.data_dir,
-                                 device=args.device, batch_size=args.batch_size)
+                                 device=args.device, batch_size=args.batch_size, precision=args.precision)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -259,6 +259,8 @@ def add_evaluate_parser(sub) -> None:
     p.add_argument("--data-dir", help="dataset directory (default: the one recorded in the checkpoint)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device")
     p.add_argument("--batch-size", type=at_least(1), default=256, help="evaluation batch size")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"),
+                   help="precision of the evaluation (fp32, as every number the tool reports, unless asked)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_evaluate)
 

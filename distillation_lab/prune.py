@@ -24,7 +24,7 @@ from pruning_lab.models import create_model
 from pruning_lab.prune import IMPORTANCES, prune_structured, prune_unstructured, ratio_for_target, shape_changes, sparsity
 from pruning_lab.prune.structured import accumulate_gradients, check_structured
 from pruning_lab.prune.unstructured import layer_sparsity
-from pruning_lab.train.run_folder import check_writable_folder
+from pruning_lab.train.run_folder import check_outputs
 
 from .runs import check_finetuning_options, finetune_config, run_training
 
@@ -223,13 +223,9 @@ def prune(options: PruneOptions) -> dict:
     o = options
     o.check()
     out, tuned_out = o.output_path(), o.finetuned_path()
-    if out.is_dir():
-        raise UserError(f"--output {out} is a folder: give the path of the pruned checkpoint (.pth)")
     steps_dir = out.with_name(out.stem + "_steps")
-    taken = [p for p in (out, tuned_out) if p.exists()] + ([steps_dir] if o.steps > 1 and steps_dir.exists() else [])
-    if taken and not o.overwrite:
-        raise UserError(f"{taken[0]} exists: add --overwrite to replace it, or give another --output")
-    check_writable_folder(out.parent, "--output's folder")
+    check_outputs(o.checkpoint, o.output, [out, tuned_out, *([steps_dir] if o.steps > 1 else [])], o.overwrite,
+                  "pruned")
     if o.teacher_checkpoint and not Path(o.teacher_checkpoint).is_file():
         raise UserError(f"teacher checkpoint not found: {o.teacher_checkpoint}")
     epochs = schedule(o.finetune_epochs, o.steps)

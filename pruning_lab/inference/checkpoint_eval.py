@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import build_model, load_checkpoint
+from ..config import NO_DATA_DIR_DATASETS
 from ..data import BatchLoader, DataSpec, Split, load_splits
 from ..errors import UserError
 from ..runtime import resolve_device, resolve_precision
@@ -53,6 +54,9 @@ def open_checkpoint(path: str, expect_model: Optional[str] = None, data_dir: Opt
     ckpt = load_checkpoint(path)
     model = build_model(ckpt, expect_model, source=str(path))
     cfg, arch = ckpt["config"], ckpt["arch"]
+    if data_dir and cfg["dataset"] in NO_DATA_DIR_DATASETS:
+        raise UserError(f"--data-dir {data_dir}: {path} was trained on {cfg['dataset']}, which ships inside a package "
+                        "and reads no folder; leave --data-dir out")
     where = data_dir or cfg["data_dir"]
     spec, train, val, test = load_splits(cfg["dataset"], where, cfg["val_size"], cfg.get("train_subset"),
                                          image_size=cfg["image_size"], channels=cfg.get("channels"))
@@ -64,11 +68,12 @@ def open_checkpoint(path: str, expect_model: Optional[str] = None, data_dir: Opt
                             dev)
 
 
-def model_card(opened: OpenedCheckpoint, batch_size: int = 256) -> dict:
+def model_card(opened: OpenedCheckpoint, batch_size: int = 256, precision: str = "fp32") -> dict:
     """Test accuracy and loss, parameters, FLOPs, MACs, file size and batch-1 and batch-256 latency of an
-    opened checkpoint (latency on the device it is opened on)."""
+    opened checkpoint (latency on the device it is opened on). The metrics are computed in fp32 unless
+    `precision` says otherwise, as every reported number is: the same checkpoint, the same accuracy."""
     model, dev, ckpt = opened.model, opened.device, opened.ckpt
-    result = evaluate(model, opened.loader("test", batch_size), resolve_precision("auto", dev))
+    result = evaluate(model, opened.loader("test", batch_size), resolve_precision(precision, dev))
     flops = count_flops(model, opened.input_shape, dev)
     return {"checkpoint": opened.path, "model": ckpt["arch"]["name"], "role": ckpt.get("role", "model"),
             "dataset": opened.config["dataset"], "test_images": result["n"], "test_accuracy": round(result["acc"], 6),
@@ -82,6 +87,6 @@ def model_card(opened: OpenedCheckpoint, batch_size: int = 256) -> dict:
 
 
 def evaluate_checkpoint(path: str, expect_model: Optional[str] = None, data_dir: Optional[str] = None,
-                        device: str = "auto", batch_size: int = 256) -> dict:
+                        device: str = "auto", batch_size: int = 256, precision: str = "fp32") -> dict:
     """The `evaluate` command: the model card of the checkpoint at `path`."""
-    return model_card(open_checkpoint(path, expect_model, data_dir, device), batch_size)
+    return model_card(open_checkpoint(path, expect_model, data_dir, device), batch_size, precision)

@@ -58,6 +58,24 @@ def check_writable_folder(folder: Path, flag: str = "--out-dir") -> None:
         raise UserError(f"{flag} {folder} {what}")
 
 
+def check_outputs(source: str, given: str | None, outputs: list[Path], overwrite: bool, what: str) -> None:
+    """Refuse before any work where a command that reads `source` would write `outputs` (the first is
+    --output, `given` as typed): over its own input, whatever --overwrite says; into a folder; over
+    existing files without --overwrite; into a folder that cannot be written."""
+    out = outputs[0]
+    if given is not None and (given.endswith(("/", os.sep)) or out.is_dir()):
+        raise UserError(f"--output {given} is a folder: give the path of the {what} checkpoint, e.g. "
+                        f"{given.rstrip('/' + os.sep)}/{Path(source).stem}_{what}.pth")
+    mine = next((p for p in outputs if Path(source).resolve() == p.resolve() or same_file(source, str(p))), None)
+    if mine is not None:
+        raise UserError(f"--output {out} would replace the checkpoint it reads ({source}): give another --output "
+                        "(an input is never overwritten, --overwrite or not)")
+    taken = [p for p in outputs if p.exists()]
+    if taken and not overwrite:
+        raise UserError(f"{taken[0]} exists: add --overwrite to replace it, or give another --output")
+    check_writable_folder(out.parent, "--output's folder")
+
+
 def check_run_folder(cfg: Config) -> RunPaths:
     """Refuse before any work: an unwritable folder, or replacing another run's checkpoints by accident."""
     paths = RunPaths.of(cfg)
