@@ -1,13 +1,16 @@
 """The lab chain from Python through submitit: every job of the job table (chain.py), each after the
 jobs it needs (afterok, kill_on_invalid_dep), as the batch scripts of slurm/submit_chain.sh run them.
 
-submitit runs each job's command line (`python main.py ...` in-process) on the cluster in the
-submitting directory: no scratch staging (use the batch scripts for that). `only` (the `--jobs` of
-`submit`) submits some jobs of the table; those they wait for outside it count as done.
+submitit runs each job's command line (`python -m distillation_lab.main ...`, a child process) on the
+cluster in the submitting directory: no scratch staging (use the batch scripts for that). `only` (the
+`--jobs` of `submit`) submits some jobs of the table; those they wait for outside it count as done.
 """
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -43,7 +46,8 @@ def job_argv(job: Job, smoke: bool, overrides: dict) -> list[str]:
 
 
 class CliJob(submitit.helpers.Checkpointable):
-    """What one cluster job runs: `python main.py ARGV`, in-process (submitit pickles it with ARGV).
+    """What one cluster job runs: `python -m distillation_lab.main ARGV` as a child process (submitit
+    pickles this object with ARGV; the command line is the whole interface, as in the batch scripts).
 
     Checkpointable: on submitit's time-limit or preemption signal (USR2) the job is requeued with
     the same arguments, as the batch scripts requeue themselves; training jobs carry --resume, so
@@ -51,12 +55,22 @@ class CliJob(submitit.helpers.Checkpointable):
     """
 
     def __call__(self, argv: list[str]) -> int:
-        from .main import main
-
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:  # one task per GPU: export RANK, WORLD_SIZE, MASTER_ADDR... for DDP
             submitit.helpers.TorchDistributedEnvironment().export()
-        status = main(argv)
+        # SLURM signals every process of the job: USR2 is for submitit's handler here, which requeues;
+        # the child inherits it blocked (it would kill it), and is killed when this process exits.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+        try:
+            child = subprocess.Popen([sys.executable, "-m", "distillation_lab.main", *argv])
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        with child:
+            try:
+                status = child.wait()
+            except BaseException:  # submitit's requeue exits from here (SystemExit)
+                child.kill()
+                raise
         if status != 0:
             raise RuntimeError(f"python main.py {' '.join(argv)} exited with status {status}")
         return status
