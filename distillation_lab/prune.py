@@ -170,7 +170,12 @@ def final_size(opened: OpenedCheckpoint, o: PruneOptions, original_size: dict) -
         return what, count
     example = example_input(opened.model, opened.input_shape, 2, opened.device)
     one_shot = prune_structured(copy.deepcopy(opened.model), o.amount, example, "l2", o.round_to)
-    return "parameters", model_size(one_shot, opened.input_shape, "parameters")
+    left = model_size(one_shot, opened.input_shape, "parameters")
+    if left >= original_size["parameters"]:
+        raise UserError(f"--amount {o.amount} with --round-to {o.round_to} removes nothing from {opened.path}: no layer's "
+                        f"width minus {o.amount:.0%} rounds to a smaller multiple of {o.round_to}; give a larger --amount "
+                        "or a smaller --round-to (1 for exact fractions)")
+    return "parameters", left
 
 
 def prune_step(opened: OpenedCheckpoint, o: PruneOptions, step: int, original_size: dict,

@@ -132,7 +132,8 @@ class Config:
     feature_weight: Optional[float] = _opt(None, "shorthand for `loss`: weight of the feature term [1.0]",
                                            range=minimum(0))
     # --- run
-    seed: int = _opt(0, "seed for initialisation, data order and augmentation", range=minimum(0))
+    seed: int = _opt(0, "seed for initialisation, data order and augmentation",
+                     range=("in [0, 2**32 - 1]", lambda v: 0 <= v < 2**32))  # numpy's seeds are 32-bit
     device: str = _opt("auto", "device", DEVICES)
     precision: str = _opt("auto", "auto = bf16 autocast where the device computes bf16 natively (CUDA, CPUs with "
                                      "AVX512-BF16 or AMX), else fp32", ("auto", "fp32", "bf16", "fp16"))

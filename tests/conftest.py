@@ -31,3 +31,11 @@ def tiny_config(out_dir, **overrides) -> Config:
 def tiny(tmp_path):
     """Factory for tiny configs writing under a fresh temporary directory."""
     return lambda **kw: tiny_config(tmp_path / "models", **kw)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """A test that uses the SLURM cluster fixture must be marked slurm, or the fast lane would run it."""
+    unmarked = [item.nodeid for item in items if "cluster" in getattr(item, "fixturenames", ())
+                and not item.get_closest_marker("slurm")]
+    if unmarked:
+        raise pytest.UsageError(f"mark these tests @pytest.mark.slurm (they use the cluster): {unmarked}")

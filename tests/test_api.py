@@ -11,6 +11,7 @@ from pruning_lab.checkpoint import load_checkpoint
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
+@pytest.mark.e2e
 def test_readme_api_example_runs(tmp_path, monkeypatch, capsys):
     text = README.read_text()
     block = re.search(r"<!-- api-example.*?-->\n```python\n(.*?)```", text, re.S).group(1)

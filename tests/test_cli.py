@@ -138,6 +138,7 @@ def test_process_exit_status_and_no_traceback(tmp_path):
         assert proc.returncode == 2 and proc.stderr.strip() == f"error: checkpoint not found: {tmp_path / 'x.pth'}"
 
 
+@pytest.mark.e2e
 def test_sigterm_saves_and_exits_for_requeue(tmp_path):
     """A real SIGTERM to the CLI process (what SLURM sends at the time limit): exit 3, then --resume finishes."""
     import signal

@@ -124,6 +124,7 @@ def test_report_marks_missing_and_unreadable_checkpoints(teacher, tmp_path):
     assert "missing" in (tmp_path / "report.md").read_text() and (tmp_path / "report.png").stat().st_size > 0
 
 
+@pytest.mark.e2e
 def test_pipeline_smoke_with_seeds(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["pipeline", "--epochs", "1", "--max-steps-per-epoch", "3", "--seeds", "0", "1",
@@ -140,6 +141,7 @@ def test_pipeline_smoke_with_seeds(tmp_path, capsys):
     assert "paired by seed" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_cifar10_preset_end_to_end_on_tiny_files(tmp_path, monkeypatch):
     """The GPU preset's whole chain (full-size ResNets and ViTs) on a tiny CIFAR-10 in the real format."""
     import torchvision.datasets.cifar as cifar

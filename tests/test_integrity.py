@@ -168,3 +168,16 @@ def test_reported_accuracy_is_computed_in_fp32_unless_asked(trained, capsys):
     assert main(["evaluate", str(trained), "--json", "--device", "cpu"]) == 0
     fp32 = json.loads(capsys.readouterr().out)["test_accuracy"]
     assert load_checkpoint(trained)["test"]["acc"] == pytest.approx(fp32, abs=1e-9)  # the run's end, the same way
+
+
+def test_a_pruning_that_would_remove_nothing_is_refused_before_anything_is_written(trained, capsys):
+    out = trained.with_name("nothing.pth")
+    assert main(["prune", "--checkpoint", str(trained), "--amount", "0.1", "--round-to", "1000",
+                 "--output", str(out)]) == 2
+    assert "--amount 0.1 with --round-to 1000 removes nothing" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_seed_too_large_for_the_random_generators_is_one_line(capsys):
+    assert main(["train-student", *TINY, "--seed", "99999999999999999999"]) == 2
+    assert "config key 'seed' in command line must be in [0, 2**32 - 1]" in capsys.readouterr().err

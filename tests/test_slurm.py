@@ -60,6 +60,7 @@ def job_env(**extra) -> dict:
     return env
 
 
+@pytest.mark.e2e
 def test_local_run_without_slurm_in_a_path_with_spaces(tmp_path):
     repo = copy_repo(tmp_path / "my repo")
     scratch = tmp_path / "tmp dir"
@@ -110,13 +111,21 @@ def sacct_times(cluster, job):
     return start, end
 
 
-def test_chain_runs_in_dependency_order_and_writes_the_report(cluster, tmp_path):
-    repo = copy_repo(tmp_path / "lab repo")
+@pytest.fixture(scope="module")
+def batch_chain(cluster, tmp_path_factory):
+    """The whole chain through the batch scripts (slurm/submit_chain.sh --smoke), run once: the repository
+    it ran in, {job name: id} and their final states."""
+    repo = copy_repo(tmp_path_factory.mktemp("chain") / "lab repo")
     proc = cluster.run(["bash", "slurm/submit_chain.sh", "--smoke"], cwd=repo, env=job_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     jobs = dict(re.findall(r"(\w+)=(\d+)", proc.stdout.splitlines()[-1]))
+    return repo, jobs, cluster.wait_all(list(jobs.values()), timeout=900)
+
+
+@pytest.mark.slurm
+def test_chain_runs_in_dependency_order_and_writes_the_report(cluster, batch_chain):
+    repo, jobs, states = batch_chain
     assert set(jobs) == {job.name for job in CHAIN}
-    states = cluster.wait_all(list(jobs.values()), timeout=900)
     logs = "\n".join(p.read_text() for p in (repo / "slurm/logs").glob("*.out"))
     assert set(states.values()) == {"COMPLETED"}, (states, logs[-3000:])
     times = {name: sacct_times(cluster, job) for name, job in jobs.items()}
@@ -157,6 +166,7 @@ def test_chain_runs_in_dependency_order_and_writes_the_report(cluster, tmp_path)
     assert "warning: 'module' is not available" in logs
 
 
+@pytest.mark.slurm
 def test_failed_teacher_cancels_its_dependants(cluster, tmp_path):
     repo = copy_repo(tmp_path / "fail repo")
     env = job_env(DL_SMOKE="1")
@@ -172,6 +182,7 @@ def test_failed_teacher_cancels_its_dependants(cluster, tmp_path):
     assert not (repo / "models_saved/cnn_student_kd.pth").exists()
 
 
+@pytest.mark.slurm
 def test_time_limit_signal_requeues_and_the_job_resumes(cluster, tmp_path):
     """USR1 (what --signal=B:USR1@300 sends before the time limit): save, requeue, resume, finish; while the
     job runs its checkpoints are copied back every DL_SYNC_INTERVAL seconds."""
@@ -200,6 +211,7 @@ def test_time_limit_signal_requeues_and_the_job_resumes(cluster, tmp_path):
     assert list((cluster.dir / "jobtmp").rglob("distill-lab.*")) == []
 
 
+@pytest.mark.slurm
 def test_scancel_ends_the_job_and_a_resubmitted_job_finishes_on_its_staged_best(cluster, tmp_path):
     """A user's scancel (SIGTERM) saves and ends the job, no requeue; submitting the script again with no
     epochs left ends cleanly on the best checkpoint, which is staged with the last one."""
@@ -228,6 +240,7 @@ def test_scancel_ends_the_job_and_a_resubmitted_job_finishes_on_its_staged_best(
     assert list((cluster.dir / "jobtmp").rglob("distill-lab.*")) == []
 
 
+@pytest.mark.slurm
 def test_submit_best_gpu_prefers_a_declared_type_and_falls_back(cluster, tmp_path):
     repo = copy_repo(tmp_path / "gpu repo")
     env = job_env(DL_SMOKE="1", DL_GPU_PREFERENCE="h100 a100")  # the test node declares gpu,a100
@@ -259,6 +272,7 @@ def test_submit_best_gpu_prefers_a_declared_type_and_falls_back(cluster, tmp_pat
     cluster.run(["scancel", job, plain, other])
 
 
+@pytest.mark.slurm
 def test_data_parallel_job_under_slurm(cluster, tmp_path):
     """DL_NPROC=2: the batch script launches torchrun with two processes (gloo on CPU)."""
     repo = copy_repo(tmp_path / "ddp repo")
@@ -291,6 +305,7 @@ def wait_for_line(path: Path, text: str, timeout: float = 180) -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.slurm
 def test_multi_node_job_stages_every_node_trains_data_parallel_and_resumes(cluster, tmp_path):
     """--nodes=2: one srun step per node with its own scratch copy, torchrun across the nodes; the
     time-limit signal reaches every node through srun, the job requeues and resumes."""
@@ -317,21 +332,40 @@ def test_multi_node_job_stages_every_node_trains_data_parallel_and_resumes(clust
     assert list((cluster.dir / "jobtmp").rglob("distill-lab.*")) == []
 
 
-def test_submitit_chain(cluster, tmp_path):
+@pytest.mark.slurm
+def test_submitit_chain_resubmits_part_of_the_table(cluster, batch_chain, tmp_path):
+    """`submit --jobs` (the batch-script chain above ran every job): one job of each command that reads a
+    checkpoint (distill, clos-convert, prune) and the report, which waits for them (afterok); the jobs they
+    need outside the subset count as done: their checkpoints, made by the batch chain, are read."""
+    made = batch_chain[0] / "models_saved"
     repo = copy_repo(tmp_path / "submitit repo")
+    subset = ["cnn_student_kd", "vit_teacher_clos", "cnn_teacher_pruned", "report"]
+    for path in made.iterdir():  # everything but what the subset makes
+        if path.is_file() and not path.name.startswith(tuple(subset)):
+            shutil.copy(path, repo / "models_saved")
+    assert (repo / "models_saved/cnn_teacher.pth").exists() and not (repo / "models_saved/cnn_student_kd.pth").exists()
     proc = subprocess.run([sys.executable, "main.py", "submit", "--smoke", "--folder", str(tmp_path / "sub"),
-                           "--wait"], cwd=repo, env={**cluster.env, **job_env()}, capture_output=True, text=True,
-                          timeout=900)
+                           "--jobs", *subset, "--wait"], cwd=repo, env={**cluster.env, **job_env()},
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     jobs = dict(re.findall(r"(\w+)=(\d+)", proc.stdout.splitlines()[0]))
-    assert set(jobs) == {job.name for job in CHAIN}  # every job of the table, the Clos conversions too
+    assert list(jobs) == subset  # in table order
     assert all(cluster.state(j) == "COMPLETED" for j in jobs.values())
+    times = {name: sacct_times(cluster, job) for name, job in jobs.items()}
+    assert all(times["report"][0] >= end for name, (_, end) in times.items() if name != "report")
+    for name in ("cnn_student_kd", "vit_teacher_clos_m4", "vit_teacher_clos_m4_kd", "cnn_teacher_pruned",
+                 "cnn_teacher_pruned_kd"):
+        assert (repo / "models_saved" / f"{name}.pth").exists(), name
     import json
 
     report = json.loads((repo / "report.json").read_text())
     assert all(v is not None for family in report.values() for v in family.values())
+    details = json.loads((repo / "report_details.json").read_text())
+    assert {"vit_teacher_clos_m4", "vit_teacher_clos_m4_kd"} <= {r["run"] for r in details["converted"]}
+    assert "cnn_teacher_pruned_kd" in {r["run"] for r in details["cnn"]["other_runs"]}
 
 
+@pytest.mark.slurm
 def test_submitit_job_requeues_on_its_signal_and_resumes(cluster, tmp_path):
     """submitit's time-limit/preemption signal (USR2): the job is requeued with the same command line
     and the training resumes from its last checkpoint to the end."""

@@ -44,6 +44,7 @@ def test_pretrained_minilm_gives_meaningful_sentence_embeddings():
     assert close > 0.8 and far < 0.3, (close, far)
 
 
+@pytest.mark.e2e
 def test_small_bert_learns_tweets_in_the_one_loop_and_converts_to_clos(tmp_path, capsys):
     out = tmp_path / "models"
     assert main(["train-teacher", "--model", "minilm_bert", "--model-args", SMALL_BERT, "--dataset", "tweets",

@@ -98,6 +98,7 @@ def test_lr_schedules(tiny):
     assert lr_factor(100, 10, cos) == pytest.approx(0.0)
 
 
+@pytest.mark.e2e
 def test_two_process_data_parallel_matches_one_process(tmp_path):
     """torchrun with 2 gloo processes on CPU, global batch 64, equals 1 process at batch 64."""
     import subprocess
