@@ -24,6 +24,7 @@ from typing import Optional
 import pandas as pd
 
 from pruning_lab.errors import UserError
+from pruning_lab.files import write_atomically, write_text_atomically
 from pruning_lab.inference import OpenedCheckpoint, model_card, open_checkpoint, soft_target_alignment
 from pruning_lab.models import model_family
 from pruning_lab.runtime import resolve_precision
@@ -352,8 +353,10 @@ def plot(points: pd.DataFrame, path: Path) -> None:
         if len(mine):
             row[0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        write_atomically(path, lambda f: fig.savefig(f, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def write_report(models_dir: str, output: str = "report.json", device: str = "auto",
@@ -376,8 +379,8 @@ def write_report(models_dir: str, output: str = "report.json", device: str = "au
                                                                        " (no checkpoints found)"))
     report = lab_report(details)
     frame = table(details)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    out.with_name(out.stem + "_details.json").write_text(json.dumps(details, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(details, frame))
+    write_text_atomically(out, json.dumps(report, indent=2) + "\n")
+    write_text_atomically(out.with_name(out.stem + "_details.json"), json.dumps(details, indent=2) + "\n")
+    write_text_atomically(out.with_suffix(".md"), markdown(details, frame))
     plot(plot_points(frame, details), out.with_suffix(".png"))
     return report

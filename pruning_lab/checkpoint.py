@@ -7,7 +7,6 @@ load, so a damaged file is refused instead of evaluated; checkpoints written bef
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import subprocess
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
+from .files import write_atomically
 from .models import create_model
 from .clos import structures  # noqa: F401  (the modules below register the layer surgery kinds they replay)
 from .models import bottleneck, thin  # noqa: F401
@@ -56,21 +56,10 @@ class CheckpointError(UserError):
 
 
 def save_checkpoint(payload: dict, path: str | Path) -> Path:
-    """Write `payload` to `path` via a temporary file and a rename, so a kill never leaves half a file."""
-    path = Path(path)
+    """Write `payload` to `path` atomically (files.py: a kill or a full disk never leaves half a file)."""
     payload = {k: v for k, v in payload.items() if k not in ENVELOPE}  # e.g. a loaded checkpoint saved again
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, "checksum": content_digest(payload), **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    envelope = {"format": FORMAT, "version": VERSION, "checksum": content_digest(payload)}
+    return write_atomically(path, lambda f: torch.save({**envelope, **payload}, f))
 
 
 def update_checkpoint(path: str | Path, **fields) -> None:

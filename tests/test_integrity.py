@@ -181,3 +181,46 @@ def test_a_pruning_that_would_remove_nothing_is_refused_before_anything_is_writt
 def test_a_seed_too_large_for_the_random_generators_is_one_line(capsys):
     assert main(["train-student", *TINY, "--seed", "99999999999999999999"]) == 2
     assert "config key 'seed' in command line must be in [0, 2**32 - 1]" in capsys.readouterr().err
+
+
+# --- a full disk: one line naming the file; no partial file; the previous one intact ---------------------------
+def filling_disk(after_bytes: int):
+    """A write that fills the disk after `after_bytes`, as ENOSPC would."""
+    import errno
+
+    def write(f):
+        f.write(b"x" * after_bytes)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return write
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_previous_file_intact(tmp_path):
+    from pruning_lab.errors import UserError
+    from pruning_lab.files import write_atomically
+
+    path = written(tmp_path)
+    before = path.read_bytes()
+    with pytest.raises(UserError, match=rf"cannot write {path}: the disk is full .* the 2.0 MB written when it filled"):
+        write_atomically(path, filling_disk(2_000_000))
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["x.pth"]
+
+
+def test_a_checkpoint_save_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    import pruning_lab.checkpoint as checkpoint_module
+    from pruning_lab.errors import UserError
+
+    def full(obj, f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full)
+    with pytest.raises(UserError, match="the disk is full"):
+        save_checkpoint({"state_dict": {"w": torch.ones(3)}}, tmp_path / "y.pth")
+    assert not list(tmp_path.iterdir())
+
+
+def test_report_into_a_folder_that_does_not_exist_yet(trained, tmp_path):
+    out = tmp_path / "new" / "deeper" / "report.json"
+    assert main(["report", "--models-dir", str(trained.parent), "--output", str(out), "--device", "cpu"]) == 0
+    assert {p.name for p in out.parent.iterdir()} == {"report.json", "report_details.json", "report.md", "report.png"}

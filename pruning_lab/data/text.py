@@ -20,6 +20,7 @@ import numpy as np
 
 from ..config import GLUE_TASKS
 from ..errors import UserError
+from ..files import write_atomically
 
 if TYPE_CHECKING:
     import pandas
@@ -83,12 +84,8 @@ def cached_tokenize(path: Path, columns: tuple, texts: list, pairs: Optional[lis
             pass  # a damaged cache entry: tokenise again and replace it
     tokens = tokenize(texts, max_length, pairs)
     try:  # the cache is an optimisation: a read-only home must not stop training
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, tokens, allow_pickle=False)
-        os.replace(tmp, file)
-    except OSError:
+        write_atomically(file, lambda f: np.save(f, tokens, allow_pickle=False))
+    except (OSError, UserError):  # unwritable, or a full disk
         pass
     return tokens
 

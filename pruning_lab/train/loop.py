@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..config import Config, check_config, to_dict
 from ..data import BatchLoader, Split, load_splits
 from ..errors import UserError
+from ..files import write_text_atomically
 from ..inference.evaluate import count_parameters, evaluate
 from ..models import create_model
 from ..models.bottleneck import add_bottleneck, find_bottleneck, init_keys, keys_ready
@@ -386,9 +387,7 @@ class Trainer:
 
 def write_log(frame: pd.DataFrame, path: Path) -> None:
     """Rewrite the per-epoch CSV log atomically (it always matches the last checkpoint)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(tmp, index=False)
-    tmp.replace(path)
+    write_text_atomically(path, frame.to_csv(index=False))
 
 
 def format_row(name: str, row: dict, epochs: int) -> str:
