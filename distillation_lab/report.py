@@ -101,9 +101,10 @@ def find_checkpoints(models_dir: Path, device: str, data_dir: Optional[str]) -> 
             continue
         try:
             opened = open_checkpoint(str(path), data_dir=data_dir, device=device)
-        except UserError as e:  # reported, never a crash and never a number
+        except Exception as e:  # noqa: BLE001  reported, never a crash and never a number, whatever the error
             match = SEED_FILE.match(path.stem)
-            found.append(Found(path, match["name"], int(match["seed"]) if match["seed"] else None, error=str(e)))
+            error = str(e) if isinstance(e, UserError) else f"{path}: cannot be opened ({type(e).__name__}: {e})"
+            found.append(Found(path, match["name"], int(match["seed"]) if match["seed"] else None, error=error))
             continue
         cfg = opened.config
         name, seed = cfg.get("name") or path.stem, cfg.get("seed")

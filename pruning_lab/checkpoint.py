@@ -132,7 +132,10 @@ def build_model(ckpt: dict, expect_model: Optional[str] = None, source: str = "c
     if expect_model is not None and arch["name"] != expect_model:
         raise CheckpointError(f"{source} holds a '{arch['name']}' model, but '{expect_model}' was expected")
     model = create_model(arch["name"], arch["num_classes"], arch["in_chans"], arch["image_size"], **arch["kwargs"])
-    apply_surgery(model, ckpt.get("surgery", []))  # e.g. Clos layers in place of dense ones, pruned widths
+    try:
+        apply_surgery(model, ckpt.get("surgery", []))  # e.g. Clos layers in place of dense ones, pruned widths
+    except UserError as e:
+        raise CheckpointError(f"{source}: {e}") from None
     try:
         model.load_state_dict(checkpoint_weights(ckpt))
     except (RuntimeError, KeyError, ValueError) as e:

@@ -43,12 +43,19 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def apply_surgery(model: nn.Module, surgery: list[dict]) -> nn.Module:
     """Replay recorded surgery on a freshly built model (before its weights are loaded)."""
-    for step in surgery:
+    for number, step in enumerate(surgery, 1):
         kind = step.get("kind")
         if kind not in SURGERIES:
             raise UserError(f"unknown layer surgery {kind!r} recorded in the checkpoint; this version knows "
                             f"{', '.join(sorted(SURGERIES))}")
-        SURGERIES[kind](model, step)
+        try:
+            SURGERIES[kind](model, step)
+        except UserError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+            what = f"lacks the field {e}" if isinstance(e, KeyError) else f"is malformed ({type(e).__name__}: {e})"
+            raise UserError(f"the checkpoint's layer surgery step {number} ({kind}) {what}: the file was damaged or "
+                            "edited; use the checkpoint the command wrote") from None
     model.surgery = list(surgery)
     return model
 

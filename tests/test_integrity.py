@@ -224,3 +224,21 @@ def test_report_into_a_folder_that_does_not_exist_yet(trained, tmp_path):
     out = tmp_path / "new" / "deeper" / "report.json"
     assert main(["report", "--models-dir", str(trained.parent), "--output", str(out), "--device", "cpu"]) == 0
     assert {p.name for p in out.parent.iterdir()} == {"report.json", "report_details.json", "report.md", "report.png"}
+
+
+@pytest.mark.parametrize("damage", [
+    {"kind": "lowrank", "layer": "fc", "config": {"out_features": 10, "rank": 2}},
+    {"kind": "prune", "modules": {"fc": {"shapes": {"weight": [10, 4]}}}},
+    {"kind": "sparse", "weights": ["no.such.weight"]},
+])
+def test_a_surgery_record_that_lost_a_field_is_one_line_naming_the_file(trained, tmp_path, damage, capsys):
+    from pruning_lab.checkpoint import load_checkpoint as load
+
+    ckpt = load(trained)
+    broken = tmp_path / "broken.pth"
+    save_checkpoint({**ckpt, "surgery": [damage]}, broken)
+    assert main(["evaluate", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(broken) in err and "Traceback" not in err
+    assert main(["report", "--models-dir", str(tmp_path), "--output", str(tmp_path / "r" / "report.json")]) == 2
+    assert "could be evaluated" in capsys.readouterr().err  # the report went past it and said why
