@@ -1,5 +1,6 @@
 """The fast paths learn as the plain ones do: bf16 autocast training against fp32, a bf16 teacher's soft targets
 against fp32 ones, channels_last batches against contiguous ones (correctness is not traded for speed)."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -12,6 +13,7 @@ from pruning_lab.runtime import bf16_is_native, channels_last_is_safe, resolve_p
 from pruning_lab.train.loop import channels_last_for
 
 
+@pytest.mark.e2e
 def test_bf16_training_reaches_the_fp32_accuracy(tiny):
     """The same short run on the embedded digits in fp32 and in bf16 autocast (what `auto` picks where the
     device has native bf16): both learn, and to the same accuracy within the noise of 1,000 test digits."""

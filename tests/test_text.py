@@ -72,6 +72,7 @@ def test_small_bert_learns_tweets_in_the_one_loop_and_converts_to_clos(tmp_path,
     assert main(["evaluate", str(out / "bert_clos_m2.pth"), "--device", "cpu"]) == 0
 
 
+@pytest.mark.e2e
 def test_distilbert_style_student_keeps_the_teachers_layers_it_copies(tmp_path, capsys):
     """A 4-layer BERT thinned to its layers 1 and 3 (keep_layers): the student starts with exactly those
     layers' weights, trains and distills through the same loop, and reloads as a 2-layer model."""
