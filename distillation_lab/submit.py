@@ -18,7 +18,7 @@ import submitit
 
 from pruning_lab.errors import UserError
 
-from .chain import CHAIN, MODELS_DIR, Job
+from .chain import CHAIN, DEFAULT_PARTITION, MODELS_DIR, Job
 from .clos_convert import ClosConvertOptions
 
 
@@ -121,7 +121,7 @@ def select_jobs(only: Optional[list[str]] = None, models: str = MODELS_DIR) -> l
     return jobs
 
 
-def submit_chain(folder: str, smoke: bool = False, partition: str = "markov_gpu", gpus: Optional[int] = None,
+def submit_chain(folder: str, smoke: bool = False, partition: str = DEFAULT_PARTITION, gpus: Optional[int] = None,
                  timeout_min: Optional[int] = None, overrides: Optional[dict] = None,
                  cluster: Optional[str] = None, only: Optional[list[str]] = None) -> dict:
     """Submit the chain, or the jobs named in `only`; returns {name: submitit.Job}. `cluster="local"` runs it
