@@ -8,6 +8,7 @@ intermediate features for feature losses then come from forward hooks on the nam
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -139,7 +140,8 @@ def distill(teacher: Optional[nn.Module], student: nn.Module, train_loader: Iter
     s_model.infer_feature_widths(sample)
     frozen = None
     if teacher is not None:
-        t_model = HookedModel(teacher, teacher_layers).to(dev)
+        # A copy: freezing it, its precision, its device and the hooks must not change the caller's module.
+        t_model = HookedModel(copy.deepcopy(teacher), teacher_layers).to(dev)
         t_model.infer_feature_widths(sample)
         frozen = FrozenTeacher(t_model, dev)
     parts = RunParts(s_model, DeviceLoader(train_loader, dev),

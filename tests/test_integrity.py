@@ -242,3 +242,58 @@ def test_a_surgery_record_that_lost_a_field_is_one_line_naming_the_file(trained,
     assert len(err.strip().splitlines()) == 1 and str(broken) in err and "Traceback" not in err
     assert main(["report", "--models-dir", str(tmp_path), "--output", str(tmp_path / "r" / "report.json")]) == 2
     assert "could be evaluated" in capsys.readouterr().err  # the report went past it and said why
+
+
+def test_an_output_named_as_a_hidden_file_is_refused(trained, capsys):
+    assert main(["prune", "--checkpoint", str(trained), "--amount", "0.5", "--output",
+                 str(trained.with_name(".x.pth"))]) == 2
+    assert "names a hidden file" in capsys.readouterr().err
+
+
+# --- resume compares the data, not only the path -------------------------------------------------------------
+def image_folder(root: Path, flip: bool = False) -> Path:
+    from PIL import Image
+
+    for split, n in (("train", 24), ("test", 8)):
+        for k in range(n):
+            label = ("dark", "light")[(k % 2) ^ flip]
+            (root / split / label).mkdir(parents=True, exist_ok=True)
+            value = 40 if k % 2 == 0 else 215
+            Image.new("L", (8, 8), color=value).save(root / split / label / f"{k}.png")
+    return root
+
+
+def test_resume_on_other_data_in_the_same_folder_is_refused(tmp_path, capsys):
+    import shutil
+
+    data = image_folder(tmp_path / "data")
+    common = ["--dataset", "imagefolder", "--data-dir", str(data), "--image-size", "8", "--channels", "1",
+              "--model-args", "{width: 4}", "--val-size", "4", "--batch-size", "8", "--no-progress",
+              "--optimizer", "sgd", "--scheduler", "constant", "--out-dir", str(tmp_path / "out"), "--name", "r"]
+    assert main(["train-student", *common, "--epochs", "1"]) == 0
+    shutil.rmtree(data)
+    image_folder(data, flip=True)  # the same files, their labels swapped
+    capsys.readouterr()
+    assert main(["train-student", *common, "--epochs", "2", "--resume"]) == 2
+    assert "are not the examples and labels the run was started on" in capsys.readouterr().err
+    assert main(["train-student", *common, "--epochs", "2", "--resume", "--resume-changes"]) == 0
+
+
+def test_the_api_leaves_the_callers_teacher_as_it_was(tmp_path):
+    import torch.nn as nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from distillation_lab import distill
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    teacher = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).train()
+    student = nn.Sequential(nn.Linear(8, 3))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    distill(teacher, student, loader, {"val": loader}, epochs=1, checkpoint_dir=str(tmp_path), progress=False,
+            precision="bf16", teacher_layers=["1"], student_layers=["0"], loss_weights={"ce": 0.5, "kd": 0.5})
+    assert teacher.training and all(p.requires_grad and p.dtype == torch.float32 for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert not any(m._forward_hooks for m in teacher.modules())
+    assert teacher(x).dtype == torch.float32

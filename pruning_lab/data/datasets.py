@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -45,6 +46,17 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+def fingerprint(*splits: Split) -> str:
+    """SHA-256 of the examples and labels a run reads: what --resume compares, whatever the files' paths."""
+    digest = hashlib.sha256()
+    for split in splits:
+        for tensor in (split.inputs, split.labels):
+            t = tensor.detach().cpu().contiguous()
+            digest.update(f"{t.dtype} {tuple(t.shape)}:".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 SPECS = {

@@ -23,7 +23,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..config import Config, check_config, to_dict
-from ..data import BatchLoader, Split, load_splits
+from ..data import BatchLoader, Split, fingerprint, load_splits
 from ..errors import UserError
 from ..files import write_text_atomically
 from ..inference.evaluate import count_parameters, evaluate
@@ -171,7 +171,8 @@ def build_parts(cfg: Config) -> RunParts:
 
     if bottleneck is not None and not keys_ready(bottleneck):  # a resumed run loads its keys afterwards
         init_keys(model, loader(train_split))
-    data = {"dataset": cfg.dataset, **vars(spec), "mean": list(spec.mean), "std": list(spec.std)}
+    data = {"dataset": cfg.dataset, **vars(spec), "mean": list(spec.mean), "std": list(spec.std),
+            "fingerprint": fingerprint(train_split, val_split, test_split)}
     return RunParts(model, loader(train_split, train=True), {"val": loader(val_split)} if len(val_split) else {},
                     loader(test_split), data, device)
 
@@ -226,6 +227,15 @@ class Trainer:
         if self.dist.is_main:
             save_checkpoint(self.payload(with_resume_state), path)
         distributed.barrier(self.dist)
+
+    def check_same_data(self, recorded: dict) -> None:
+        """Resuming on other examples or labels than the run was started on is an error (unless
+        --resume-changes), whatever the folder is called: the data's fingerprint, not its path."""
+        was, now = recorded.get("fingerprint"), self.parts.data.get("fingerprint")
+        if was and now and was != now and not self.cfg.resume_changes:
+            raise UserError(f"cannot resume {self.paths.last}: the data in {self.cfg.data_dir} ({self.cfg.dataset}) are "
+                            "not the examples and labels the run was started on; rerun with those, add "
+                            "--resume-changes to continue on these, or --overwrite to start afresh")
 
     def restore(self, ckpt: dict) -> None:
         """Continue from a last checkpoint of the same model; a damaged resume state is a one-line error."""
@@ -347,7 +357,9 @@ class Trainer:
 
     def _fit(self) -> dict:
         if self.cfg.resume and not self.cfg.overwrite and self.paths.last.exists():
-            self.restore(load_checkpoint(self.paths.last))
+            last = load_checkpoint(self.paths.last)
+            self.check_same_data(last.get("data") or {})
+            self.restore(last)
             if self.dist.is_main and self.state.epoch >= self.cfg.epochs:
                 print(f"resuming {self.paths.last}: the run has finished its {self.cfg.epochs} epochs, so its best "
                       "checkpoint is only evaluated (raise --epochs to train on)")

@@ -66,6 +66,9 @@ def check_outputs(source: str, given: str | None, outputs: list[Path], overwrite
     if given is not None and (given.endswith(("/", os.sep)) or out.is_dir()):
         raise UserError(f"--output {given} is a folder: give the path of the {what} checkpoint, e.g. "
                         f"{given.rstrip('/' + os.sep)}/{Path(source).stem}_{what}.pth")
+    if out.name.startswith("."):
+        raise UserError(f"--output {given or out} names a hidden file: give a plain file name (the fine-tuning run is "
+                        "named after it, and run names cannot start with a dot)")
     mine = next((p for p in outputs if Path(source).resolve() == p.resolve() or same_file(source, str(p))), None)
     if mine is not None:
         raise UserError(f"--output {out} would replace the checkpoint it reads ({source}): give another --output "
