@@ -19,7 +19,6 @@ from pruning_lab.runtime import resolve_device
 from pruning_lab.train.loop import RunParts
 from pruning_lab.train.terms import TERMS
 
-from . import methods  # noqa: F401  (registers the distillation terms)
 from .runs import run_training
 from .teacher import FrozenTeacher
 

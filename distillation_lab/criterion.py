@@ -10,7 +10,6 @@ from pruning_lab.errors import UserError
 from pruning_lab.train.criterion import Criterion
 from pruning_lab.train.terms import build_term, check_loss_spec
 
-from . import methods  # noqa: F401  (registers the distillation terms)
 from .teacher import FrozenTeacher
 
 

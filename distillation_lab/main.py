@@ -22,7 +22,6 @@ from pruning_lab.models import MODELS
 from pruning_lab.train.loop import INTERRUPTED_EXIT_CODE, TrainingInterrupted
 from pruning_lab.train.terms import term_list
 
-from . import methods  # noqa: F401  (registers the distillation terms listed in --help)
 from .chain import DEFAULT_PARTITION
 from .recipes import CONFIG_DIR, DEFAULT_MODEL, RECIPES, recipe_path
 
