@@ -19,9 +19,9 @@ from pruning_lab.config import DEVICES, POSITIVE, REQUIRED, check_dataclass, fro
 from pruning_lab.inference import count_parameters, evaluate, open_checkpoint
 from pruning_lab.errors import UserError
 from pruning_lab.models.bert import PAD_ID
-from pruning_lab.train.run_folder import check_outputs
+from pruning_lab.train.run_folder import RunLock, check_outputs
 
-from .runs import check_finetuning_options, finetune_config, run_training
+from .runs import check_finetuning, check_finetuning_options, finetune_config, run_training
 
 
 class _Captured(Exception):
@@ -165,20 +165,35 @@ class ClosConvertOptions:
 
 
 def clos_convert(options: ClosConvertOptions) -> dict:
-    """Convert, evaluate, save (recording the surgery); optionally KD fine-tune; return the summary."""
+    """Convert, evaluate, save (recording the surgery); optionally KD fine-tune; return the summary. Every
+    check comes before the first file is written; a lock beside the output keeps a second identical run out."""
     o = options
     check_finetuning_options(o.finetune_epochs, {"the loss options": o.loss})
     if o.als_start != "random" and o.structure != "clos":
         raise UserError(f"--als-start {o.als_start} starts the Clos fit; --structure {o.structure} has its own start: "
                         "leave it out")
     out = o.output_path()
-    check_outputs(o.checkpoint, o.output, [out, out.with_name(out.stem + "_kd.pth")], o.overwrite, "converted")
+    outputs = [out, out.with_name(out.stem + "_kd.pth"), out.with_name(out.stem + "_kd_last.pth")]
+    check_outputs(o.checkpoint, o.output, outputs, o.overwrite, "converted")
+    with RunLock.for_output(out):
+        check_outputs(o.checkpoint, o.output, outputs, o.overwrite, "converted")  # an identical run may have just ended
+        return convert_locked(o)
+
+
+def convert_locked(o: ClosConvertOptions) -> dict:
+    """clos-convert's work, its output locked."""
+    out = o.output_path()
     opened = open_checkpoint(o.checkpoint, device=o.device)
     o = dataclasses.replace(o, device=str(opened.device))
     ckpt, model = opened.ckpt, opened.model
     names = matching_linears(model, o.layers)
     if not o.allow_more_parameters:
         check_saves_parameters(model, names, o.multiplier, o.structure)
+    tuned = None
+    if o.finetune_epochs:
+        tuned = finetune_config(from_dict(ckpt["config"], o.checkpoint), out, out.stem + "_kd", o.finetune_epochs,
+                                o.finetune_lr, o.loss, o.checkpoint, ckpt["config"]["model"], o.overwrite, o.device)
+        check_finetuning(tuned, ckpt.get("data", {}))
     original = build_model(ckpt, source=o.checkpoint).to(opened.device).eval()
     test_acc = lambda: evaluate(model, opened.loader("test"))["acc"]  # noqa: E731
     summary = {"checkpoint": o.checkpoint, "structure": o.structure, "multiplier": o.multiplier, "fit": o.fit,
@@ -195,9 +210,7 @@ def clos_convert(options: ClosConvertOptions) -> dict:
         summary["embedding_cosine_after"] = embedding_cosine(model, original, opened.loader("test"))
     save_derived(ckpt, model, out, {"clos": summary})
     summary["output"] = str(out)
-    if o.finetune_epochs:
-        tuned = finetune_config(from_dict(ckpt["config"], o.checkpoint), out, out.stem + "_kd", o.finetune_epochs,
-                                o.finetune_lr, o.loss, o.checkpoint, ckpt["config"]["model"], o.overwrite, o.device)
+    if tuned is not None:
         result = run_training(tuned)
         summary.update(finetuned_output=result["checkpoint"], test_accuracy_finetuned=result["test_acc"])
         if "embedding_cosine_after" in summary:

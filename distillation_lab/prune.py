@@ -24,9 +24,9 @@ from pruning_lab.models import create_model
 from pruning_lab.prune import IMPORTANCES, prune_structured, prune_unstructured, ratio_for_target, shape_changes, sparsity
 from pruning_lab.prune.structured import accumulate_gradients, check_structured
 from pruning_lab.prune.unstructured import layer_sparsity
-from pruning_lab.train.run_folder import check_outputs
+from pruning_lab.train.run_folder import RunLock, check_outputs
 
-from .runs import check_finetuning_options, finetune_config, run_training
+from .runs import check_finetuning, check_finetuning_options, finetune_config, run_training
 
 METHODS = ("structured", "unstructured")
 
@@ -207,9 +207,14 @@ def prune_step(opened: OpenedCheckpoint, o: PruneOptions, step: int, original_si
 
 def check_prunable(opened: OpenedCheckpoint, o: PruneOptions) -> None:
     """Refuse a model the method does not apply to, before any work."""
-    if any(s.get("kind") in STRUCTURES for s in opened.ckpt.get("surgery", [])):
+    kinds = {s.get("kind") for s in opened.ckpt.get("surgery", [])}
+    if kinds & set(STRUCTURES):
         raise UserError(f"{opened.path} has Clos (or low-rank, Monarch) layers: prune the model before converting "
                         "it, not after")
+    if "bottleneck" in kinds:
+        raise UserError(f"{opened.path} has the key-value bottleneck, whose keys were fitted to its frozen encoder's "
+                        "outputs: pruning the encoder would leave them matching nothing; prune the model before "
+                        "adding the bottleneck (train-student --init-checkpoint PRUNED.pth --bottleneck ...)")
     if o.method == "structured":
         check_structured(opened.model, o.importance or "l2")  # e.g. bn-scale without batch norm
 
@@ -223,22 +228,51 @@ def save_pruned(opened: OpenedCheckpoint, record: dict, summary: dict, path: Pat
     save_derived(ckpt, model, path, {"prune": summary}, drop=("prune", "history", "best_epoch", "best_val_acc"))
 
 
+def finetuning_runs(o: PruneOptions, opened: OpenedCheckpoint, teacher: str) -> list:
+    """The fine-tuning run after each step (None where a step has no epochs), each checked as training would
+    check it (its folder, its loss, its teacher against the data) before the first file is written."""
+    out, tuned_out = o.output_path(), o.finetuned_path()
+    original_cfg = from_dict(opened.ckpt["config"], o.checkpoint)
+    runs = []
+    for step, epochs in enumerate(schedule(o.finetune_epochs, o.steps), 1):
+        last = step == o.steps
+        if not epochs:
+            runs.append(None)
+            continue
+        pruned_path = out if last else out.with_name(out.stem + "_steps") / f"step{step}.pth"
+        name = tuned_out.stem if last else f"step{step}" + ("_ft" if o.no_kd else "_kd")
+        tuned = finetune_config(original_cfg, pruned_path, name, epochs, o.finetune_lr, o.loss, teacher,
+                                original_cfg.model if teacher == o.checkpoint else "", o.overwrite, o.device)
+        check_finetuning(tuned, opened.ckpt.get("data", {}))
+        runs.append(tuned)
+    return runs
+
+
 def prune(options: PruneOptions) -> dict:
-    """Prune (in `steps` steps, each fine-tuned), evaluate, save; return the summary."""
+    """Prune (in `steps` steps, each fine-tuned), evaluate, save; return the summary. Every check comes
+    before the first file is written; a lock beside the output keeps a second identical prune out."""
     o = options
     o.check()
-    out, tuned_out = o.output_path(), o.finetuned_path()
-    steps_dir = out.with_name(out.stem + "_steps")
-    check_outputs(o.checkpoint, o.output, [out, tuned_out, *([steps_dir] if o.steps > 1 else [])], o.overwrite,
-                  "pruned")
+    out = o.output_path()
+    tuned = o.finetuned_path()
+    outputs = [out, tuned, tuned.with_name(tuned.stem + "_last.pth"),
+               *([out.with_name(out.stem + "_steps")] if o.steps > 1 else [])]
+    check_outputs(o.checkpoint, o.output, outputs, o.overwrite, "pruned")
+    with RunLock.for_output(out):
+        check_outputs(o.checkpoint, o.output, outputs, o.overwrite, "pruned")  # an identical prune may have just ended
+        return prune_locked(o)
+
+
+def prune_locked(o: PruneOptions) -> dict:
+    """prune's work, its output locked."""
+    out = o.output_path()
     if o.teacher_checkpoint and not Path(o.teacher_checkpoint).is_file():
         raise UserError(f"teacher checkpoint not found: {o.teacher_checkpoint}")
-    epochs = schedule(o.finetune_epochs, o.steps)
     teacher = "" if o.no_kd else (o.teacher_checkpoint or o.checkpoint)
     opened = open_checkpoint(o.checkpoint, device=o.device)
-    original_cfg = from_dict(opened.ckpt["config"], o.checkpoint)
     shape = opened.input_shape
     check_prunable(opened, o)
+    runs = finetuning_runs(o, opened, teacher)
     original_size = {"parameters": model_size(opened.model, shape, "parameters"),
                      "macs": model_size(opened.model, shape, "macs")}
     final = final_size(opened, o, original_size) if o.method == "structured" else None
@@ -252,7 +286,7 @@ def prune(options: PruneOptions) -> dict:
         did = prune_step(opened, o, step, original_size, final)
         record = did.pop("record")
         last = step == o.steps
-        pruned_path = out if last else steps_dir / f"step{step}.pth"
+        pruned_path = out if last else out.with_name(out.stem + "_steps") / f"step{step}.pth"
         row = {"step": step, **did, "parameters": model_size(opened.model, shape, "parameters"),
                "macs": model_size(opened.model, shape, "macs"),
                "test_accuracy_pruned": evaluate(opened.model, opened.loader("test"))["acc"], "checkpoint": str(pruned_path)}
@@ -263,11 +297,8 @@ def prune(options: PruneOptions) -> dict:
               + (f", sparsity {did['sparsity']:.3f}" if "sparsity" in did else "")
               + f"; test accuracy {row['test_accuracy_pruned']:.4f} before fine-tuning", flush=True)
         current = pruned_path
-        if epochs[step - 1]:
-            name = tuned_out.stem if last else f"step{step}" + ("_ft" if o.no_kd else "_kd")
-            tuned = finetune_config(original_cfg, pruned_path, name, epochs[step - 1], o.finetune_lr, o.loss, teacher,
-                                    original_cfg.model if teacher == o.checkpoint else "", o.overwrite, o.device)
-            result = run_training(tuned)
+        if runs[step - 1] is not None:
+            result = run_training(runs[step - 1])
             row.update(finetuned_checkpoint=result["checkpoint"], test_accuracy_finetuned=result["test_acc"])
             current = Path(result["checkpoint"])
         if not last:

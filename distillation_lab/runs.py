@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 import torch.nn as nn
 
-from pruning_lab.checkpoint import update_checkpoint
+from pruning_lab.checkpoint import build_model, load_checkpoint, update_checkpoint
 from pruning_lab.config import LOSS_SHORTHANDS, Config, check_config, make_config
 from pruning_lab.inference import soft_target_alignment
 from pruning_lab.models import model_family
@@ -19,17 +19,14 @@ from pruning_lab.train.loop import RunParts, Trainer, build_parts
 from pruning_lab.train.run_folder import check_run_folder
 
 from .criterion import DistillationCriterion, resolve_loss
-from .teacher import FrozenTeacher, load_teacher
+from .teacher import FrozenTeacher, check_teacher_data, load_teacher
 
 
 def run_training(cfg: Config, parts: Optional[RunParts] = None, teacher: Optional[FrozenTeacher] = None,
                  eval_fn: Optional[Callable[[nn.Module], dict]] = None) -> dict:
     """Train as `cfg` says (parts: data and model built from it unless given); a distilled student
     also gets its agreement with the teacher on the test split. Returns the run's summary."""
-    distilling = teacher is not None or bool(cfg.teacher_checkpoint)
-    check_config(cfg)
-    cfg = resolve_loss(cfg, distilling)  # the loss and the run folder are checked before any data is loaded
-    check_run_folder(cfg)
+    cfg = check_run(cfg, teacher is not None or bool(cfg.teacher_checkpoint))
     parts = parts or build_parts(cfg)
     if teacher is None and cfg.teacher_checkpoint:
         teacher = load_teacher(cfg.teacher_checkpoint, cfg.teacher, parts.data, parts.device)
@@ -45,6 +42,24 @@ def run_training(cfg: Config, parts: Optional[RunParts] = None, teacher: Optiona
     if trainer.dist.is_main:
         update_checkpoint(trainer.paths.best, alignment=alignment)
     return {**summary, "teacher_agreement": alignment["agreement"], "teacher_kl": alignment["kl"]}
+
+
+def check_run(cfg: Config, distilling: bool) -> Config:
+    """The checks of a run that need no data (settings, loss, run folder); `cfg` with its loss resolved."""
+    check_config(cfg)
+    cfg = resolve_loss(cfg, distilling)
+    check_run_folder(cfg)
+    return cfg
+
+
+def check_finetuning(cfg: Config, data: dict) -> None:
+    """Everything a later fine-tuning run (`cfg`, on the data recorded as `data`) would refuse, checked now, before
+    the command that starts it (prune, clos-convert) writes its first file."""
+    check_run(cfg, bool(cfg.teacher_checkpoint))
+    if cfg.teacher_checkpoint:
+        teacher = load_checkpoint(cfg.teacher_checkpoint)
+        build_model(teacher, cfg.teacher or None, source=cfg.teacher_checkpoint)  # a damaged or foreign teacher
+        check_teacher_data(cfg.teacher_checkpoint, teacher.get("data", {}), data)
 
 
 def check_finetuning_options(finetune_epochs: int, given: dict) -> None:

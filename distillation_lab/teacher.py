@@ -61,6 +61,17 @@ class FrozenTeacher:
         return logits.float(), [f.float() for f in features]
 
 
+def check_teacher_data(path: str, teacher_data: dict, data: dict) -> None:
+    """Refuse a teacher (its checkpoint's data record) whose classes or input shape differ from the student's data."""
+    size = lambda d: d.get("input_size", d.get("image_size"))  # noqa: E731  (older checkpoints: image_size)
+    want = (data["num_classes"], data["channels"], size(data))
+    have = (teacher_data.get("num_classes"), teacher_data.get("channels"), size(teacher_data))
+    if want != have:
+        raise UserError(f"teacher {path} was trained on {teacher_data.get('dataset')} with {have[0]} classes and "
+                        f"{have[1]}x{have[2]}x{have[2]} images, but the student's data ({data['dataset']}) has "
+                        f"{want[0]} classes and {want[1]}x{want[2]}x{want[2]} images; teacher and student must agree")
+
+
 def load_teacher(path: str, expect_model: str, data: dict, device: torch.device) -> FrozenTeacher:
     """Load the teacher checkpoint at `path` and check it fits the student's data (classes, channels, size)."""
     if not path:
@@ -69,13 +80,7 @@ def load_teacher(path: str, expect_model: str, data: dict, device: torch.device)
     ckpt = load_checkpoint(path)
     model = build_model(ckpt, expect_model or None, source=path)
     t = ckpt.get("data", {})
-    size = lambda d: d.get("input_size", d.get("image_size"))  # noqa: E731  (older checkpoints: image_size)
-    want = (data["num_classes"], data["channels"], size(data))
-    have = (t.get("num_classes"), t.get("channels"), size(t))
-    if want != have:
-        raise UserError(f"teacher {path} was trained on {t.get('dataset')} with {have[0]} classes and "
-                        f"{have[1]}x{have[2]}x{have[2]} images, but the student's data ({data['dataset']}) has "
-                        f"{want[0]} classes and {want[1]}x{want[2]}x{want[2]} images; teacher and student must agree")
+    check_teacher_data(path, t, data)
     if t.get("dataset") != data["dataset"]:
         print(f"warning: teacher {path} was trained on {t.get('dataset')}, the student trains on {data['dataset']} "
               "(same classes and input shape, so distillation goes on)", file=sys.stderr)

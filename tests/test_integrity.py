@@ -297,3 +297,54 @@ def test_the_api_leaves_the_callers_teacher_as_it_was(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert not any(m._forward_hooks for m in teacher.modules())
     assert teacher(x).dtype == torch.float32
+
+
+def test_prune_of_a_model_with_the_bottleneck_is_refused_naming_the_order(trained, tmp_path, capsys):
+    assert main(["train-student", *TINY, "--init-checkpoint", str(trained), "--bottleneck", "{codebooks: 8, keys: 8}",
+                 "--epochs", "1", "--max-steps-per-epoch", "1", "--out-dir", str(tmp_path), "--name", "kvb"]) == 0
+    for method in ("structured", "unstructured"):
+        assert main(["prune", "--checkpoint", str(tmp_path / "kvb.pth"), "--method", method, "--amount", "0.5",
+                     "--round-to", "1"]) == 2
+        assert "prune the model before adding the bottleneck" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kvb.pth", "kvb_last.pth", "kvb_log.csv"]
+
+
+@pytest.mark.parametrize("command, stem", [
+    (["prune", "--amount", "0.5", "--round-to", "1"], "p"),
+    (["clos-convert", "--layers", "fc", "--allow-more-parameters", "--fit-steps", "1", "--als-iterations", "1",
+      "--calibration-examples", "8"], "c")])
+def test_the_fine_tuning_is_checked_before_the_first_file_is_written(trained, tmp_path, command, stem, capsys):
+    out = tmp_path / f"{stem}.pth"
+    tuned = [*command, "--checkpoint", str(trained), "--output", str(out), "--finetune-epochs", "1"]
+    (tmp_path / f"{stem}_kd_last.pth").write_bytes(b"an earlier fine-tuning")
+    assert main(tuned) == 2
+    assert f"{stem}_kd_last.pth exists: add --overwrite" in capsys.readouterr().err
+    (tmp_path / f"{stem}_kd_last.pth").unlink()
+    assert main([*tuned, "--loss", "{kd: {weight: 1, temperature: -1}}"]) == 2  # a loss the fine-tuning would refuse
+    assert "temperature" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_prune_fine_tuned_from_a_teacher_of_other_data_is_refused_before_pruning(trained, tmp_path, capsys):
+    ckpt = load_checkpoint(trained)
+    save_checkpoint({**{k: v for k, v in ckpt.items() if k not in ("format", "version", "checksum")},
+                     "data": {**ckpt["data"], "dataset": "imagefolder", "num_classes": 2}}, tmp_path / "other.pth")
+    out = tmp_path / "p.pth"
+    assert main(["prune", "--checkpoint", str(trained), "--amount", "0.5", "--round-to", "1", "--output", str(out),
+                 "--finetune-epochs", "1", "--teacher-checkpoint", str(tmp_path / "other.pth")]) == 2
+    assert "was trained on imagefolder with 2 classes" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_two_identical_prunes_at_once_the_second_is_refused(trained, tmp_path, capsys):
+    from pruning_lab.train.run_folder import RunLock
+
+    out = tmp_path / "p.pth"
+    with RunLock.for_output(out):  # the first prune, still running
+        assert main(["prune", "--checkpoint", str(trained), "--amount", "0.5", "--round-to", "1",
+                     "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "is being written by pid" in err and "give another --output" in err, err
+    assert not out.exists()
+    assert main(["prune", "--checkpoint", str(trained), "--amount", "0.5", "--round-to", "1", "--output", str(out)]) == 0
+    assert out.exists() and not list(tmp_path.glob(".*.lock"))

@@ -128,8 +128,14 @@ class RunLock:
 
     An flock, so a killed process never leaves a stale lock behind; a run that ends removes the file."""
 
-    def __init__(self, paths: RunPaths, enabled: bool = True) -> None:
-        self.paths, self.enabled, self._file = paths, enabled, None
+    def __init__(self, paths: RunPaths, enabled: bool = True, other: str = "use another --name") -> None:
+        self.paths, self.enabled, self.other, self._file = paths, enabled, other, None
+
+    @classmethod
+    def for_output(cls, output: Path) -> "RunLock":
+        """The lock of a command that writes one checkpoint (prune, clos-convert): .STEM.lock beside it."""
+        return cls(RunPaths(output, output, output, output.with_name(f".{output.stem}.lock")),
+                   other="give another --output")
 
     def __enter__(self) -> "RunLock":
         if not self.enabled:
@@ -159,7 +165,7 @@ class RunLock:
             holder = file.read().strip() or "another process"
             file.close()
             raise UserError(f"run {self.paths.best.stem} in {self.paths.best.parent} is being written by {holder}; "
-                            "wait for it to finish or use another --name") from None
+                            f"wait for it to finish or {self.other}") from None
         return file
 
     def _holds_the_current_file(self) -> bool:
