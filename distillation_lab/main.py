@@ -97,7 +97,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     """report: re-evaluate checkpoints and write the report files."""
     from .report import write_report
 
-    report = write_report(args.models_dir, args.output, device=args.device, data_dir=args.data_dir)
+    report = write_report(args.models_dir, args.output, device=args.device, data_dir=args.data_dir,
+                          overwrite=args.overwrite)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -244,7 +245,10 @@ def add_report_parser(sub) -> None:
                                    "what it records (role, family, teacher, surgery); write report.json (the lab "
                                    "plan's keys), report_details.json, report.md and report.png.")
     p.add_argument("--models-dir", default="models_saved", help="where the checkpoints are")
-    p.add_argument("--output", default="report.json", help="report.json path; the other files go beside it")
+    p.add_argument("--output", help="report.json path; the other files go beside it (default: report.json here for "
+                   "models_saved/, MODELS_DIR/report.json for another folder)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a report of another models folder (a report of the same folder is always replaced)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device")
     p.add_argument("--data-dir", help="dataset directory (default: the one recorded in each checkpoint)")
     p.set_defaults(func=cmd_report)

@@ -11,7 +11,7 @@ from pruning_lab.errors import UserError
 
 from .chain import CHAIN, DEMO, Job
 from .recipes import recipe_config
-from .report import write_report
+from .report import default_report_path, write_report
 from .runs import run_training
 
 PRESETS = {"demo": [0, 1, 2], "cifar10": [0]}  # preset -> default seeds
@@ -59,6 +59,6 @@ def run_pipeline(preset: str, overrides: dict, seeds: Sequence[int] | None = Non
         print(f"\n=== {cfg.run_name()}: {cfg.model} on {cfg.dataset}, {cfg.epochs} epochs, seed {cfg.seed}", flush=True)
         rows.append(run_training(cfg))
     out_dir = Path(configs[0].out_dir)
-    report_path = out_dir / "report.json" if out_dir != Path("models_saved") else Path("report.json")
+    report_path = default_report_path(out_dir)
     write_report(str(out_dir), str(report_path), device=configs[0].device)
     return rows, report_path

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import os
 import re
 import statistics
 import sys
@@ -360,16 +362,56 @@ def plot(points: pd.DataFrame, path: Path) -> None:
         plt.close(fig)
 
 
-def write_report(models_dir: str, output: str = "report.json", device: str = "auto",
-                 data_dir: Optional[str] = None) -> dict:
-    """Evaluate, then write report.json, report_details.json, report.md and report.png; return report.json."""
+def default_report_path(models_dir: Path) -> Path:
+    """Where a report of `models_dir` goes: report.json at the top for the chain's models_saved/ (where the lab plan
+    puts it), MODELS_DIR/report.json otherwise (beside the models it describes)."""
+    return Path("report.json") if models_dir.resolve() == Path("models_saved").resolve() else models_dir / "report.json"
+
+
+def described_folder(models: Path, out: Path) -> str:
+    """The models folder as a report at `out` records it: relative to the report's folder, so that a report written
+    in a job's scratch copy and copied back still names the same folder."""
+    return os.path.relpath(models.resolve(), out.parent.resolve())
+
+
+def check_replaces_own_report(out: Path, models: Path, overwrite: bool) -> None:
+    """An existing report is replaced only by a report of the same models folder, or with --overwrite."""
+    if overwrite or not out.exists():
+        return
+    try:
+        described = json.loads(out.with_name(out.stem + "_details.json").read_text()).get("models_dir")
+    except (OSError, ValueError, AttributeError):
+        described = None
+    if described != described_folder(models, out):
+        of = f"a report of {described}" if described else "not a report this version wrote (it names no models folder)"
+        raise UserError(f"{out} exists and is {of}, not of {models}: add --overwrite to replace it, or give another "
+                        "--output")
+
+
+def finite(value):
+    """`value` (nested dicts and lists) with NaN and infinite numbers as None: JSON has no NaN, and a report
+    never shows one."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def write_report(models_dir: str, output: Optional[str] = None, device: str = "auto",
+                 data_dir: Optional[str] = None, overwrite: bool = False) -> dict:
+    """Evaluate, then write report.json, report_details.json, report.md and report.png (at `output`, by default
+    where default_report_path puts them); return report.json."""
     models = Path(models_dir)
     if not models.is_dir():
         raise UserError(f"models directory not found: {models}")
-    out = Path(output)
-    if out.is_dir():
-        raise UserError(f"--output {out} is a folder: give the path of report.json (the other files go beside it)")
+    out = Path(output) if output else default_report_path(models)
+    if out.is_dir() or str(output or "").endswith(("/", os.sep)):
+        raise UserError(f"--output {output} is a folder: give the path of report.json (the other files go beside it)")
     check_writable_folder(out.parent, "--output's folder")  # before minutes of evaluation, not after
+    check_replaces_own_report(out, models, overwrite)
     details = build_details(models, device, data_dir)
     for r in details["unreadable"]:  # marked in the files too; said here so that nobody misses it
         print(f"warning: {r['run']} not evaluated: {'; '.join(r['errors'])}", file=sys.stderr)
@@ -378,10 +420,13 @@ def write_report(models_dir: str, output: str = "report.json", device: str = "au
             e for family in FAMILIES if family in details for key in KEYS for e in details[family][key].get("errors", [])]
         raise UserError(f"no model in {models} could be evaluated" + (f": {problems[0]}" if problems else
                                                                        " (no checkpoints found)"))
+    details = finite(details)
     report = lab_report(details)
     frame = table(details)
-    write_text_atomically(out, json.dumps(report, indent=2) + "\n")
-    write_text_atomically(out.with_name(out.stem + "_details.json"), json.dumps(details, indent=2) + "\n")
+    write_text_atomically(out, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    write_text_atomically(out.with_name(out.stem + "_details.json"),
+                          json.dumps({**details, "models_dir": described_folder(models, out)}, indent=2,
+                                     allow_nan=False) + "\n")
     write_text_atomically(out.with_suffix(".md"), markdown(details, frame))
     plot(plot_points(frame, details), out.with_suffix(".png"))
     return report

@@ -140,7 +140,18 @@ def build_model(ckpt: dict, expect_model: Optional[str] = None, source: str = "c
         model.load_state_dict(checkpoint_weights(ckpt))
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"{source}: weights do not fit '{arch['name']}': {str(e).splitlines()[0]}") from None
+    check_finite_weights(model, source)
     return model
+
+
+def check_finite_weights(model: nn.Module, source: str) -> None:
+    """Refuse a model with NaN or infinite weights (a run that diverged before runs stopped at the first
+    non-finite loss): its accuracy would be a number that means nothing."""
+    bad = next((name for name, t in model.state_dict().items()
+                if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise CheckpointError(f"{source} holds non-finite weights (NaN or infinite, first in {bad}): the run that "
+                              "wrote it diverged; train it again (a run now stops at its first non-finite loss)")
 
 
 def model_weights(model: nn.Module) -> dict:

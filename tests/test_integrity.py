@@ -2,6 +2,7 @@
 checkpoint is refused instead of evaluated."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -348,3 +349,44 @@ def test_two_identical_prunes_at_once_the_second_is_refused(trained, tmp_path, c
     assert not out.exists()
     assert main(["prune", "--checkpoint", str(trained), "--amount", "0.5", "--round-to", "1", "--output", str(out)]) == 0
     assert out.exists() and not list(tmp_path.glob(".*.lock"))
+
+
+def models_folder(trained: Path, folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "m.pth").write_bytes(trained.read_bytes())
+    return folder
+
+
+def test_a_report_goes_beside_its_models_and_never_replaces_a_report_of_others(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    one, two = models_folder(trained, tmp_path / "one"), models_folder(trained, tmp_path / "two")
+    assert main(["report", "--models-dir", str(one), "--device", "cpu"]) == 0
+    assert (one / "report.json").exists() and not (tmp_path / "report.json").exists()  # beside its models
+    before = (one / "report.json").read_bytes()
+    assert main(["report", "--models-dir", str(two), "--output", str(one / "report.json")]) == 2
+    assert f"exists and is a report of ., not of {two}: add --overwrite" in capsys.readouterr().err
+    assert (one / "report.json").read_bytes() == before and not list(one.glob("report*.png.*"))
+    assert main(["report", "--models-dir", str(one), "--device", "cpu"]) == 0  # its own models: replaced
+    (tmp_path / "report.json").write_text("{}")  # a report an older version wrote, naming no folder
+    models_folder(trained, tmp_path / "models_saved")
+    assert main(["report", "--device", "cpu"]) == 2  # the chain's models_saved/ reports at the top
+    assert "not a report this version wrote" in capsys.readouterr().err
+    assert main(["report", "--device", "cpu", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "report_details.json").read_text())["models_dir"] == "models_saved"
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_and_the_report_shows_no_nan(trained, tmp_path, capsys):
+    folder = models_folder(trained, tmp_path / "models")
+    ckpt = load_checkpoint(trained)
+    state = dict(ckpt["state_dict"])
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = torch.full_like(state[name], float("nan"))
+    save_checkpoint({**{k: v for k, v in ckpt.items() if k not in ("format", "version", "checksum")},
+                     "config": {**ckpt["config"], "name": "diverged"}, "state_dict": state}, folder / "diverged.pth")
+    assert main(["evaluate", str(folder / "diverged.pth")]) == 2
+    assert f"holds non-finite weights (NaN or infinite, first in {name})" in capsys.readouterr().err
+    assert main(["report", "--models-dir", str(folder), "--device", "cpu"]) == 0
+    assert "diverged not evaluated" in capsys.readouterr().err
+    for written in folder.glob("report*"):
+        if written.suffix in (".json", ".md"):
+            assert "nan" not in written.read_text().lower().replace("nan or infinite", ""), written
