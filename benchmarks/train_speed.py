@@ -291,7 +291,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     steps, warmup = args.steps or (50 if gpu else 5), args.warmup or (10 if gpu else 1)
     jobs = training_jobs if args.jobs is None else args.jobs
     out = {"settings": {**settings(device), "glibc_malloc_tuned_by_the_project": allocator_tuned},
-           "jobs": [], "comparison": None}
+           "jobs": [], "skipped": [], "comparison": None}
     result(json.dumps(out["settings"]))
     cifar = cifar_like(args.data_dir)
     result(f"data: {cifar.source}")
@@ -310,13 +310,20 @@ def main(argv: Optional[list[str]] = None) -> None:
                        f"(rounds: {each} s){ratio}")
     for name in jobs:
         job = next(j for j in CHAIN if j.name == name)
-        data = job_data(recipe_config(job.recipe), cifar)
+        try:
+            data = job_data(recipe_config(job.recipe), cifar)
+        except UserError as e:  # e.g. the tweets package not installed: the other jobs are still measured
+            out["skipped"].append({"job": name, "why": str(e)})
+            print(f"{name}: skipped ({e})", flush=True)
+            continue
         out["jobs"].append(measure_job(job, data, device, steps, warmup))
         r = out["jobs"][-1]
         print(f"{name}: {r['train_images_per_s']:,.0f} train img/s, {r['eval_images_per_s']:,.0f} eval img/s "
               f"({r['precision']}, batch {r['batch_size']}, {r['data']})", flush=True)
     if out["jobs"]:
         print_jobs(out["jobs"], result)
+    for skipped in out["skipped"]:
+        result(f"{skipped['job']:<17}not measured: {skipped['why']}")
     out["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result(f"peak resident memory of this process: {out['process_peak_rss_mb']:,.0f} MB")
     if args.json:

@@ -15,12 +15,20 @@ import torch
 import torch.nn as nn
 
 from pruning_lab.config import make_config
+from pruning_lab.models.registry import MODELS
 from pruning_lab.runtime import resolve_device
 from pruning_lab.train.loop import RunParts
 from pruning_lab.train.terms import TERMS
 
 from .runs import run_training
 from .teacher import FrozenTeacher
+
+
+def registered_arch(module: nn.Module) -> Optional[dict]:
+    """The record of a model made by the project's registry (create_model), so that its checkpoints rebuild it as
+    itself; None for the user's own modules."""
+    arch = getattr(module, "arch", None)
+    return dict(arch) if isinstance(arch, dict) and arch.get("name") in MODELS else None
 
 
 class HookedModel(nn.Module):
@@ -34,8 +42,8 @@ class HookedModel(nn.Module):
         self._captured: dict[str, torch.Tensor] = {}
         for name in self.feature_layers:
             module.get_submodule(name).register_forward_hook(self._capture(name))
-        self.arch = {"name": f"custom:{type(module).__name__}", "num_classes": None, "in_chans": None,
-                     "image_size": None, "kwargs": {}}
+        self.arch = registered_arch(module) or {"name": f"custom:{type(module).__name__}", "num_classes": None,
+                                                "in_chans": None, "image_size": None, "kwargs": {}}
 
     def _capture(self, name: str) -> Callable:
         def hook(mod: nn.Module, inputs: tuple, output) -> None:
@@ -133,7 +141,9 @@ def distill(teacher: Optional[nn.Module], student: nn.Module, train_loader: Iter
                        "momentum": momentum, "weight_decay": weight_decay, "scheduler": scheduler,
                        "warmup_epochs": float(warmup_epochs), "precision": precision, "device": str(dev.type),
                        "resume": resume, "overwrite": overwrite, "progress": progress, "seed": seed, "dataset": "custom",
-                       "model": f"custom:{type(student).__name__}", "role": "student", "loss": spec}, "distill()")
+                       "model": (registered_arch(student) or {}).get("name", f"custom:{type(student).__name__}"),
+                       "model_args": (registered_arch(student) or {}).get("kwargs", {}), "role": "student",
+                       "loss": spec}, "distill()")
     sample = next(iter(DeviceLoader(train_loader, dev)))[0]
     s_model = HookedModel(student, student_layers).to(dev)
     s_model.infer_feature_widths(sample)

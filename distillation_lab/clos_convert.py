@@ -89,17 +89,47 @@ def make_structure(structure: str, dense: nn.Linear, multiplier: int) -> nn.Modu
     return STRUCTURES[structure].make(dense, multiplier)
 
 
+def planned_layers(model: nn.Module, names: list[str], multiplier: int, structure: str) -> dict[str, nn.Module]:
+    """The new layer for each name, on the meta device: shapes and parameter counts without allocating any memory."""
+    with torch.device("meta"):
+        return {name: make_structure(structure, model.get_submodule(name), multiplier) for name in names}
+
+
 def check_saves_parameters(model: nn.Module, names: list[str], multiplier: int, structure: str = "clos") -> None:
     """Refuse before any fitting where a new layer would not be smaller than the dense layer it replaces."""
-    for name in names:
+    for name, layer in planned_layers(model, names, multiplier, structure).items():
         dense = model.get_submodule(name)
-        layer = make_structure(structure, dense, multiplier)
         if count_parameters(layer) >= count_parameters(dense):
             what = f"a Clos layer at m={multiplier}" if structure == "clos" else \
                 f"a {structure} layer the size of Clos m={multiplier}"
             raise UserError(f"{name} ({dense.in_features} -> {dense.out_features}) as {what} would have {count_parameters(layer):,} parameters, not "
                             f"fewer than the dense layer's {count_parameters(dense):,}: choose a smaller --multiplier, "
                             "leave the layer out of --layers, or add --allow-more-parameters")
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device` (the kernel's MemAvailable on CPU); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        return next(int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def check_fits_in_memory(model: nn.Module, names: list[str], multiplier: int, structure: str,
+                         device: torch.device) -> None:
+    """Refuse a conversion whose fitting cannot fit in memory, before allocating anything (a layer of billions of
+    parameters would otherwise end in the kernel's out-of-memory kill, without a word)."""
+    free = available_memory(device)
+    for name, layer in planned_layers(model, names, multiplier, structure).items():
+        # At least the weights, their gradients and Adam's two moments, in fp32; activations come on top.
+        needed = 16 * count_parameters(layer)
+        if free is not None and needed > free:
+            raise UserError(f"{name} as a {structure} layer at m={multiplier} has {count_parameters(layer):,} parameters: "
+                            f"fitting it needs at least {needed / 2**30:,.1f} GiB, and {device.type} has "
+                            f"{free / 2**30:,.1f} GiB free; choose a smaller --multiplier")
 
 
 def convert_layer(model: nn.Module, name: str, multiplier: int, fit: str, calibration, held_out,
@@ -189,6 +219,7 @@ def convert_locked(o: ClosConvertOptions) -> dict:
     names = matching_linears(model, o.layers)
     if not o.allow_more_parameters:
         check_saves_parameters(model, names, o.multiplier, o.structure)
+    check_fits_in_memory(model, names, o.multiplier, o.structure, opened.device)
     tuned = None
     if o.finetune_epochs:
         tuned = finetune_config(from_dict(ckpt["config"], o.checkpoint), out, out.stem + "_kd", o.finetune_epochs,

@@ -52,6 +52,29 @@ def test_evaluate_says_why_it_cannot_rebuild_an_api_checkpoint(tmp_path, capsys)
                 checkpoint_dir=str(tmp_path), name="mine", progress=False)
 
 
+def test_a_registry_model_trained_through_the_api_is_recorded_as_itself(tmp_path, capsys):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from distillation_lab import distill
+    from distillation_lab.main import main
+    from pruning_lab.checkpoint import build_model
+    from pruning_lab.models import create_model
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    student = create_model("resnet8", 10, 3, 32, width=4)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    distill(create_model("resnet8", 10, 3, 32, width=8), student, loader, {"val": loader}, epochs=1,
+            checkpoint_dir=str(tmp_path), progress=False)
+    ckpt = load_checkpoint(tmp_path / "student_last.pth")
+    assert ckpt["arch"]["name"] == "resnet8" and ckpt["config"]["model"] == "resnet8"
+    assert ckpt["config"]["model_args"] == {"width": 4}
+    rebuilt = build_model(ckpt).eval()
+    assert torch.allclose(rebuilt(x[:4])[0], student.eval()(x[:4])[0], atol=1e-5)
+    assert main(["evaluate", str(tmp_path / "student.pth")]) == 2  # its data are the caller's loaders
+    assert "holds a resnet8 trained through the Python API on your own loaders" in capsys.readouterr().err
+
+
 class SigtermAtCall(torch.nn.Module):
     """A linear student that sends this process a real SIGTERM on its n-th training forward."""
 

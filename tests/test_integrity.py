@@ -390,3 +390,13 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_and_the_report_shows_no
     for written in folder.glob("report*"):
         if written.suffix in (".json", ".md"):
             assert "nan" not in written.read_text().lower().replace("nan or infinite", ""), written
+
+
+def test_a_conversion_too_big_for_memory_is_refused_before_allocating(trained, tmp_path, capsys):
+    import resource
+
+    assert main(["clos-convert", "--checkpoint", str(trained), "--layers", "fc", "--multiplier", "100000000",
+                 "--allow-more-parameters", "--output", str(tmp_path / "c.pth")]) == 2
+    assert "has 33,200,000,013 parameters: fitting it needs at least 494.7 GiB" in capsys.readouterr().err
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 8 * 2**20  # KB: never near the 132 GB of its weights
+    assert not list(tmp_path.iterdir())

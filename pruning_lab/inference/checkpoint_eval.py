@@ -57,6 +57,10 @@ def open_checkpoint(path: str, expect_model: Optional[str] = None, data_dir: Opt
     if data_dir and cfg["dataset"] in NO_DATA_DIR_DATASETS:
         raise UserError(f"--data-dir {data_dir}: {path} was trained on {cfg['dataset']}, which ships inside a package "
                         "and reads no folder; leave --data-dir out")
+    if cfg["dataset"] == "custom":
+        raise UserError(f"{path} holds a {arch['name']} trained through the Python API on your own loaders, which the "
+                        "command line cannot read: evaluate it in Python (pruning_lab.checkpoint.build_model("
+                        "load_checkpoint(path)) rebuilds the model)")
     where = data_dir or cfg["data_dir"]
     spec, train, val, test = load_splits(cfg["dataset"], where, cfg["val_size"], cfg.get("train_subset"),
                                          image_size=cfg["image_size"], channels=cfg.get("channels"))
