@@ -400,3 +400,14 @@ def test_a_conversion_too_big_for_memory_is_refused_before_allocating(trained, t
     assert "has 33,200,000,013 parameters: fitting it needs at least 494.7 GiB" in capsys.readouterr().err
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 8 * 2**20  # KB: never near the 132 GB of its weights
     assert not list(tmp_path.iterdir())
+
+
+def test_resume_changes_applies_the_new_learning_rate_and_weight_decay(tmp_path):
+    run = [*TINY, "--out-dir", str(tmp_path), "--name", "r"]
+    assert main(["train-student", *run, "--epochs", "1", "--lr", "0.05"]) == 0
+    assert main(["train-student", *run, "--epochs", "2", "--lr", "0.001", "--weight-decay", "0.01", "--resume",
+                 "--resume-changes"]) == 0
+    last = load_checkpoint(tmp_path / "r_last.pth")
+    assert [h["lr"] for h in last["history"]] == [0.05, 0.001]  # not the restored optimizer's 0.05
+    group = last["optimizer"]["param_groups"][0]
+    assert group["lr"] == 0.001 and group["weight_decay"] == 0.01

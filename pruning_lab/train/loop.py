@@ -252,8 +252,16 @@ class Trainer:
                             f"{self.model.arch['kwargs']}; use another --name or --out-dir")
         self.model.load_state_dict(checkpoint_weights(ckpt))
         self.criterion.load_state_dict(ckpt["criterion"])
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        fresh_base_lrs = list(self.scheduler.base_lrs)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.cfg.resume_changes:  # the new lr, weight decay, momentum, schedule: not the ones the states restored
+            self.scheduler.base_lrs = fresh_base_lrs
+            for group, settings, base, factor in zip(self.optimizer.param_groups, fresh, fresh_base_lrs,
+                                                     self.scheduler.lr_lambdas):
+                group.update({k: v for k, v in settings.items() if k not in ("lr", "initial_lr")}, initial_lr=base,
+                             lr=base * factor(self.scheduler.last_epoch))
         self.scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if ckpt["rng"]["cuda"] and torch.cuda.is_available():
