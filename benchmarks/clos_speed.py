@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=("fp32", "bf16"),
                         help="fp32, and/or bf16 autocast (as training runs where the device has native bf16)")
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--json", help="also write every row and cost factor here")
     add_results_flag(parser)
     args = parser.parse_args(argv)
     out = Results("clos_speed", argv)
@@ -61,13 +64,16 @@ def main(argv: list[str] | None = None) -> None:
     out(f"device {args.device}, threads {torch.get_num_threads()}, forward+backward, median of {args.repeats}")
     out("| layer | rows | precision | structure | at Clos m | parameters | ms | vs dense |")
     out("|---|---|---|---|---|---|---|---|")
-    costs = []
+    costs, rows_out = [], []
     for (in_features, out_features, rows), precision in itertools.product(args.shapes, args.precisions):
         x = torch.randn(rows, in_features, device=device, requires_grad=True)
         row = f"| {in_features} -> {out_features} | {rows} | {precision} |"
         with autocast(precision, device):
             dense_ms = time_step(torch.nn.Linear(in_features, out_features).to(device), x, args.repeats)
             out(f"{row} dense | | {in_features * out_features + out_features:,} | {dense_ms:.2f} | 1.00x |")
+            shape = {"in_features": in_features, "out_features": out_features, "rows": rows, "precision": precision}
+            rows_out.append({**shape, "structure": "dense", "multiplier": None, "path": None, "auto": False,
+                             "parameters": in_features * out_features + out_features, "ms": dense_ms})
             for m in args.multipliers:
                 for name, layer in layers_at(in_features, out_features, m).items():
                     layer.to(device)
@@ -86,12 +92,20 @@ def main(argv: list[str] | None = None) -> None:
                         picked = " (auto)" if path == auto else ""
                         label = f"clos, {path}{picked}" if path else name
                         out(f"{row} {label} | {m} | {params:,} | {ms:.2f} | {dense_ms / ms:.2f}x |")
+                        rows_out.append({**shape, "structure": name, "multiplier": m, "path": path or None,
+                                         "auto": path == auto, "parameters": params, "ms": ms,
+                                         "speedup_over_dense": dense_ms / ms})
 
     out(f"\nThe Clos cost model's factors as measured here (per multiply-add, in units of dense's; "
         f"{CALIBRATION_ROWS} rows):\n\n| layer | rows | precision | at Clos m | stage factor | compose factor | measured in s |")
     out("|---|---|---|---|---|---|---|")
     for row, m, stage, compose, seconds in costs:
         out(f"{row} {m} | {stage:.2f} | {compose:.2f} | {seconds:.2f} |")
+    if args.json:
+        factors = [{"layer": row, "multiplier": m, "stage_factor": stage, "compose_factor": compose, "seconds": seconds}
+                   for row, m, stage, compose, seconds in costs]
+        Path(args.json).write_text(json.dumps({"device": str(device), "repeats": args.repeats, "rows": rows_out,
+                                               "cost_factors": factors}, indent=2))
     out.finish(args.write_results)
 
 

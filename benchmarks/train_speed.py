@@ -275,8 +275,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                    "skip [default: 200]")
     p.add_argument("--compare-widths", type=int, nargs=2, default=None, metavar=("TEACHER", "STUDENT"),
                    help="ResNet-18 and ResNet-8 widths in the comparison [default: 64 16 on CUDA (the lab's), 16 4 on CPU]")
-    p.add_argument("--compare-rounds", type=int, default=3, help="interleaved rounds of the comparison (the "
-                   "median is reported)")
+    p.add_argument("--compare-rounds", type=int, default=7, help="interleaved rounds of the comparison (the "
+                   "median is reported, with the spread; 3 rounds moved the ratios by 0.3x on a shared machine)")
     p.add_argument("--compare-batch-size", type=int, default=None, help="[default: 128 on CUDA, 64 on CPU]")
     p.add_argument("--data-dir", default="data", help="where CIFAR-10 is, if it is")
     p.add_argument("--json", help="write every figure here")
@@ -305,9 +305,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         for name in ("tutorial", "torchdistill", "ours"):
             if f"{name}_s" in c:
                 ratio = f"  (this project {c[f'speedup_over_{name}']:.2f}x faster)" if name != "ours" else ""
-                each = ", ".join(f"{t:.2f}" for t in c[f"{name}_s_each_round"])
+                each = c[f"{name}_s_each_round"]
                 result(f"  {name:<13}{c[f'{name}_s']:8.2f} s  {compare_steps * batch / c[f'{name}_s']:8,.0f} img/s  "
-                       f"(rounds: {each} s){ratio}")
+                       f"(spread {min(each):.2f} to {max(each):.2f} s over {len(each)} rounds){ratio}")
     for name in jobs:
         job = next(j for j in CHAIN if j.name == name)
         try:

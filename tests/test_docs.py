@@ -27,7 +27,7 @@ EXTERNAL_FLAGS = {
 LINK = re.compile(r"(?<!\!)\[[^\]]*\]\(([^)\s]+)\)")
 FLAG = re.compile(r"(?<![\w-])--[a-zA-Z][\w-]*")
 MAIN = re.compile(r"(?:main\.py|distillation_lab\.main)\s+([a-z][a-z-]*)")
-BENCHMARK = re.compile(r"benchmarks\.([a-z_]+)")
+BENCHMARK = re.compile(r"(?<![\w/])benchmarks\.([a-z_]+)")
 
 
 def prose_and_code(text: str) -> tuple[list[str], list[str]]:
