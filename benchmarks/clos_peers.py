@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
             summary = clos_convert(ClosConvertOptions(
                 checkpoint=args.checkpoint, layers=args.layers, multiplier=m, structure=structure,
                 fit_steps=args.fit_steps, als_iterations=args.als_iterations,
-                calibration_examples=args.calibration_examples, finetune_epochs=args.finetune_epochs, als_start=args.als_start,
+                calibration_examples=args.calibration_examples, finetune_epochs=args.finetune_epochs,
+                als_start=args.als_start if structure == "clos" else "random",  # the others have their own start
                 finetune_lr=args.finetune_lr, device=args.device, overwrite=True))
             errors = [layer["data_aware"]["relative_error_heldout"] for layer in summary["layers"]]
             seconds = sum(layer["weight_space"]["seconds"] + layer["data_aware"]["seconds"] for layer in summary["layers"])

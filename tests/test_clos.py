@@ -305,3 +305,19 @@ def test_clos_convert_to_a_peer_structure_at_the_clos_layers_parameters(tmp_path
     assert summary["layers"][0]["data_aware"]["relative_error_heldout"] < 0.5
     assert main(["report", "--models-dir", str(out), "--output", str(tmp_path / "r.json"), "--device", "cpu"]) == 0
     assert f"mlp_{structure}_m2" in (tmp_path / "r.md").read_text()
+
+
+@pytest.mark.parametrize("shape", [(784, 784), (384, 384), (384, 1536), (1536, 384), (192, 576), (192, 192),
+                                   (192, 768), (784, 512), (512, 256)])
+@pytest.mark.parametrize("m", [4, 2])
+def test_monarch_at_the_clos_budget_comes_within_two_percent(shape, m):
+    import torch.nn as nn
+
+    from pruning_lab.clos.structures import STRUCTURES, clos_for, parameter_count
+
+    with torch.device("meta"):
+        dense = nn.Linear(*shape)
+        budget = parameter_count(clos_for(dense, m))
+        monarch = STRUCTURES["monarch"].make(dense, m)
+    assert abs(parameter_count(monarch) - budget) <= 0.02 * budget, (monarch.k, monarch.l, monarch.rank)
+    assert monarch.k >= 2 and monarch.l >= 2  # still two block-diagonal stages, not a low-rank layer

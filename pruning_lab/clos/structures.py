@@ -23,7 +23,7 @@ import torch.nn as nn
 from ..surgery import register_surgery, replace_module
 from .fit import fit_clos, fit_to_dense, identity_probe, relative_error
 from .layer import Clos
-from .peers import (LowRank, Monarch, fit_lowrank_to_outputs, lowrank_rank_for, monarch_rank_for, project_lowrank,
+from .peers import (LowRank, Monarch, fit_lowrank_to_outputs, lowrank_rank_for, monarch_shape_for, project_lowrank,
                     project_monarch)
 
 Make = Callable[[nn.Linear, int], nn.Module]
@@ -110,7 +110,7 @@ def make_lowrank(dense: nn.Linear, multiplier: int) -> LowRank:
 
 @register_structure("monarch", Monarch, fit_weights=fit_by_projection(project_monarch), fit_data=fit_by_gradient)
 def make_monarch(dense: nn.Linear, multiplier: int) -> Monarch:
-    """Two block-diagonal stages with the rank whose parameter count is nearest to the Clos layer's."""
+    """Two block-diagonal stages with the block counts and rank whose parameter count is nearest to the Clos layer's."""
     budget = parameter_count(clos_for(dense, multiplier))
-    return Monarch(dense.in_features, dense.out_features, monarch_rank_for(dense.in_features, dense.out_features, budget),
-                   bias=dense.bias is not None)
+    k, l_, rank = monarch_shape_for(dense.in_features, dense.out_features, budget)
+    return Monarch(dense.in_features, dense.out_features, rank, in_blocks=k, out_blocks=l_, bias=dense.bias is not None)
