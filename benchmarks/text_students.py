@@ -29,7 +29,7 @@ from pruning_lab.inference import evaluate_checkpoint
 
 RECIPE = "distillation_lab/configs/tweet_bert.yaml"
 KD = "{ce: {weight: 0.5}, kd: {weight: 0.5, temperature: 4.0}}"
-BOTTLENECK = "{codebooks: 8, keys: 512, decay: 0.9}"
+BOTTLENECK = "{codebooks: 8, keys: 512}"
 KD_HIDDEN = "{ce: {weight: 0.5}, kd: {weight: 0.5, temperature: 4.0}, feature: {weight: 1.0, kind: cosine}}"
 
 

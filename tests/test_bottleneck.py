@@ -18,8 +18,11 @@ def test_keys_are_fitted_then_frozen_while_the_values_train_on_a_frozen_encoder(
                        "--out-dir", str(out), "--name", "kvb"]
     assert main(["train-student", *with_bottleneck, "--epochs", "1", "--max-steps-per-epoch", "1"]) == 0
     first = load_checkpoint(out / "kvb.pth")
-    assert first["surgery"] == [{"kind": "bottleneck", "layer": "fc", "config": {
-        "in_features": 32, "num_classes": 10, "codebooks": 8, "keys": 16, "decay": 0.9}}]
+    record = first["surgery"][0]
+    assert {k: record[k] for k in ("kind", "layer", "config")} == {"kind": "bottleneck", "layer": "fc", "config": {
+        "in_features": 32, "num_classes": 10, "codebooks": 8, "keys": 16}}
+    fitted = record["keys_fitted"]  # 20 examples per key, every key distinct and in use
+    assert fitted["examples"] == 320 and fitted["distinct"] == [16] * 8 and min(fitted["used"]) >= 12, fitted
     assert main(["train-student", *with_bottleneck, "--resume", "--resume-changes"]) == 0  # one more epoch
     last = load_checkpoint(out / "kvb_last.pth")
     keys = "fc.quantizer._codebook.embed"
@@ -35,15 +38,17 @@ def test_keys_are_fitted_then_frozen_while_the_values_train_on_a_frozen_encoder(
     assert torch.equal(model.eval()(x)[0], build_model(load_checkpoint(out / "kvb.pth")).eval()(x)[0])
 
 
-def test_the_keys_move_while_fitted_and_only_the_selected_values_get_gradients():
+def test_the_keys_are_fitted_once_and_only_the_selected_values_get_gradients():
     torch.manual_seed(0)
     model = create_model("mnist_mlp", 10, 1, 28, hidden=[32, 16])
     bottleneck = add_bottleneck(model, {"codebooks": 4, "keys": 8})
     batches = [(torch.randn(64, 1, 28, 28), torch.zeros(64, dtype=torch.long)) for _ in range(3)]
     before = bottleneck.quantizer._codebook.embed.clone()
-    init_keys(model, batches)
+    usage = init_keys(model, batches)
     fitted = bottleneck.quantizer._codebook.embed.clone()
-    assert not torch.equal(before, fitted)  # k-means on the first batch, then the moving average
+    assert not torch.equal(before, fitted)  # k-means over the encoder outputs
+    assert usage == {"keys": 8, "examples": 160, "distinct": [8] * 4, "used": usage["used"]}
+    assert min(usage["used"]) >= 6
     model.train()
     logits, _ = model(batches[0][0][:1])
     logits.sum().backward()
@@ -58,7 +63,8 @@ def test_bad_bottleneck_settings_are_one_line_errors(tmp_path, capsys):
     out = tmp_path / "models"
     for setting, message in (("{codebooks: 5}", "codebooks 5 must divide the encoder's output width 32"),
                              ("{books: 2}", "unknown bottleneck option(s) books"),
-                             ("{keys: 0}", "codebooks and keys must be integers >= 1")):
+                             ("{keys: 0}", "codebooks and keys must be integers >= 1"),
+                             ("{decay: 0.9}", "bottleneck decay no longer applies")):
         assert main(["train-student", *TINY, "--bottleneck", setting, "--out-dir", str(out), "--name", "b"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and message in err, err
@@ -81,3 +87,35 @@ def test_a_bert_with_the_bottleneck_trains_only_the_values_and_replays():
     rebuilt = apply_surgery(create_model("minilm_bert", 3, 1, 16, **kwargs), model.surgery)
     rebuilt.load_state_dict(model.state_dict())
     assert torch.equal(rebuilt.eval()(x)[0], model.eval()(x)[0])
+
+
+def test_keys_fitted_on_small_batches_stay_distinct_and_in_use():
+    """The text bug: k-means on a first batch of 32 gave 512 keys 33 distinct values, the rest died at the first
+    moving-average update. Fitted over many batches at once, every key is distinct and most are in use."""
+    torch.manual_seed(0)
+    model = create_model("mnist_mlp", 10, 1, 28, hidden=[64, 32])
+    bottleneck = add_bottleneck(model, {"codebooks": 4, "keys": 64})
+    centres = torch.randn(200, 1, 28, 28)  # clustered inputs, as real data are
+    batches = [(centres[torch.randint(0, 200, (32,))] + 0.1 * torch.randn(32, 1, 28, 28),
+                torch.zeros(32, dtype=torch.long)) for _ in range(60)]
+    usage = init_keys(model, batches)
+    assert usage["examples"] == 1280  # 20 per key, from 40 batches of 32
+    assert usage["distinct"] == [64] * 4
+    assert min(usage["used"]) > 32, usage  # most keys in use, not the 33 of 512 of the bug
+    assert not torch.equal(bottleneck.quantizer._codebook.embed[0, 0], torch.zeros(16))
+
+
+def test_evaluate_shows_how_many_keys_are_distinct_and_used(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "models"
+    assert main(["train-teacher", *TINY, "--model", "resnet8", "--epochs", "1", "--out-dir", str(out),
+                 "--name", "encoder"]) == 0
+    assert main(["train-student", *TINY, "--init-checkpoint", str(out / "encoder.pth"), "--epochs", "1",
+                 "--bottleneck", "{codebooks: 4, keys: 8}", "--out-dir", str(out), "--name", "kvb"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "kvb.pth"), "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["bottleneck_keys_per_codebook"] == 8 and card["bottleneck_distinct_keys"] == [8] * 4
+    assert card["bottleneck_fit_examples"] == 160 and len(card["bottleneck_keys_used_in_fit"]) == 4
+    assert all(1 <= n <= 8 for n in card["bottleneck_keys_used_on_test"])

@@ -16,6 +16,7 @@ from ..checkpoint import build_model, load_checkpoint
 from ..config import NO_DATA_DIR_DATASETS
 from ..data import BatchLoader, DataSpec, Split, load_splits
 from ..errors import UserError
+from ..models.bottleneck import encoder_outputs, find_bottleneck
 from ..runtime import resolve_device, resolve_precision
 from .evaluate import count_flops, count_parameters, evaluate, measure_latency
 
@@ -87,7 +88,23 @@ def model_card(opened: OpenedCheckpoint, batch_size: int = 256, precision: str =
             "macs": flops // 2, "file_megabytes": round(os.path.getsize(opened.path) / 1e6, 3),
             "latency_ms_batch1": round(measure_latency(model, opened.input_shape, dev), 3),
             "latency_ms_batch256": round(measure_latency(model, opened.input_shape, dev, 256, repeats=5, warmup=2), 3),
-            "best_epoch": ckpt.get("best_epoch"), "device": str(dev), "code_revision": ckpt.get("code_revision")}
+            "best_epoch": ckpt.get("best_epoch"), "device": str(dev), "code_revision": ckpt.get("code_revision"),
+            **bottleneck_keys(opened)}
+
+
+def bottleneck_keys(opened: OpenedCheckpoint) -> dict:
+    """For a model with the key-value bottleneck: per codebook, its distinct keys, the keys in use on the training
+    examples they were fitted on (as recorded) and on the test split (a model with most keys dead or duplicated
+    looks up far fewer than it holds)."""
+    bottleneck = find_bottleneck(opened.model)
+    if bottleneck is None:
+        return {}
+    record = next((s for s in opened.ckpt.get("surgery", []) if s.get("kind") == "bottleneck"), {})
+    fitted = record.get("keys_fitted") or {}
+    test = bottleneck.key_usage(encoder_outputs(opened.model, opened.loader("test"), len(opened.splits["test"])))
+    return {"bottleneck_keys_per_codebook": bottleneck.config["keys"], "bottleneck_distinct_keys": test["distinct"],
+            "bottleneck_keys_used_in_fit": fitted.get("used", "not recorded (an older checkpoint)"),
+            "bottleneck_fit_examples": fitted.get("examples"), "bottleneck_keys_used_on_test": test["used"]}
 
 
 def evaluate_checkpoint(path: str, expect_model: Optional[str] = None, data_dir: Optional[str] = None,

@@ -3,8 +3,8 @@
 The encoder's output [B, D] is split into `codebooks` heads of D / codebooks dimensions; each head
 is looked up in its own codebook of `keys` keys (vector quantisation by vector-quantize-pytorch),
 and each key holds a learnable value of `num_classes` numbers; the logits are the mean of the
-selected values. The keys are initialised from encoder outputs on training data (k-means on the
-first batch, then an exponential moving average over the data) and then frozen, so training
+selected values. The keys are fitted once to the encoder's outputs on training data (k-means over
+EXAMPLES_PER_KEY examples per key at once, `init_keys`) and then frozen, so training
 changes only the values of the keys an input selects: updates stay local, which is why a model
 with the bottleneck forgets less when it learns classes one after another. The lookup is hard, so
 no gradient reaches the encoder through it: the bottleneck is meant for a pretrained encoder
@@ -21,53 +21,73 @@ import torch.nn as nn
 from ..errors import UserError
 from ..surgery import record_surgery, register_surgery, replace_module
 
-OPTIONS = {"codebooks": int, "keys": int, "decay": float}  # bottleneck config keys and their types
+OPTIONS = {"codebooks": int, "keys": int}  # bottleneck config keys and their types
+EXAMPLES_PER_KEY = 20  # encoder outputs the keys are fitted on, per key (up to the training set)
+KMEANS_ITERATIONS = 20
 
 
 def check_options(options: dict, width: int) -> dict:
     """The bottleneck options with defaults, or a one-line error naming the bad one."""
+    if "decay" in options:
+        raise UserError("bottleneck decay no longer applies: the keys are fitted by k-means over the encoder's outputs "
+                        "at once (no moving average); leave it out")
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise UserError(f"unknown bottleneck option(s) {', '.join(sorted(unknown))}; allowed: {', '.join(OPTIONS)}")
-    merged = {"codebooks": 8, "keys": 512, "decay": 0.9, **options}
+    merged = {"codebooks": 8, "keys": 512, **options}
     if not all(isinstance(merged[k], int) and not isinstance(merged[k], bool) and merged[k] >= 1
                for k in ("codebooks", "keys")):
         raise UserError(f"bottleneck codebooks and keys must be integers >= 1; got {merged['codebooks']!r}, "
                         f"{merged['keys']!r}")
-    if not (isinstance(merged["decay"], (int, float)) and 0 < merged["decay"] < 1):
-        raise UserError(f"bottleneck decay must be in (0, 1); got {merged['decay']!r}")
     if width % merged["codebooks"]:
         raise UserError(f"bottleneck codebooks {merged['codebooks']} must divide the encoder's output width {width} "
                         "(each codebook looks up an equal slice of it)")
-    return {**merged, "decay": float(merged["decay"])}
+    return merged
 
 
 class KeyValueBottleneck(nn.Module):
     """Encoder output [B, D] -> logits [B, num_classes] through frozen keys and learnable values."""
 
     def __init__(self, in_features: int, num_classes: int, codebooks: int = 8, keys: int = 512,
-                 decay: float = 0.9) -> None:
+                 decay: float | None = None) -> None:  # decay: recorded by older checkpoints, whose keys it moved
         super().__init__()
-        from loguru import logger
         from vector_quantize_pytorch import VectorQuantize
 
-        logger.disable("vector_quantize_pytorch")  # its k-means notes on small first batches
-        options = check_options({"codebooks": codebooks, "keys": keys, "decay": decay}, in_features)
+        options = check_options({"codebooks": codebooks, "keys": keys}, in_features)
         self.config = {"in_features": in_features, "num_classes": num_classes, **options}
         self.in_features, self.out_features = in_features, num_classes
         # codebook_dim = D / heads: each head looks up its own slice, with no learned projection in between.
         self.quantizer = VectorQuantize(dim=in_features, codebook_dim=in_features // codebooks, codebook_size=keys,
-                                        heads=codebooks, separate_codebook_per_head=True, decay=decay,
-                                        kmeans_init=True, commitment_weight=0.0)
+                                        heads=codebooks, separate_codebook_per_head=True,
+                                        kmeans_init=True, kmeans_iters=KMEANS_ITERATIONS, commitment_weight=0.0)
         self.values = nn.Parameter(torch.randn(codebooks, keys, num_classes) * 0.01)
-        self.updating_keys = False  # set by init_keys
 
     def key_indices(self, x: torch.Tensor) -> torch.Tensor:
-        """The key each codebook selects for each input: [B, codebooks]."""
-        frozen = not (self.updating_keys and self.training)
+        """The key each codebook selects for each input: [B, codebooks] (the keys never move here)."""
+        if not bool(self.quantizer._codebook.initted):
+            raise RuntimeError("the bottleneck's keys were never fitted: call init_keys first")
         with torch.autocast(x.device.type, enabled=False):
-            _, indices, _ = self.quantizer(x.float().detach().unsqueeze(1), freeze_codebook=frozen)
+            _, indices, _ = self.quantizer(x.float().detach().unsqueeze(1), freeze_codebook=True)
         return indices[:, 0, :]
+
+    @torch.no_grad()
+    def fit_keys(self, outputs: torch.Tensor) -> None:
+        """The keys of each codebook by k-means over its slice of the encoder outputs [N, D] (the library's k-means,
+        KMEANS_ITERATIONS iterations); fewer outputs than keys leave duplicates, and the library says so."""
+        codebook = self.quantizer._codebook
+        heads = self.config["codebooks"]
+        data = outputs.float().reshape(len(outputs), heads, -1).transpose(0, 1).contiguous()  # [codebooks, N, D/codebooks]
+        codebook.initted.fill_(False)
+        codebook.init_embed_(data)
+
+    @torch.no_grad()
+    def key_usage(self, outputs: torch.Tensor) -> dict:
+        """Per codebook: how many keys are distinct, and how many `outputs` [N, D] select."""
+        embed = self.quantizer._codebook.embed  # [codebooks, keys, D/codebooks]
+        distinct = [len(torch.unique(book, dim=0)) for book in embed]
+        chosen = torch.cat([self.key_indices(chunk) for chunk in outputs.split(4096)])
+        used = [len(torch.unique(chosen[:, h])) for h in range(chosen.shape[1])]
+        return {"keys": self.config["keys"], "examples": len(outputs), "distinct": distinct, "used": used}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         indices = self.key_indices(x)
@@ -89,22 +109,54 @@ def classifier_name(model: nn.Module) -> str:
                     "is not one of them")
 
 
+class _EncoderOnly(Exception):
+    """Raised by a hook on the bottleneck to stop a forward pass once the encoder has run."""
+
+
 @torch.no_grad()
-def init_keys(model: nn.Module, batches: Iterable, passes: int = 1) -> None:
-    """Fit the bottleneck's keys to the encoder's outputs on `batches` (k-means, then EMA), then freeze them.
-    The encoder runs in eval mode (its batch-norm statistics stay as they are)."""
-    bottleneck = find_bottleneck(model)
+def encoder_outputs(model: nn.Module, batches: Iterable, limit: int) -> torch.Tensor:
+    """What the encoder gives the bottleneck for up to `limit` examples of `batches` [N, D] (eval mode)."""
+    bottleneck, captured = find_bottleneck(model), []
+
+    def capture(module: nn.Module, inputs: tuple) -> None:
+        captured.append(inputs[0].detach().float())
+        raise _EncoderOnly
+
+    handle = bottleneck.register_forward_pre_hook(capture)
     was_training = model.training
     model.eval()
-    bottleneck.train()
-    bottleneck.updating_keys = True
     try:
-        for _ in range(passes):
-            for x, _ in batches:
+        for x, _ in batches:
+            try:
                 model(x)
+            except _EncoderOnly:
+                pass
+            if sum(len(c) for c in captured) >= limit:
+                break
     finally:
-        bottleneck.updating_keys = False
+        handle.remove()
         model.train(was_training)
+    return torch.cat(captured)[:limit]
+
+
+def init_keys(model: nn.Module, batches: Iterable, examples: int | None = None) -> dict:
+    """Fit the bottleneck's keys by k-means over the encoder's outputs on up to `examples` training examples
+    (default EXAMPLES_PER_KEY per key), then leave them frozen; return how many keys are distinct and used.
+
+    All at once, not per batch: k-means on the first batch alone (the library's own start) gave 32 texts to
+    512 keys, whose duplicates then died at the first moving-average update (33 distinct keys of 512)."""
+    bottleneck = find_bottleneck(model)
+    outputs = encoder_outputs(model, batches, examples or EXAMPLES_PER_KEY * bottleneck.config["keys"])
+    bottleneck.fit_keys(outputs)
+    return bottleneck.key_usage(outputs)
+
+
+def record_key_usage(model: nn.Module, usage: dict) -> None:
+    """Keep how many keys the fit left distinct and in use in the model's bottleneck record (its checkpoints carry
+    it; `evaluate` shows it)."""
+    for step in getattr(model, "surgery", []):
+        if step.get("kind") == "bottleneck":
+            step["keys_fitted"] = usage
 
 
 def find_bottleneck(model: nn.Module) -> KeyValueBottleneck | None:

@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..files import write_text_atomically
 from ..inference.evaluate import count_parameters, evaluate
 from ..models import create_model
-from ..models.bottleneck import add_bottleneck, find_bottleneck, init_keys, keys_ready
+from ..models.bottleneck import add_bottleneck, find_bottleneck, init_keys, keys_ready, record_key_usage
 from ..models.thin import keep_layers
 from . import distributed
 from ..checkpoint import (build_model, checkpoint_weights, code_revision, load_checkpoint, model_weights, save_checkpoint,
@@ -170,7 +170,8 @@ def build_parts(cfg: Config) -> RunParts:
         return run_loader(cfg, spec, split, device, model.arch["image_size"], train, (info.rank, info.world_size))
 
     if bottleneck is not None and not keys_ready(bottleneck):  # a resumed run loads its keys afterwards
-        init_keys(model, loader(train_split))
+        usage = init_keys(model, loader(train_split))
+        record_key_usage(model, usage)
     data = {"dataset": cfg.dataset, **vars(spec), "mean": list(spec.mean), "std": list(spec.std),
             "fingerprint": fingerprint(train_split, val_split, test_split)}
     return RunParts(model, loader(train_split, train=True), {"val": loader(val_split)} if len(val_split) else {},
