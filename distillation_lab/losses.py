@@ -20,6 +20,11 @@ import torch.nn.functional as F
 from pruning_lab.train.criterion import masked_cross_entropy
 
 
+def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Each example's logits z-scored (Sun et al. 2024, logit standardization): (z - mean) / std over classes."""
+    return (logits - logits.mean(1, keepdim=True)) / (logits.std(1, keepdim=True) + eps)
+
+
 def kl_divergence_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(p_t^T || p_s^T) averaged over the batch, times T^2 (keeps gradients comparable across T)."""
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)

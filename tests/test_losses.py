@@ -129,3 +129,128 @@ def test_the_speed_benchmarks_reference_loop_computes_the_same_kd_loss():
     student, teacher, labels = torch.randn(16, 10), 3 * torch.randn(16, 10), torch.randint(0, 10, (16,))
     torch.testing.assert_close(tutorial_kd_loss(student, teacher, labels, 4.0, 0.5),
                                distillation_loss(student, teacher, labels, 0.5, 4.0))
+
+
+# ---------------------------------------------------------------- methods added for the sweeps (issue 27)
+def manual_softmax(row, temp=1.0):
+    z = [math.exp(v / temp) for v in row]
+    return [v / sum(z) for v in z]
+
+
+def manual_pearson(a, b):
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    num = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    den = math.sqrt(sum((x - ma) ** 2 for x in a)) * math.sqrt(sum((y - mb) ** 2 for y in b))
+    return num / den
+
+
+def test_logit_standardization_is_kd_of_z_scored_logits_and_ignores_the_teachers_scale():
+    from distillation_lab.methods.kd import KDTerm
+
+    def z(row):
+        mean = sum(row) / len(row)
+        std = math.sqrt(sum((v - mean) ** 2 for v in row) / (len(row) - 1))  # sample std, as the paper's code
+        return [(v - mean) / std for v in row]
+
+    s, t = S.tolist(), T.tolist()
+    s[1] = [0.5, 0.2, 0.0]  # rows with spread (a constant row has no standard score)
+    s_, t_ = torch.tensor(s), torch.tensor(t)
+    expected = manual_kl(torch.tensor([z(r) for r in s]), torch.tensor([z(r) for r in t]), 2.0) * 4.0
+    term = KDTerm(temperature=2.0, standardize=True)
+    assert term(s_, [], t_, [], Y).item() == pytest.approx(expected, rel=1e-5)
+    assert term(s_, [], 10 * t_ + 3, [], Y).item() == pytest.approx(expected, rel=1e-5)  # scale and shift of logits
+    assert KDTerm(temperature=2.0)(s_, [], 10 * t_ + 3, [], Y).item() != pytest.approx(expected, rel=1e-3)
+
+
+def test_dkd_with_standardization_is_dkd_of_z_scored_logits():
+    from distillation_lab.losses import standardize
+    from distillation_lab.methods.dkd import DKDTerm
+
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    y = torch.tensor([0, 3, 1, 4])
+    expected = dkd_loss(standardize(s), standardize(t), y, 1.0, 8.0, 2.0)
+    assert DKDTerm(temperature=2.0, standardize=True)(s, [], t, [], y).item() == pytest.approx(expected.item())
+
+
+def test_dist_against_a_hand_computation():
+    from distillation_lab.methods.dist import DISTTerm
+
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 3), torch.randn(4, 3)
+    temp, beta, gamma = 2.0, 1.0, 2.0
+    ps = [manual_softmax(r, temp) for r in s.tolist()]
+    pt = [manual_softmax(r, temp) for r in t.tolist()]
+    inter = 1 - sum(manual_pearson(a, b) for a, b in zip(ps, pt)) / 4
+    columns = lambda p: [[row[c] for row in p] for c in range(3)]  # noqa: E731
+    intra = 1 - sum(manual_pearson(a, b) for a, b in zip(columns(ps), columns(pt))) / 3
+    expected = temp ** 2 * (beta * inter + gamma * intra)
+    assert DISTTerm(beta, gamma, temp)(s, [], t, [], Y).item() == pytest.approx(expected, rel=1e-5)
+    assert DISTTerm()(t, [], t, [], Y).item() == pytest.approx(0.0, abs=1e-6)  # perfect correlation
+
+
+def smooth_l1(a, b):
+    d = abs(a - b)
+    return 0.5 * d * d if d < 1 else d - 0.5
+
+
+def test_rkd_against_a_hand_computation_with_other_widths():
+    from distillation_lab.methods.relational import RKDTerm
+
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 3), torch.randn(4, 5)  # widths need not match
+    n = 4
+
+    def distances(e):
+        d = [[math.dist(e[i], e[j]) for j in range(n)] for i in range(n)]
+        mean = sum(d[i][j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+        return [[v / mean for v in row] for row in d]
+
+    def angles(e):
+        def unit(i, j):  # from j to i
+            v = [a - b for a, b in zip(e[i], e[j])]
+            norm = math.sqrt(sum(x * x for x in v))
+            return [x / norm for x in v] if norm > 0 else [0.0] * len(v)
+        return [[[sum(a * b for a, b in zip(unit(i, j), unit(k, j))) for k in range(n)] for i in range(n)]
+                for j in range(n)]
+
+    ds, dt = distances(s.tolist()), distances(t.tolist())
+    distance = sum(smooth_l1(ds[i][j], dt[i][j]) for i in range(n) for j in range(n)) / n ** 2
+    as_, at = angles(s.tolist()), angles(t.tolist())
+    angle = sum(smooth_l1(as_[j][i][k], at[j][i][k]) for i in range(n) for j in range(n) for k in range(n)) / n ** 3
+    term = RKDTerm([3], [5], distance=1.0, angle=2.0)
+    assert term(None, [s], None, [t], Y).item() == pytest.approx(distance + 2 * angle, rel=1e-5)
+
+
+def test_sp_against_a_hand_computation_on_feature_maps():
+    from distillation_lab.methods.relational import SPTerm
+
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 2, 2, 2), torch.randn(3, 4, 1, 1)
+    b = 3
+
+    def gram(a):
+        flat = [x.flatten().tolist() for x in a]
+        g = [[sum(p * q for p, q in zip(flat[i], flat[j])) for j in range(b)] for i in range(b)]
+        return [[v / math.sqrt(sum(w * w for w in row)) for v in row] for row in g]
+
+    gs, gt = gram(s), gram(t)
+    expected = sum((gs[i][j] - gt[i][j]) ** 2 for i in range(b) for j in range(b)) / b ** 2
+    assert SPTerm([2], [4])(None, [s], None, [t], Y).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_pkt_against_a_hand_computation_on_token_features():
+    from distillation_lab.methods.relational import PKTTerm
+
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 5, 4), torch.randn(3, 7, 6)  # tokens [B, N, D]: averaged over tokens
+
+    def distributions(e):
+        pooled = [[sum(tok[d] for tok in ex) / len(ex) for d in range(len(ex[0]))] for ex in e.tolist()]
+        unit = [[v / math.sqrt(sum(w * w for w in row)) for v in row] for row in pooled]
+        sim = [[(sum(a * b for a, b in zip(u, v)) + 1) / 2 for v in unit] for u in unit]
+        return [[v / sum(row) for v in row] for row in sim]
+
+    ps, pt = distributions(s), distributions(t)
+    expected = sum(pt[i][j] * math.log((pt[i][j] + 1e-7) / (ps[i][j] + 1e-7)) for i in range(3) for j in range(3)) / 3
+    assert PKTTerm([4], [6])(None, [s], None, [t], Y).item() == pytest.approx(expected, rel=1e-5)
+    assert PKTTerm([4], [4])(None, [s], None, [s], Y).item() == pytest.approx(0.0, abs=1e-6)

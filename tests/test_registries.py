@@ -74,7 +74,7 @@ def test_every_registered_term_builds_from_its_defaults_and_gives_a_finite_loss(
 def test_distill_help_lists_the_registered_terms(capsys):
     assert main(["distill", "--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "dkd (alpha, beta, temperature; teacher)" in out
+    assert "dkd (alpha, beta, temperature, standardize; teacher)" in out and "pkt (layer; teacher)" in out
 
 
 def test_every_recorded_kind_of_surgery_is_registered():
