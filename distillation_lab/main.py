@@ -97,6 +97,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     """report: re-evaluate checkpoints and write the report files."""
     from .report import write_report
 
+    if args.sweep:
+        from .sweep import write_table
+
+        if not (Path(args.sweep) / "sweep.json").is_file():
+            raise UserError(f"--sweep {args.sweep}: no sweep.json there (give the SWEEP.sweep folder a sweep wrote)")
+        print(write_table(Path(args.sweep)))
+        return 0
     report = write_report(args.models_dir, args.output, device=args.device, data_dir=args.data_dir,
                           overwrite=args.overwrite)
     print(json.dumps(report, indent=2))
@@ -187,6 +194,64 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """sweep: a grid of runs over seeds, trained here or on the cluster, and its table."""
+    from . import sweep as sw
+
+    base = resolve_config(args, "distill")
+    grid = sw.parse_grid(args.grid or [], args.grid_file)
+    name = args.sweep or f"{base.run_name()}_sweep"
+    check_name(name, "--sweep")
+    runs = sw.plan(grid, args.seeds, name)
+    out_dir = args.out_dir or str(Path(base.out_dir) / "sweeps")
+    configs = [sw.run_config(base, run, out_dir) for run in runs]  # every point checked before any work
+    for baseline in args.baseline or []:
+        if not any(sw.matches(r.values, baseline) for r in runs):
+            raise UserError(f"--baseline {baseline} matches no point; points: "
+                            f"{', '.join(dict.fromkeys(r.point for r in runs))}")
+    missing = sorted({c.teacher_checkpoint for c in configs if c.teacher_checkpoint
+                      and not Path(c.teacher_checkpoint).is_file()})
+    if missing:
+        raise UserError(f"teacher checkpoint {missing[0]} not found: train it first (the demo's: python main.py "
+                        "pipeline), or give --teacher-checkpoint")
+    if args.launcher == "slurm":
+        sw.check_slurm_layout(configs)
+    folder = sw.sweep_folder(out_dir, name)
+    sw.write_plan(folder, name, grid, args.seeds, args.baseline or [], runs, configs)
+    print(f"sweep {name}: {len(dict.fromkeys(r.point for r in runs))} points x {len(args.seeds)} seeds = "
+          f"{len(runs)} runs; plan in {folder}")
+    if args.launcher == "slurm":
+        array, table = sw.submit_array(folder, args.max_parallel, args.time, args.partition)
+        print(f"submitted array job {array} ({len(runs)} tasks, at most {args.max_parallel} at once) and job {table}, "
+              f"which writes {folder}/table.md when they have ended")
+        return 0
+    if args.launcher == "submitit":
+        jobs = sw.submit_submitit(folder, args.max_parallel, minutes_of(args.time), args.partition, args.cluster)
+        print(f"submitted {len(jobs)} runs through submitit (array {jobs[0].job_id.split('_')[0]}); when they have "
+              f"ended: python main.py report --sweep {folder}")
+        return 0
+    failed = sw.run_local(folder, args.parallel)
+    print("\n" + sw.write_table(folder) + f"\ntable: {folder}/table.md (and table.json)")
+    if failed:
+        print(f"error: {len(failed)} run(s) failed: {', '.join(f['run'] for f in failed)} (the others are in the table; "
+              "rerun the same command to retry them)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def minutes_of(time: str) -> int:
+    """SLURM's HH:MM:SS in minutes."""
+    from .submit import minutes
+
+    return minutes(time)
+
+
+def check_name(name: str, flag: str) -> None:
+    """A name that becomes part of file names: a plain file name."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or "__" in name:
+        raise UserError(f"{flag} {name!r} must be a plain name (letters, digits, '.', '_', '-'; no '__', no path)")
+
+
 # ------------------------------------------------------------------ the command line, one parser per command
 def recipes_help(job: str) -> str:
     """What --help says about the recipes a training command uses: their effective defaults."""
@@ -249,6 +314,7 @@ def add_report_parser(sub) -> None:
                    "models_saved/, MODELS_DIR/report.json for another folder)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a report of another models folder (a report of the same folder is always replaced)")
+    p.add_argument("--sweep", help="instead: write the table of the sweep in this SWEEP.sweep folder")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device")
     p.add_argument("--data-dir", help="dataset directory (default: the one recorded in each checkpoint)")
     p.set_defaults(func=cmd_report)
@@ -362,6 +428,36 @@ def add_prepare_data_parser(sub) -> None:
     p.set_defaults(func=cmd_prepare_data)
 
 
+def add_sweep_parser(sub) -> None:
+    """sweep."""
+    from .sweep import LAUNCHERS, METHOD_LOSSES
+
+    p = sub.add_parser("sweep", help="a grid of runs over configuration keys and seeds, and its table",
+                       description="Train one run per point of a grid and seed, from a recipe or --config (the "
+                                   "distill recipes by default), each a normal run with its own checkpoints, named "
+                                   "SWEEP__KEY-VALUE_seedS; then write a table of the points over their seeds, "
+                                   "paired with --baseline. `loss` in the grid takes method names "
+                                   f"({', '.join(METHOD_LOSSES)}) or whole loss mappings. A rerun continues: "
+                                   "finished runs are only evaluated.")
+    p.add_argument("--config", help="YAML config file of the runs (keys as the flags below, with underscores)")
+    p.add_argument("--grid", action="append", help="KEY: [VALUES] (repeatable), e.g. 'loss: [kd, dist]'")
+    p.add_argument("--grid-file", help="YAML file of KEY: [VALUES]")
+    p.add_argument("--seeds", type=at_least(0), nargs="+", default=[0, 1, 2], help="seeds of every point")
+    p.add_argument("--sweep", help="the sweep's name (default: the run name + _sweep)")
+    p.add_argument("--baseline", action="append", help="KEY=VALUE[,KEY=VALUE]: a point every other is paired with, "
+                   "e.g. loss=kd (repeatable)")
+    p.add_argument("--launcher", default="local", choices=LAUNCHERS,
+                   help="local: here, one run after another (--parallel N at once); slurm: one array job; "
+                        "submitit: map_array")
+    p.add_argument("--parallel", type=at_least(1), default=1, help="local: runs at once")
+    p.add_argument("--max-parallel", type=at_least(1), default=8, help="slurm, submitit: tasks at once (the %% throttle)")
+    p.add_argument("--time", default="08:00:00", help="slurm, submitit: time limit per run (HH:MM:SS)")
+    p.add_argument("--partition", default=DEFAULT_PARTITION, help="slurm, submitit: partition")
+    p.add_argument("--cluster", default=None, help="submitit: 'local' runs without SLURM")
+    add_config_arguments(p, skip=("role", "name", "seed", "resume"), defaults=recipe_defaults("distill"))
+    p.set_defaults(func=cmd_sweep)
+
+
 def add_pipeline_parser(sub) -> None:
     """pipeline."""
     p = sub.add_parser("pipeline", help="run the whole local chain of a preset and write the report",
@@ -397,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(sub)
     add_prepare_data_parser(sub)
     add_pipeline_parser(sub)
+    add_sweep_parser(sub)
     add_submit_parser(sub)
     add_clos_convert_parser(sub)
     add_prune_parser(sub)

@@ -1,0 +1,144 @@
+"""Sweeps: the grid, run names, method losses, the paired statistics, a local sweep that reruns and fails one point
+alone, and the same sweep as a SLURM array job on the real cluster."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from distillation_lab import sweep as sw
+from distillation_lab.main import main
+from pruning_lab.checkpoint import load_checkpoint
+from pruning_lab.config import make_config
+from pruning_lab.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--dataset", "mnist_embedded", "--model-args", "{width: 4}", "--train-subset", "256", "--val-size", "100",
+        "--batch-size", "64", "--epochs", "1", "--no-progress"]
+
+
+def test_the_grid_from_flags_and_a_file_gives_one_run_per_point_and_seed(tmp_path):
+    (tmp_path / "grid.yaml").write_text("loss: [kd, dist]\n")
+    grid = sw.parse_grid(["temperature: [2, 4]"], str(tmp_path / "grid.yaml"))
+    assert grid == {"loss": ["kd", "dist"], "temperature": [2, 4]}
+    runs = sw.plan(grid, [0, 1], "s")
+    assert [r.name for r in runs[:3]] == ["s__loss-kd_temperature-2_seed0", "s__loss-kd_temperature-2_seed1",
+                                           "s__loss-kd_temperature-4_seed0"]
+    assert len(runs) == 8 and len({r.point for r in runs}) == 4
+    for bad, message in (("temperature 2", r"must be KEY: \[VALUES\]"), ("a: [1, 2", "is not YAML"),
+                         ("a: []", "has no values")):
+        with pytest.raises(UserError, match=message):
+            sw.parse_grid([bad])
+    with pytest.raises(UserError, match="given twice"):
+        sw.parse_grid(["loss: [kd]"], str(tmp_path / "grid.yaml"))
+
+
+def test_a_method_name_is_its_loss_and_a_temperature_beside_it_goes_into_its_terms():
+    values = sw.point_values({"loss": "dkd", "temperature": 2})
+    assert values == {"loss": {"ce": {"weight": 1.0}, "dkd": {"weight": 1.0, "alpha": 1.0, "beta": 8.0,
+                                                             "temperature": 2}}}
+    assert sw.point_values({"loss": "ls_kd"})["loss"]["kd"]["standardize"] is True
+    assert sw.METHOD_LOSSES["kd"]["kd"]["temperature"] == 4.0  # the table itself is never changed
+    with pytest.raises(UserError, match="unknown method 'fitnetz'.*methods: ce, kd, ls_kd"):
+        sw.point_values({"loss": "fitnetz"})
+    with pytest.raises(UserError, match="grid key alpha beside 'loss'"):
+        sw.point_values({"loss": "kd", "alpha": 0.3})
+    base = make_config({"teacher_checkpoint": "t.pth", "teacher": "resnet18"})
+    alone = sw.run_config(base, sw.Run("loss-ce", {"loss": "ce"}, 1, "s__loss-ce_seed1"), "out")
+    assert (alone.teacher_checkpoint, alone.seed, alone.name, alone.out_dir) == ("", 1, "s__loss-ce_seed1", "out")
+    assert sw.command_of(alone) == "train-student"
+    for method in sw.METHOD_LOSSES:  # every method's settings pass the loss checks
+        cfg = sw.run_config(base, sw.Run(f"loss-{method}", {"loss": method}, 0, f"s__loss-{method}_seed0"), "out")
+        assert sw.command_of(cfg) == ("train-student" if method == "ce" else "distill")
+
+
+def test_the_paired_statistics_are_scipys_paired_t_test():
+    a, b = [0.91, 0.93, 0.92, 0.95], [0.90, 0.90, 0.93, 0.91]
+    out = sw.paired([x - y for x, y in zip(a, b)])
+    assert out["p_value"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert out["wins"] == 3 and out["seeds"] == 4 and out["mean"] == pytest.approx(0.0175)
+    assert sw.paired([0.01])["p_value"] is None and sw.paired([0.01])["std"] is None
+    assert sw.matches({"loss": "kd", "temperature": 4}, "loss=kd") and not sw.matches({"loss": "dkd"}, "loss=kd")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    assert main(["train-teacher", "--model", "resnet8", *TINY, "--model-args", "{width: 8}", "--out-dir", str(out),
+                 "--name", "t"]) == 0
+    return out / "t.pth"
+
+
+@pytest.mark.e2e
+def test_a_local_sweep_trains_every_point_reruns_only_what_is_left_and_fails_a_point_alone(teacher, tmp_path, capsys):
+    out = tmp_path / "sweeps"
+    argv = ["sweep", "--model", "resnet8", *TINY, "--teacher-checkpoint", str(teacher), "--teacher", "resnet8",
+            "--out-dir", str(out), "--sweep", "m", "--seeds", "0", "1", "--baseline", "loss=kd",
+            "--grid", "loss: [ce, kd, {ce: {weight: 1}, rkd: {weight: 1, layer: 9}}]"]
+    assert main(argv) == 1  # the last point cannot build its term: it fails alone
+    err = capsys.readouterr().err
+    assert "2 run(s) failed: m__loss-h" in err
+    table = json.loads((out / "m.sweep" / "table.json").read_text())
+    rows = {r["point"]: r for r in table["rows"]}
+    assert [rows[p]["seeds_done"] for p in ("loss-ce", "loss-kd")] == [2, 2]
+    assert rows["loss-ce"]["vs"]["loss=kd"]["seeds"] == 2 and rows["loss-kd"]["vs"] == {}
+    assert load_checkpoint(out / "m__loss-ce_seed1.pth")["teacher"] is None  # the student alone: no teacher
+    assert load_checkpoint(out / "m__loss-kd_seed1.pth")["config"]["seed"] == 1
+    md = (out / "m.sweep" / "table.md").read_text()
+    assert "| loss-kd | 2/2 |" in md and "(baseline)" in md and "| loss-ce | 2/2 |" in md
+    before = {p.name: p.stat().st_mtime for p in out.glob("m__loss-*_seed*_last.pth")}
+    assert main(argv[:-1] + ["loss: [ce, kd]"]) == 0  # the rerun only evaluates what is finished
+    assert {p.name: p.stat().st_mtime for p in out.glob("m__loss-*_seed*_last.pth")} == before
+
+
+def test_bad_sweeps_are_refused_before_any_run(teacher, tmp_path, capsys):
+    base = ["sweep", "--model", "resnet8", *TINY, "--teacher-checkpoint", str(teacher), "--teacher", "resnet8",
+            "--out-dir", str(tmp_path / "s")]
+    for extra, message in ((["--grid", "lr: [0.1, -1]"], "config key 'lr' in sweep point lr-1 must be > 0"),
+                           (["--grid", "learning_rate: [0.1]"], "unknown config key 'learning_rate'"),
+                           (["--grid", "loss: [kd]", "--baseline", "loss=dkd"], "--baseline loss=dkd matches no point"),
+                           (["--grid", "loss: [kd]", "--sweep", "../x"], "--sweep '../x' must be a plain name"),
+                           (["--grid", "loss: [kd]", "--launcher", "slurm"], "add --out-dir models_saved"),
+                           ([], "a sweep needs a grid")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slurm
+def test_a_sweep_as_one_slurm_array_job_then_its_table(tmp_path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from slurm_cluster import LocalSlurm, available
+    from test_slurm import copy_repo, job_env
+
+    if not available():
+        if os.environ.get("CI"):
+            pytest.fail("SLURM is not installed: .ci/run must apt-get install it")
+        pytest.skip("SLURM packages not installed (see .ci/run)")
+    repo = copy_repo(tmp_path / "sweep repo")
+    assert subprocess.run([sys.executable, "main.py", "train-teacher", "--model", "resnet8", *TINY,
+                           "--out-dir", "models_saved", "--name", "t"], cwd=repo).returncode == 0
+    (tmp_path / "slurm").mkdir()
+    cluster = LocalSlurm(tmp_path / "slurm").start()
+    try:
+        proc = cluster.run([sys.executable, "main.py", "sweep", "--model", "resnet8", *TINY, "--teacher", "resnet8",
+                            "--teacher-checkpoint", "models_saved/t.pth", "--out-dir", "models_saved", "--sweep", "a",
+                            "--seeds", "0", "1", "--grid", "loss: [ce, kd]", "--baseline", "loss=ce", "--launcher",
+                            "slurm", "--max-parallel", "2", "--time", "00:10:00"],
+                           cwd=repo, env=job_env(), timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        array, table = proc.stdout.split("submitted array job ")[1].split()[0], proc.stdout.split("and job ")[1].split()[0]
+        script = (repo / "models_saved/a.sweep/sweep.slurm").read_text()
+        assert "#SBATCH --array=0-3%2" in script and "slurm/common.sh" in script
+        states = cluster.wait_all([array, table], timeout=600)
+        assert set(states.values()) == {"COMPLETED"}, states
+    finally:
+        cluster.stop()
+    for name in ("a__loss-ce_seed0", "a__loss-ce_seed1", "a__loss-kd_seed0", "a__loss-kd_seed1"):
+        assert (repo / "models_saved" / f"{name}.pth").exists(), name
+    md = (repo / "models_saved/a.sweep/table.md").read_text()
+    assert "| loss-kd | 2/2 |" in md and "better in" in md
