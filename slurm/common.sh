@@ -96,6 +96,12 @@ dl_copy_back() {
             cp "$f" "$DL_MODELS_DIR/.$(basename "$f").part" && mv "$DL_MODELS_DIR/.$(basename "$f").part" "$DL_MODELS_DIR/$(basename "$f")"
         fi
     done
+    # Training curves (tensorboard/RUN/events.*): each attempt of a run writes its own file, so copying
+    # everything never replaces an earlier attempt's.
+    if [[ -d "$DL_SCRATCH/repo/models_saved/tensorboard" ]]; then
+        mkdir -p "$DL_MODELS_DIR/tensorboard"
+        cp -r "$DL_SCRATCH/repo/models_saved/tensorboard/." "$DL_MODELS_DIR/tensorboard/"
+    fi
     for f in "$DL_SCRATCH/repo"/report.json "$DL_SCRATCH/repo"/report_details.json "$DL_SCRATCH/repo"/report.md \
              "$DL_SCRATCH/repo"/report.png; do
         [[ -e "$f" ]] && cp "$f" "$DL_REPO/"

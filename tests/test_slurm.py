@@ -136,6 +136,7 @@ def test_chain_runs_in_dependency_order_and_writes_the_report(cluster, batch_cha
     for name in ("cnn_teacher", "vit_teacher", "cnn_student", "cnn_student_kd", "vit_student", "vit_student_kd",
                  "tweet_bert"):
         assert (repo / "models_saved" / f"{name}.pth").exists() and (repo / "models_saved" / f"{name}_log.csv").exists()
+        assert list((repo / "models_saved/tensorboard" / name).glob("events.out.tfevents.*")), name  # curves came back
     import json
 
     report = json.loads((repo / "report.json").read_text())

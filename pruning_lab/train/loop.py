@@ -34,6 +34,7 @@ from . import distributed
 from ..checkpoint import (build_model, checkpoint_weights, code_revision, load_checkpoint, model_weights, save_checkpoint,
                           update_checkpoint)
 from .criterion import CrossEntropyCriterion
+from .curves import Curves, curves_folder, teacher_agreement
 from .run_folder import RunLock, RunPaths, check_run_folder
 from .optim import build_optimizer, build_scheduler
 from ..runtime import autocast, channels_last_is_safe, resolve_device, resolve_precision, tune_cpu_allocator
@@ -197,6 +198,7 @@ class Trainer:
         self.state = TrainState()
         self.first_bad_step = torch.full((), -1, device=self.device)  # the step the loss first was not finite
         self.dist = distributed.setup()
+        self.curves = Curves(Path(), enabled=False)  # opened by fit, once it knows where the run resumes
         self.step_module = distributed.wrap(self.model, self.criterion, self.dist, self.device)
 
     # ------------------------------------------------------------ checkpoints
@@ -303,6 +305,7 @@ class Trainer:
             bar.update()
             if self.state.step % CHECK_EVERY == 0:
                 self.check_finite(epoch)
+                self.curves.steps(self.global_step(), sums, self.optimizer.param_groups[0]["lr"])
             # Processes see a signal at different steps: they agree every 10 steps (not every step, which
             # would synchronise with the host) and stop together.
             if self.dist.enabled and self.state.step % 10 != 0:
@@ -345,9 +348,14 @@ class Trainer:
             row.update({f"{name}_loss": result["loss"], f"{name}_acc": result["acc"]})
         if self.eval_fn is not None:
             row.update({k: float(v) for k, v in self.eval_fn(self.model).items()})
+        teacher = getattr(self.criterion, "teacher", None)
+        if teacher is not None and self.parts.val_loaders:
+            name, loader = next(iter(self.parts.val_loaders.items()))
+            row[f"{name}_teacher_agreement"] = teacher_agreement(self.model, teacher, loader)
         row.update(images_per_s=sums["n"] / max(seconds, 1e-9), seconds=seconds)
         self.state.history.append(row)
         self.state.epoch, self.state.step, self.state.sums = epoch + 1, 0, {}
+        self.curves.epoch(self.global_step(), row)
         score = row[self.select] if self.select else 0.0  # without validation every epoch ties: the last is kept
         score = distributed.rank0_value(score, self.dist)
         if score >= self.state.best_val_acc:
@@ -374,6 +382,19 @@ class Trainer:
                       "checkpoint is only evaluated (raise --epochs to train on)")
             elif self.dist.is_main:
                 print(f"resuming {self.paths.last} at epoch {self.state.epoch + 1}, step {self.state.step}")
+        training = self.dist.is_main and self.state.epoch < self.cfg.epochs  # a finished run is only evaluated
+        self.curves = Curves(curves_folder(self.cfg.out_dir, self.cfg.run_name()), self.global_step(), training)
+        try:
+            return self._train()
+        finally:
+            self.curves.close()
+
+    def global_step(self) -> int:
+        """Optimizer steps since the run began (the x axis of its curves, across resumes)."""
+        return self.state.epoch * len(self.train_loader) + self.state.step
+
+    def _train(self) -> dict:
+        """The remaining epochs, then the test evaluation."""
         with StopSignals() as stop:
             for epoch in range(self.state.epoch, self.cfg.epochs):
                 start = time.perf_counter()

@@ -1,0 +1,90 @@
+"""Training curves as TensorBoard event files: OUT_DIR/tensorboard/NAME/, one folder per run.
+
+Every CHECK_EVERY steps (where the loop already synchronises with the device to look for a
+non-finite loss) the running mean of each loss term since the epoch began, the learning rate and the
+throughput; every epoch the epoch's row (train and validation metrics, the teacher's agreement for a
+distillation run). Steps count optimizer steps from the run's start, so a resumed or requeued run
+continues the same curves: its writer purges anything logged after the step it resumes from (an
+interrupted epoch logged again is not logged twice). `tensorboard --logdir OUT_DIR/tensorboard`
+shows every run of a folder side by side.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+def curves_folder(out_dir: str | Path, name: str) -> Path:
+    """Where a run's event files go."""
+    return Path(out_dir) / "tensorboard" / name
+
+
+class Curves:
+    """A run's TensorBoard writer (only the main process writes; `enabled` False: every call does nothing)."""
+
+    def __init__(self, folder: Path, resume_step: int = 0, enabled: bool = True) -> None:
+        self.writer = None
+        self.last_time, self.last_images = time.perf_counter(), 0.0
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        folder.mkdir(parents=True, exist_ok=True)
+        # purge_step: events after the step the run resumes from (logged before an interruption, about steps
+        # the saved state never saw) are dropped; the resumed run logs them again.
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=resume_step + 1 if resume_step else None)
+
+    def steps(self, step: int, sums: dict, lr: float) -> None:
+        """The running means of the loss terms since the epoch began, the learning rate, images per second."""
+        if self.writer is None or not sums:
+            return
+        values = {k: float(v) for k, v in sums.items()}  # one synchronisation, at a step that already has one
+        n = max(values.get("n", 0.0), 1.0)
+        for key, value in values.items():
+            if key.startswith("loss"):
+                self.writer.add_scalar(f"train_step/{key}", value / n, step)
+        self.writer.add_scalar("train_step/lr", lr, step)
+        now, images = time.perf_counter(), values.get("n", 0.0)
+        if images > self.last_images and now > self.last_time:
+            self.writer.add_scalar("train_step/images_per_s", (images - self.last_images) / (now - self.last_time), step)
+        self.last_time, self.last_images = now, images
+
+    def epoch(self, step: int, row: dict) -> None:
+        """An epoch's row: train and validation metrics, lr, throughput, teacher agreement."""
+        if self.writer is None:
+            return
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"epoch/{key}", float(value), step)
+        self.writer.flush()
+        self.last_time, self.last_images = time.perf_counter(), 0.0  # a new epoch's sums start at zero
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def read_curves(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of a run's event files: {tag: [(step, value), ...]} (what TensorBoard would draw)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})  # every event file, purges applied
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def teacher_agreement(model: torch.nn.Module, teacher, loader) -> Optional[float]:
+    """The fraction of validation examples where student and teacher predict the same class."""
+    agree, total = 0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for x, _ in loader:
+            agree += int((model(x)[0].argmax(1) == teacher(x)[0].argmax(1)).sum())
+            total += len(x)
+    model.train(was_training)
+    return agree / total if total else None

@@ -1,0 +1,49 @@
+"""Training curves: every run writes TensorBoard events that TensorBoard's own reader reads back, and a
+resumed run continues the same curves (no restart at step 0, no step logged twice)."""
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from distillation_lab.main import main
+from pruning_lab.train import TrainingInterrupted
+from pruning_lab.train import loop
+from pruning_lab.train.curves import curves_folder, read_curves
+from test_api import SigtermAtCall
+
+TINY = ["--dataset", "mnist_embedded", "--model-args", "{width: 4}", "--train-subset", "128", "--val-size", "100",
+        "--batch-size", "32", "--no-progress"]
+
+
+def test_a_distillation_run_writes_its_loss_terms_metrics_and_teacher_agreement(tmp_path):
+    out = ["--out-dir", str(tmp_path)]
+    assert main(["train-teacher", "--model", "resnet8", *TINY, *out, "--name", "t", "--epochs", "1"]) == 0
+    assert main(["distill", "--teacher", "resnet8", "--teacher-checkpoint", str(tmp_path / "t.pth"), *TINY, *out,
+                 "--name", "s", "--epochs", "2"]) == 0
+    curves = read_curves(curves_folder(tmp_path, "s"))
+    for tag in ("epoch/train_loss_ce", "epoch/train_loss_kd", "epoch/val_acc", "epoch/lr", "epoch/images_per_s",
+                "epoch/val_teacher_agreement"):
+        assert [step for step, _ in curves[tag]] == [4, 8], tag  # 4 steps per epoch
+    assert all(0 <= v <= 1 for _, v in curves["epoch/val_teacher_agreement"])
+    assert "epoch/val_teacher_agreement" not in read_curves(curves_folder(tmp_path, "t"))  # no teacher, no agreement
+
+
+def test_a_resumed_run_continues_its_curves_without_repeating_a_step(tmp_path, monkeypatch):
+    from distillation_lab import distill
+
+    monkeypatch.setattr(loop, "CHECK_EVERY", 1)  # a step point at every step
+    data = TensorDataset(torch.randn(96, 8), torch.randint(0, 2, (96,)))
+
+    def run(student, resume=False):
+        torch.manual_seed(0)
+        loader = DataLoader(data, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(7))
+        return distill(None, student, loader, {"val": DataLoader(data, batch_size=48)}, loss_weights={"ce": 1.0},
+                       epochs=2, optimizer="sgd", lr=0.1, checkpoint_dir=str(tmp_path), name="s", resume=resume,
+                       progress=False)
+
+    with pytest.raises(TrainingInterrupted):
+        run(SigtermAtCall(9))  # mid-epoch 2 (6 steps per epoch): saved at step 9
+    run(SigtermAtCall(0), resume=True)
+    curves = read_curves(curves_folder(tmp_path, "s"))
+    assert [step for step, _ in curves["train_step/loss_ce"]] == list(range(1, 13))  # each step once, in order
+    assert [step for step, _ in curves["epoch/train_loss"]] == [6, 12]
+    assert len(list(curves_folder(tmp_path, "s").glob("events.out.tfevents.*"))) == 2  # one file per attempt
