@@ -33,6 +33,7 @@ from pruning_lab.runtime import resolve_precision
 from pruning_lab.train.run_folder import check_writable_folder
 
 from .chain import CHAIN, DEMO, report_runs
+from .report_page import write_page
 from .teacher import FrozenTeacher
 
 KEYS = ("teacher_accuracy", "student_accuracy_without_kd", "student_accuracy_with_kd")
@@ -230,6 +231,7 @@ def converted_models(runs: dict[str, list[Found]]) -> list[dict]:
                 continue
             card = model_card(f.opened)
             rows.append({"run": name, "status": "ok", "family": f.family, "model": card["model"],
+                         "checkpoint": card["checkpoint"], "seed": f.seed, "test_loss": card["test_loss"],
                          "dataset": card["dataset"], "test_accuracy": card["test_accuracy"],
                          "parameters": card["parameters"], "macs": card["macs"], "method": method_of(f.ckpt, f.kind),
                          **{k: card[k] for k in ("file_megabytes", "latency_ms_batch1", "latency_ms_batch256")},
@@ -268,6 +270,7 @@ def table_row(family: str, what: str, e: dict) -> dict:
             "best epoch": ", ".join(str(r["best_epoch"]) for r in e["runs"]),
             "model": first["model"], "dataset": first["dataset"],
             "acc": e["test_accuracy_mean"], "std": e["test_accuracy_std"], "n_params": first["parameters"],
+            "n_macs": first["macs"],
             "latency": first["latency_ms_batch1"]}
 
 
@@ -317,13 +320,14 @@ def markdown(details: dict, frame: pd.DataFrame) -> str:
 def plot_points(frame: pd.DataFrame, details: dict) -> pd.DataFrame:
     """Every evaluated model of the report as (family, method, run, parameters, latency, accuracy, std)."""
     points = [{"family": r["family"], "method": r["what"], "run": r["run"], "parameters": r["n_params"],
-               "latency": r["latency"], "acc": r["acc"], "std": r["std"]}
+               "macs": r["n_macs"], "latency": r["latency"], "acc": r["acc"], "std": r["std"]}
               for _, r in frame.iterrows() if "acc" in frame.columns and pd.notna(r["acc"])]
     points += [{"family": r["family"], "method": r["method"], "run": r["run"], "parameters": r["parameters"],
-                "latency": r["latency_ms_batch1"], "acc": r["test_accuracy"], "std": 0.0} for r in details["converted"]]
+                "macs": r["macs"], "latency": r["latency_ms_batch1"], "acc": r["test_accuracy"], "std": 0.0}
+               for r in details["converted"]]
     # A pruned model before its fine-tuning is near chance and would squash every other point: table only.
     points = [p for p in points if not (p["method"].startswith("pruned") and "fine-tuning" not in p["method"])]
-    return pd.DataFrame(points, columns=["family", "method", "run", "parameters", "latency", "acc", "std"])
+    return pd.DataFrame(points, columns=["family", "method", "run", "parameters", "macs", "latency", "acc", "std"])
 
 
 def plot(points: pd.DataFrame, path: Path) -> None:
@@ -402,7 +406,7 @@ def finite(value):
 
 def write_report(models_dir: str, output: Optional[str] = None, device: str = "auto",
                  data_dir: Optional[str] = None, overwrite: bool = False) -> dict:
-    """Evaluate, then write report.json, report_details.json, report.md and report.png (at `output`, by default
+    """Evaluate, then write report.json, report_details.json, report.md, report.png and report.html (at `output`, by default
     where default_report_path puts them); return report.json."""
     models = Path(models_dir)
     if not models.is_dir():
@@ -428,5 +432,7 @@ def write_report(models_dir: str, output: Optional[str] = None, device: str = "a
                           json.dumps({**details, "models_dir": described_folder(models, out)}, indent=2,
                                      allow_nan=False) + "\n")
     write_text_atomically(out.with_suffix(".md"), markdown(details, frame))
-    plot(plot_points(frame, details), out.with_suffix(".png"))
+    points = plot_points(frame, details)
+    plot(points, out.with_suffix(".png"))
+    write_text_atomically(out.with_suffix(".html"), write_page(details, frame, points, report, out))
     return report

@@ -103,7 +103,7 @@ dl_copy_back() {
         cp -r "$DL_SCRATCH/repo/models_saved/tensorboard/." "$DL_MODELS_DIR/tensorboard/"
     fi
     for f in "$DL_SCRATCH/repo"/report.json "$DL_SCRATCH/repo"/report_details.json "$DL_SCRATCH/repo"/report.md \
-             "$DL_SCRATCH/repo"/report.png; do
+             "$DL_SCRATCH/repo"/report.png "$DL_SCRATCH/repo"/report.html; do
         [[ -e "$f" ]] && cp "$f" "$DL_REPO/"
     done
     return 0

@@ -17,12 +17,13 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BENCHMARKS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py")
                     if p.stem not in ("__init__", "results", "reference_loops"))
 # Flags of other programs that the pages name: sbatch's (in the batch scripts' headers and in sbatch
-# arguments passed through submit_best_gpu.sh), pip's, pytest's, and those of the shell scripts in slurm/ and
+# arguments passed through submit_best_gpu.sh), pip's, pytest's, tensorboard's, and those of the shell scripts in slurm/ and
 # the root.
 EXTERNAL_FLAGS = {
     "--gres", "--nodes", "--signal", "--requeue", "--open-mode", "--dependency", "--kill-on-invalid-dep",  # sbatch
     "--no-deps", "--dry-run",  # pip; submit_best_gpu.sh and slurm/submit_chain.sh (--dry-run, --smoke)
     "--strict-markers",  # pytest
+    "--logdir",  # tensorboard
 }
 LINK = re.compile(r"(?<!\!)\[[^\]]*\]\(([^)\s]+)\)")
 FLAG = re.compile(r"(?<![\w-])--[a-zA-Z][\w-]*")

@@ -224,7 +224,8 @@ def test_a_checkpoint_save_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
 def test_report_into_a_folder_that_does_not_exist_yet(trained, tmp_path):
     out = tmp_path / "new" / "deeper" / "report.json"
     assert main(["report", "--models-dir", str(trained.parent), "--output", str(out), "--device", "cpu"]) == 0
-    assert {p.name for p in out.parent.iterdir()} == {"report.json", "report_details.json", "report.md", "report.png"}
+    assert {p.name for p in out.parent.iterdir()} == {"report.json", "report_details.json", "report.md", "report.png",
+                                                      "report.html"}
 
 
 @pytest.mark.parametrize("damage", [
@@ -307,7 +308,7 @@ def test_prune_of_a_model_with_the_bottleneck_is_refused_naming_the_order(traine
         assert main(["prune", "--checkpoint", str(tmp_path / "kvb.pth"), "--method", method, "--amount", "0.5",
                      "--round-to", "1"]) == 2
         assert "prune the model before adding the bottleneck" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["kvb.pth", "kvb_last.pth", "kvb_log.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kvb.pth", "kvb_last.pth", "kvb_log.csv", "tensorboard"]
 
 
 @pytest.mark.parametrize("command, stem", [

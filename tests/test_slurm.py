@@ -142,7 +142,7 @@ def test_chain_runs_in_dependency_order_and_writes_the_report(cluster, batch_cha
     report = json.loads((repo / "report.json").read_text())
     assert set(report) == {"cnn", "vit"}  # the lab plan's keys exactly; text is in the details
     assert all(v is not None for family in report.values() for v in family.values())
-    assert (repo / "report.md").exists() and (repo / "report.png").exists()
+    assert (repo / "report.md").exists() and (repo / "report.png").exists() and (repo / "report.html").exists()
     details = json.loads((repo / "report_details.json").read_text())
     text = {key: details["text"][key] for key in ("teacher_accuracy", "student_accuracy_without_kd",
                                                   "student_accuracy_with_kd")}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -210,7 +211,9 @@ class Trainer:
                 **self.record,
                 "config": to_dict(self.cfg), "data": self.parts.data,
                 "history": self.state.history, "best_epoch": self.state.best_epoch,
-                "best_val_acc": self.state.best_val_acc, "code_revision": code_revision()}
+                "best_val_acc": self.state.best_val_acc, "code_revision": code_revision(),
+                "written": {"utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "host": socket.gethostname(),
+                            "device": str(self.device)}}
         if with_resume_state:
             data.update(criterion=self.criterion.state_dict(), optimizer=self.optimizer.state_dict(),
                         scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
