@@ -84,9 +84,13 @@ def embedding_cosine(model: nn.Module, original: nn.Module, loader) -> float:
     return float(torch.cat(sims).mean())
 
 
+AUTO = "auto"  # --structure auto: per layer, the registered structure with the lowest held-out error
+
+
 def make_structure(structure: str, dense: nn.Linear, multiplier: int) -> nn.Module:
-    """An untrained `structure` layer for `dense` at the parameters of the Clos layer at `multiplier`."""
-    return STRUCTURES[structure].make(dense, multiplier)
+    """An untrained `structure` layer for `dense` at the parameters of the Clos layer at `multiplier` (auto: the
+    Clos layer, whose parameters every candidate has)."""
+    return STRUCTURES["clos" if structure == AUTO else structure].make(dense, multiplier)
 
 
 def planned_layers(model: nn.Module, names: list[str], multiplier: int, structure: str) -> dict[str, nn.Module]:
@@ -135,20 +139,36 @@ def check_fits_in_memory(model: nn.Module, names: list[str], multiplier: int, st
 def convert_layer(model: nn.Module, name: str, multiplier: int, fit: str, calibration, held_out,
                   fit_steps: int, als_iterations: int, structure: str = "clos", als_start: str = "random") -> dict:
     """Fit a Clos (or low-rank, or Monarch) layer to one linear layer (weight-space, then data-aware)
-    and put it in its place.
+    and put it in its place; `auto`: fit each structure at the Clos layer's parameters and keep the one
+    with the lowest held-out error.
 
     `calibration(name)` and `held_out(name)` give (inputs, targets) of the layer (`layer_examples`)."""
-    dense, kind = model.get_submodule(name), STRUCTURES[structure]
-    layer = kind.make(dense, multiplier).to(dense.weight.device)
-    result = {"layer": name, "structure": structure, "dense_parameters": count_parameters(dense),
-              "parameters": count_parameters(layer), "clos_parameters": count_parameters(clos_for(dense, multiplier))}
-    result["weight_space"] = kind.fit_weights(layer, dense, als_iterations, als_start)
-    if fit == "data":
-        (x, y), (x_val, y_val) = calibration(name), held_out(name)
-        result["data_aware"] = kind.fit_data(layer, x, y, x_val, y_val, fit_steps)
+    dense = model.get_submodule(name)
+    examples = (calibration(name), held_out(name)) if fit == "data" else None  # once, for every candidate
+    fitted = {kind: fit_structure(dense, kind, multiplier, examples, fit_steps, als_iterations, als_start)
+              for kind in (STRUCTURES if structure == AUTO else [structure])}
+    chosen = min(fitted, key=lambda k: fitted[k][1]["data_aware"]["relative_error_heldout"]) \
+        if structure == AUTO else structure
+    layer, result = fitted[chosen]
+    if structure == AUTO:
+        result["candidates"] = {k: r["data_aware"]["relative_error_heldout"] for k, (_, r) in fitted.items()}
     replace_module(model, name, layer)
-    record_surgery(model, {"kind": structure, "layer": name, "config": layer.config()})
-    return result
+    record_surgery(model, {"kind": chosen, "layer": name, "config": layer.config()})
+    return {"layer": name, **result}
+
+
+def fit_structure(dense: nn.Linear, structure: str, multiplier: int, examples, fit_steps: int, als_iterations: int,
+                  als_start: str) -> tuple[nn.Module, dict]:
+    """One structure fitted to `dense` (weight space, then on `examples` ((x, y), (x_val, y_val)) if given)."""
+    kind = STRUCTURES[structure]
+    layer = kind.make(dense, multiplier).to(dense.weight.device)
+    result = {"structure": structure, "dense_parameters": count_parameters(dense), "parameters": count_parameters(layer),
+              "clos_parameters": count_parameters(clos_for(dense, multiplier))}
+    result["weight_space"] = kind.fit_weights(layer, dense, als_iterations, als_start if structure == "clos" else "random")
+    if examples is not None:
+        (x, y), (x_val, y_val) = examples
+        result["data_aware"] = kind.fit_data(layer, x, y, x_val, y_val, fit_steps)
+    return layer, result
 
 
 @dataclass
@@ -161,8 +181,9 @@ class ClosConvertOptions:
     multiplier: int = option(4, "Clos's middle-stage multiplier m (b2 = m * bin); with --structure lowrank or monarch, "
                              "the layer gets the parameters of this Clos layer", range=minimum(1))
     structure: str = option("clos", "the compact layer: clos, lowrank (truncated SVD, then the closed-form fit to the "
-                            "layer's outputs) or monarch (per-block SVD, then gradient steps and a least-squares last "
-                            "stage, as Clos)", lambda: tuple(STRUCTURES))
+                            "layer's outputs), monarch (per-block SVD, then gradient steps and a least-squares last "
+                            "stage, as Clos), or auto: per layer each of them at the same parameters, keeping the one "
+                            "with the lowest held-out error", lambda: (*STRUCTURES, AUTO))
     als_start: str = option("random", "Clos: start the weight-space ALS at random or at the closed-form grouped SVD "
                             "(where b2 is a multiple of bout; a lower ALS error, but no gain once the data-aware fit "
                             "has run)", ("random", "svd"))
@@ -199,7 +220,10 @@ def clos_convert(options: ClosConvertOptions) -> dict:
     check comes before the first file is written; a lock beside the output keeps a second identical run out."""
     o = options
     check_finetuning_options(o.finetune_epochs, {"the loss options": o.loss})
-    if o.als_start != "random" and o.structure != "clos":
+    if o.structure == AUTO and o.fit != "data":
+        raise UserError("--structure auto keeps, per layer, the structure with the lowest held-out error of the "
+                        "data-aware fit: leave out --fit weights")
+    if o.als_start != "random" and o.structure not in ("clos", AUTO):
         raise UserError(f"--als-start {o.als_start} starts the Clos fit; --structure {o.structure} has its own start: "
                         "leave it out")
     out = o.output_path()

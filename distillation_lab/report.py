@@ -19,6 +19,7 @@ import os
 import re
 import statistics
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -236,7 +237,9 @@ def converted_models(runs: dict[str, list[Found]]) -> list[dict]:
                          "parameters": card["parameters"], "macs": card["macs"], "method": method_of(f.ckpt, f.kind),
                          **{k: card[k] for k in ("file_megabytes", "latency_ms_batch1", "latency_ms_batch256")},
                          "clos_layers": [s["layer"] for s in f.ckpt["surgery"] if s.get("kind") == "clos"],
-                         "converted_layers": [s["layer"] for s in f.ckpt["surgery"] if s.get("kind") in STRUCTURE_NAMES]})
+                         "converted_layers": [s["layer"] for s in f.ckpt["surgery"] if s.get("kind") in STRUCTURE_NAMES],
+                         "structures": {s["layer"]: s["kind"] for s in f.ckpt["surgery"]
+                                        if s.get("kind") in STRUCTURE_NAMES}})
     return rows
 
 
@@ -296,6 +299,8 @@ def markdown(details: dict, frame: pd.DataFrame) -> str:
     if details["converted"]:
         converted = pd.DataFrame([{"run": r["run"], "model": r["model"], "method": r["method"],
                                    "converted layers": len(r["converted_layers"]),
+                                   "structures": ", ".join(f"{k} {n}" for k, n in Counter(
+                                       r.get("structures", {}).values()).items()),
                                    "params": f"{r['parameters']:,}", "MACs": f"{r['macs']:,}",
                                    "test accuracy": f"{r['test_accuracy']:.4f}",
                                    "latency ms (batch 1)": r["latency_ms_batch1"],

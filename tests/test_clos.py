@@ -307,6 +307,28 @@ def test_clos_convert_to_a_peer_structure_at_the_clos_layers_parameters(tmp_path
     assert f"mlp_{structure}_m2" in (tmp_path / "r.md").read_text()
 
 
+def test_clos_convert_auto_keeps_per_layer_the_structure_with_the_lowest_held_out_error(tmp_path, capsys):
+    out = tmp_path / "models"
+    assert main(["train-teacher", "--model", "mnist_mlp", "--model-args", "{hidden: [256, 64]}", "--dataset",
+                 "mnist_embedded", "--epochs", "1", "--optimizer", "adam", "--lr", "1e-3", "--train-subset", "512",
+                 "--val-size", "200", "--out-dir", str(out), "--name", "mlp", "--no-progress"]) == 0
+    assert main(["clos-convert", "--checkpoint", str(out / "mlp.pth"), "--layers", "fc1,fc2", "--structure", "auto",
+                 "--multiplier", "2", "--fit-steps", "20", "--calibration-images", "256"]) == 0
+    ckpt = load_checkpoint(out / "mlp_auto_m2.pth")
+    layers = ckpt["clos"]["layers"]
+    for layer, record in zip(layers, ckpt["surgery"]):
+        assert set(layer["candidates"]) == {"clos", "lowrank", "monarch"}
+        best = min(layer["candidates"], key=layer["candidates"].get)
+        assert record["kind"] == layer["structure"] == best and record["layer"] == layer["layer"]
+        assert layer["data_aware"]["relative_error_heldout"] == layer["candidates"][best]
+    rebuilt = build_model(ckpt)  # the chosen structures replay on load
+    assert [type(rebuilt.get_submodule(r["layer"])).__name__.lower() for r in ckpt["surgery"]] == \
+        [{"clos": "clos", "lowrank": "lowrank", "monarch": "monarch"}[r["kind"]] for r in ckpt["surgery"]]
+    assert main(["clos-convert", "--checkpoint", str(out / "mlp.pth"), "--layers", "fc1", "--structure", "auto",
+                 "--fit", "weights", "--output", str(tmp_path / "w.pth")]) == 2
+    assert "--structure auto keeps, per layer" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("shape", [(784, 784), (384, 384), (384, 1536), (1536, 384), (192, 576), (192, 192),
                                    (192, 768), (784, 512), (512, 256)])
 @pytest.mark.parametrize("m", [4, 2])
