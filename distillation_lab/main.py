@@ -230,7 +230,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"submitted {len(jobs)} runs through submitit (array {jobs[0].job_id.split('_')[0]}); when they have "
               f"ended: python main.py report --sweep {folder}")
         return 0
-    failed = sw.run_local(folder, args.parallel)
+    failed = sw.run_local(folder, args.parallel, command=main)
     print("\n" + sw.write_table(folder) + f"\ntable: {folder}/table.md (and table.json)")
     if failed:
         print(f"error: {len(failed)} run(s) failed: {', '.join(f['run'] for f in failed)} (the others are in the table; "

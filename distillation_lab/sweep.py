@@ -30,7 +30,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import yaml
 
@@ -191,17 +191,15 @@ def run_argv(folder: Path, run: dict) -> list[str]:
     return [run["command"], "--config", str(folder / "runs" / f"{run['name']}.yaml"), "--no-progress"]
 
 
-def run_local(folder: Path, parallel: int = 1) -> list[dict]:
-    """Train every run of the plan here, `parallel` at once, each as its own process; a failure is recorded and
-    the others go on. Returns the failures."""
+def run_local(folder: Path, parallel: int = 1, command: Optional[Callable[[list[str]], int]] = None) -> list[dict]:
+    """Train every run of the plan here: one after another through `command` (main.py's entry point, in this
+    process), or `parallel` at once as processes; a failure is recorded and the others go on. Returns the failures."""
     spec = json.loads((folder / "sweep.json").read_text())
 
     def train(run: dict) -> Optional[dict]:
         print(f"=== {run['name']}: {run['command']}", flush=True)
-        if parallel == 1:  # in this process: no interpreter start per run
-            from .main import main
-
-            status, tail = main(run_argv(folder, run)), []
+        if parallel == 1 and command is not None:  # in this process: no interpreter start per run
+            status, tail = command(run_argv(folder, run)), []
         else:
             argv = [sys.executable, "-m", "distillation_lab.main", *run_argv(folder, run)]
             done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -24,7 +24,9 @@ def trained(tmp_path_factory):
 
 
 def fingerprint(folder: Path) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+    """Every file under the folder (training curves included) by its contents."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def run_error(capsys, argv) -> str:

@@ -307,6 +307,7 @@ def test_clos_convert_to_a_peer_structure_at_the_clos_layers_parameters(tmp_path
     assert f"mlp_{structure}_m2" in (tmp_path / "r.md").read_text()
 
 
+@pytest.mark.e2e
 def test_clos_convert_auto_keeps_per_layer_the_structure_with_the_lowest_held_out_error(tmp_path, capsys):
     out = tmp_path / "models"
     assert main(["train-teacher", "--model", "mnist_mlp", "--model-args", "{hidden: [256, 64]}", "--dataset",

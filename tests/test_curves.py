@@ -14,6 +14,7 @@ TINY = ["--dataset", "mnist_embedded", "--model-args", "{width: 4}", "--train-su
         "--batch-size", "32", "--no-progress"]
 
 
+@pytest.mark.e2e
 def test_a_distillation_run_writes_its_loss_terms_metrics_and_teacher_agreement(tmp_path):
     out = ["--out-dir", str(tmp_path)]
     assert main(["train-teacher", "--model", "resnet8", *TINY, *out, "--name", "t", "--epochs", "1"]) == 0

@@ -15,9 +15,9 @@ TINY = ["--dataset", "mnist_embedded", "--model-args", "{width: 4}", "--train-su
 def page(tmp_path_factory):
     """A small lab's report: a teacher, a student, a distilled student (two seeds) and a pruned model."""
     out = tmp_path_factory.mktemp("lab")
-    assert main(["train-teacher", "--model", "resnet8", *TINY, "--model-args", "{width: 8}", "--epochs", "2",
+    assert main(["train-teacher", "--model", "resnet8", *TINY, "--model-args", "{width: 8}", "--epochs", "1",
                  "--out-dir", str(out), "--name", "cnn_teacher"]) == 0
-    assert main(["train-student", "--model", "resnet8", *TINY, "--epochs", "2", "--out-dir", str(out),
+    assert main(["train-student", "--model", "resnet8", *TINY, "--epochs", "1", "--out-dir", str(out),
                  "--name", "cnn_student"]) == 0
     for seed in ("0", "1"):
         assert main(["distill", "--teacher", "resnet8", "--teacher-checkpoint", str(out / "cnn_teacher.pth"), *TINY,
@@ -28,6 +28,7 @@ def page(tmp_path_factory):
     return out / "report.html"
 
 
+@pytest.mark.e2e
 def test_the_page_holds_the_table_pictures_curves_and_cards_and_fetches_nothing(page):
     text = page.read_text()
     assert "The lab plan&#x27;s table" in text or "The lab plan's table" in text
@@ -39,6 +40,7 @@ def test_the_page_holds_the_table_pictures_curves_and_cards_and_fetches_nothing(
     assert "trained</th><td>20" in text and "macro F1" in text
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium not installed (.ci/run installs it)")
 def test_the_page_draws_every_picture_in_headless_chromium_without_console_errors(page, tmp_path):
     shot = tmp_path / "report.png"
