@@ -19,7 +19,7 @@ from pruning_lab.config import DEVICES, POSITIVE, REQUIRED, check_dataclass, fro
 from pruning_lab.inference import count_parameters, evaluate, open_checkpoint
 from pruning_lab.errors import UserError
 from pruning_lab.models.bert import PAD_ID
-from pruning_lab.train.run_folder import RunLock, check_outputs
+from pruning_lab.train.run_folder import writing_outputs
 
 from .runs import check_finetuning, check_finetuning_options, finetune_config, run_training
 
@@ -228,9 +228,7 @@ def clos_convert(options: ClosConvertOptions) -> dict:
                         "leave it out")
     out = o.output_path()
     outputs = [out, out.with_name(out.stem + "_kd.pth"), out.with_name(out.stem + "_kd_last.pth")]
-    check_outputs(o.checkpoint, o.output, outputs, o.overwrite, "converted")
-    with RunLock.for_output(out):
-        check_outputs(o.checkpoint, o.output, outputs, o.overwrite, "converted")  # an identical run may have just ended
+    with writing_outputs(o.checkpoint, o.output, outputs, o.overwrite, "converted"):
         return convert_locked(o)
 
 

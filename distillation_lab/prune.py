@@ -24,7 +24,7 @@ from pruning_lab.models import create_model
 from pruning_lab.prune import IMPORTANCES, prune_structured, prune_unstructured, ratio_for_target, shape_changes, sparsity
 from pruning_lab.prune.structured import accumulate_gradients, check_structured
 from pruning_lab.prune.unstructured import layer_sparsity
-from pruning_lab.train.run_folder import RunLock, check_outputs
+from pruning_lab.train.run_folder import writing_outputs
 
 from .runs import check_finetuning, check_finetuning_options, finetune_config, run_training
 
@@ -257,9 +257,7 @@ def prune(options: PruneOptions) -> dict:
     tuned = o.finetuned_path()
     outputs = [out, tuned, tuned.with_name(tuned.stem + "_last.pth"),
                *([out.with_name(out.stem + "_steps")] if o.steps > 1 else [])]
-    check_outputs(o.checkpoint, o.output, outputs, o.overwrite, "pruned")
-    with RunLock.for_output(out):
-        check_outputs(o.checkpoint, o.output, outputs, o.overwrite, "pruned")  # an identical prune may have just ended
+    with writing_outputs(o.checkpoint, o.output, outputs, o.overwrite, "pruned"):
         return prune_locked(o)
 
 

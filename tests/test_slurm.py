@@ -395,3 +395,26 @@ def test_submitit_job_requeues_on_its_signal_and_resumes(cluster, tmp_path):
 
     history = torch.load(repo / "models_saved/cnn_student_last.pth", weights_only=True)["history"]
     assert [row["epoch"] for row in history] == list(range(1, 61))
+
+
+@pytest.mark.slurm
+def test_a_sweep_as_one_slurm_array_job_then_its_table(cluster, tmp_path):
+    tiny = ["--dataset", "mnist_embedded", "--model-args", "{width: 4}", "--train-subset", "256", "--val-size", "100",
+            "--batch-size", "64", "--epochs", "1", "--no-progress"]
+    repo = copy_repo(tmp_path / "sweep repo")
+    assert subprocess.run([sys.executable, "main.py", "train-teacher", "--model", "resnet8", *tiny,
+                           "--out-dir", "models_saved", "--name", "t"], cwd=repo).returncode == 0
+    proc = cluster.run([sys.executable, "main.py", "sweep", "--model", "resnet8", *tiny, "--teacher", "resnet8",
+                        "--teacher-checkpoint", "models_saved/t.pth", "--out-dir", "models_saved", "--sweep", "a",
+                        "--seeds", "0", "--grid", "loss: [ce, kd]", "--baseline", "loss=ce", "--launcher", "slurm",
+                        "--max-parallel", "2", "--time", "00:10:00"], cwd=repo, env=job_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    array, table = proc.stdout.split("submitted array job ")[1].split()[0], proc.stdout.split("and job ")[1].split()[0]
+    script = (repo / "models_saved/a.sweep/sweep.slurm").read_text()
+    assert "#SBATCH --array=0-1%2" in script and "slurm/common.sh" in script
+    states = cluster.wait_all([array, table], timeout=600)
+    assert set(states.values()) == {"COMPLETED"}, states
+    for name in ("a__loss-ce_seed0", "a__loss-kd_seed0"):
+        assert (repo / "models_saved" / f"{name}.pth").exists(), name
+    md = (repo / "models_saved/a.sweep/table.md").read_text()
+    assert "| loss-kd | 1/1 |" in md and "better in" in md

@@ -1,10 +1,6 @@
-"""Sweeps: the grid, run names, method losses, the paired statistics, a local sweep that reruns and fails one point
-alone, and the same sweep as a SLURM array job on the real cluster."""
+"""Sweeps: the grid, run names, method losses, the paired statistics, and a local sweep that reruns and fails one point
+alone (the same sweep as a SLURM array job is in test_slurm.py, on its cluster)."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from scipy import stats
@@ -15,7 +11,6 @@ from pruning_lab.checkpoint import load_checkpoint
 from pruning_lab.config import make_config
 from pruning_lab.errors import UserError
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--dataset", "mnist_embedded", "--model-args", "{width: 4}", "--train-subset", "256", "--val-size", "100",
         "--batch-size", "64", "--epochs", "1", "--no-progress"]
 
@@ -107,38 +102,3 @@ def test_bad_sweeps_are_refused_before_any_run(teacher, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and message in err, err
     assert not (tmp_path / "s").exists()
-
-
-@pytest.mark.slurm
-def test_a_sweep_as_one_slurm_array_job_then_its_table(tmp_path):
-    sys.path.insert(0, str(ROOT / "tests"))
-    from slurm_cluster import LocalSlurm, available
-    from test_slurm import copy_repo, job_env
-
-    if not available():
-        if os.environ.get("CI"):
-            pytest.fail("SLURM is not installed: .ci/run must apt-get install it")
-        pytest.skip("SLURM packages not installed (see .ci/run)")
-    repo = copy_repo(tmp_path / "sweep repo")
-    assert subprocess.run([sys.executable, "main.py", "train-teacher", "--model", "resnet8", *TINY,
-                           "--out-dir", "models_saved", "--name", "t"], cwd=repo).returncode == 0
-    (tmp_path / "slurm").mkdir()
-    cluster = LocalSlurm(tmp_path / "slurm").start()
-    try:
-        proc = cluster.run([sys.executable, "main.py", "sweep", "--model", "resnet8", *TINY, "--teacher", "resnet8",
-                            "--teacher-checkpoint", "models_saved/t.pth", "--out-dir", "models_saved", "--sweep", "a",
-                            "--seeds", "0", "--grid", "loss: [ce, kd]", "--baseline", "loss=ce", "--launcher",
-                            "slurm", "--max-parallel", "2", "--time", "00:10:00"],
-                           cwd=repo, env=job_env(), timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        array, table = proc.stdout.split("submitted array job ")[1].split()[0], proc.stdout.split("and job ")[1].split()[0]
-        script = (repo / "models_saved/a.sweep/sweep.slurm").read_text()
-        assert "#SBATCH --array=0-1%2" in script and "slurm/common.sh" in script
-        states = cluster.wait_all([array, table], timeout=600)
-        assert set(states.values()) == {"COMPLETED"}, states
-    finally:
-        cluster.stop()
-    for name in ("a__loss-ce_seed0", "a__loss-kd_seed0"):
-        assert (repo / "models_saved" / f"{name}.pth").exists(), name
-    md = (repo / "models_saved/a.sweep/table.md").read_text()
-    assert "| loss-kd | 1/1 |" in md and "better in" in md

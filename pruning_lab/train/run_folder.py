@@ -11,8 +11,10 @@ import os
 import socket
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from ..checkpoint import load_checkpoint
 from ..config import Config, to_dict
@@ -77,6 +79,17 @@ def check_outputs(source: str, given: str | None, outputs: list[Path], overwrite
     if taken and not overwrite:
         raise UserError(f"{taken[0]} exists: add --overwrite to replace it, or give another --output")
     check_writable_folder(out.parent, "--output's folder")
+
+
+@contextmanager
+def writing_outputs(source: str, given: str | None, outputs: list[Path], overwrite: bool, what: str) -> Iterator[None]:
+    """For a command that reads `source` and writes `outputs` (prune, clos-convert): check the outputs, hold the
+    lock beside the first while the work runs, and check again once it is held (an identical command may have
+    ended meanwhile)."""
+    check_outputs(source, given, outputs, overwrite, what)
+    with RunLock.for_output(outputs[0]):
+        check_outputs(source, given, outputs, overwrite, what)
+        yield
 
 
 def check_run_folder(cfg: Config) -> RunPaths:
