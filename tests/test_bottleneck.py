@@ -1,4 +1,5 @@
 """The discrete key-value bottleneck: keys fitted then frozen, values trained, rebuilt from checkpoints."""
+import pytest
 import torch
 
 from distillation_lab.main import main
@@ -105,6 +106,7 @@ def test_keys_fitted_on_small_batches_stay_distinct_and_in_use():
     assert not torch.equal(bottleneck.quantizer._codebook.embed[0, 0], torch.zeros(16))
 
 
+@pytest.mark.e2e
 def test_evaluate_shows_how_many_keys_are_distinct_and_used(tmp_path, capsys):
     import json
 

@@ -133,6 +133,7 @@ def test_path_that_does_not_exist(tmp_path, capsys):
     assert "config file not found" in run_error(capsys, ["train-teacher", "--config", str(tmp_path / "c.yaml")])
 
 
+@pytest.mark.e2e  # real processes: 8 s of interpreter starts
 def test_process_exit_status_and_no_traceback(tmp_path):
     for entry in (["main.py"], ["-m", "distillation_lab.main"]):
         proc = subprocess.run([sys.executable, *entry, "evaluate", str(tmp_path / "x.pth")], cwd=ROOT,
