@@ -24,7 +24,7 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
         return model
     try:
         return fuse(model)
-    except (TraceError, TypeError, RuntimeError, NotImplementedError, AttributeError):  # data-dependent control flow
+    except (TraceError, TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError):  # e.g. control flow
         return model
 
 

@@ -21,7 +21,7 @@ def test_keys_are_fitted_then_frozen_while_the_values_train_on_a_frozen_encoder(
     first = load_checkpoint(out / "kvb.pth")
     record = first["surgery"][0]
     assert {k: record[k] for k in ("kind", "layer", "config")} == {"kind": "bottleneck", "layer": "fc", "config": {
-        "in_features": 32, "num_classes": 10, "codebooks": 8, "keys": 16}}
+        "in_features": 32, "num_classes": 10, "codebooks": 8, "keys": 16, "keys_from": "fit"}}
     fitted = record["keys_fitted"]  # 20 examples per key, every key distinct and in use
     assert fitted["examples"] == 320 and fitted["distinct"] == [16] * 8 and min(fitted["used"]) >= 12, fitted
     assert main(["train-student", *with_bottleneck, "--resume", "--resume-changes"]) == 0  # one more epoch
@@ -121,3 +121,31 @@ def test_evaluate_shows_how_many_keys_are_distinct_and_used(tmp_path, capsys):
     assert card["bottleneck_keys_per_codebook"] == 8 and card["bottleneck_distinct_keys"] == [8] * 4
     assert card["bottleneck_fit_examples"] == 160 and len(card["bottleneck_keys_used_in_fit"]) == 4
     assert all(1 <= n <= 8 for n in card["bottleneck_keys_used_on_test"])
+
+
+@pytest.mark.e2e
+def test_a_students_keys_start_from_its_teachers_and_kl_alone_trains_its_values(tmp_path, capsys):
+    out = tmp_path / "models"
+    assert main(["train-teacher", *TINY, "--model", "resnet8", "--epochs", "1", "--out-dir", str(out),
+                 "--name", "encoder"]) == 0
+    assert main(["train-student", *TINY, "--epochs", "1", "--init-checkpoint", str(out / "encoder.pth"),
+                 "--bottleneck", "{codebooks: 8, keys: 16}", "--out-dir", str(out), "--name", "teacher"]) == 0
+    student = ["distill", *TINY, "--epochs", "1", "--teacher", "resnet8", "--teacher-checkpoint", str(out / "teacher.pth"),
+               "--init-checkpoint", str(out / "encoder.pth"), "--out-dir", str(out), "--loss", "{kd: {weight: 1.0}}"]
+    assert main([*student, "--bottleneck", "{codebooks: 8, keys: 16, keys_from: teacher}", "--name", "kl_only"]) == 0
+    teacher, kl_only = load_checkpoint(out / "teacher.pth"), load_checkpoint(out / "kl_only.pth")
+    keys = "fc.quantizer._codebook.embed"
+    assert torch.equal(teacher["state_dict"][keys], kl_only["state_dict"][keys])  # started from, and kept frozen
+    assert kl_only["surgery"][0]["keys_fitted"]["distinct"] == [16] * 8
+    assert set(kl_only["config"]["loss"]) == {"kd"}  # KL alone: the values learn from the teacher's soft targets
+    assert not torch.equal(teacher["state_dict"]["fc.values"], kl_only["state_dict"]["fc.values"])
+    capsys.readouterr()
+    for setting, message in (("{codebooks: 8, keys: 8, keys_from: teacher}", "keys are [8, 16, 4]"),
+                             ("{codebooks: 8, keys: 16, keys_from: tea}", "keys_from must be one of fit, teacher")):
+        assert main([*student, "--bottleneck", setting, "--name", "bad"]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["distill", *TINY, "--epochs", "1", "--teacher", "resnet8", "--teacher-checkpoint", str(out / "encoder.pth"),
+                 "--init-checkpoint", str(out / "encoder.pth"), "--out-dir", str(out), "--name", "bad",
+                 "--bottleneck", "{codebooks: 8, keys: 16, keys_from: teacher}"]) == 2
+    assert "has no key-value bottleneck" in capsys.readouterr().err
+    assert not (out / "bad.pth").exists()

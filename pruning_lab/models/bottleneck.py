@@ -21,7 +21,8 @@ import torch.nn as nn
 from ..errors import UserError
 from ..surgery import record_surgery, register_surgery, replace_module
 
-OPTIONS = {"codebooks": int, "keys": int}  # bottleneck config keys and their types
+OPTIONS = {"codebooks": int, "keys": int, "keys_from": str}  # bottleneck config keys and their types
+KEYS_FROM = ("fit", "teacher")  # k-means on this model's encoder outputs, or the distillation teacher's keys
 EXAMPLES_PER_KEY = 20  # encoder outputs the keys are fitted on, per key (up to the training set)
 KMEANS_ITERATIONS = 20
 
@@ -34,7 +35,9 @@ def check_options(options: dict, width: int) -> dict:
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise UserError(f"unknown bottleneck option(s) {', '.join(sorted(unknown))}; allowed: {', '.join(OPTIONS)}")
-    merged = {"codebooks": 8, "keys": 512, **options}
+    merged = {"codebooks": 8, "keys": 512, "keys_from": "fit", **options}
+    if merged["keys_from"] not in KEYS_FROM:
+        raise UserError(f"bottleneck keys_from must be one of {', '.join(KEYS_FROM)}; got {merged['keys_from']!r}")
     if not all(isinstance(merged[k], int) and not isinstance(merged[k], bool) and merged[k] >= 1
                for k in ("codebooks", "keys")):
         raise UserError(f"bottleneck codebooks and keys must be integers >= 1; got {merged['codebooks']!r}, "
@@ -49,11 +52,11 @@ class KeyValueBottleneck(nn.Module):
     """Encoder output [B, D] -> logits [B, num_classes] through frozen keys and learnable values."""
 
     def __init__(self, in_features: int, num_classes: int, codebooks: int = 8, keys: int = 512,
-                 decay: float | None = None) -> None:  # decay: recorded by older checkpoints, whose keys it moved
+                 keys_from: str = "fit", decay: float | None = None) -> None:  # decay: older checkpoints record it
         super().__init__()
         from vector_quantize_pytorch import VectorQuantize
 
-        options = check_options({"codebooks": codebooks, "keys": keys}, in_features)
+        options = check_options({"codebooks": codebooks, "keys": keys, "keys_from": keys_from}, in_features)
         self.config = {"in_features": in_features, "num_classes": num_classes, **options}
         self.in_features, self.out_features = in_features, num_classes
         # codebook_dim = D / heads: each head looks up its own slice, with no learned projection in between.
@@ -149,6 +152,26 @@ def init_keys(model: nn.Module, batches: Iterable, examples: int | None = None) 
     outputs = encoder_outputs(model, batches, examples or EXAMPLES_PER_KEY * bottleneck.config["keys"])
     bottleneck.fit_keys(outputs)
     return bottleneck.key_usage(outputs)
+
+
+@torch.no_grad()
+def copy_teacher_keys(bottleneck: KeyValueBottleneck, teacher_checkpoint: str, state: dict) -> None:
+    """The keys of the teacher's bottleneck (its checkpoint's `state` dict), as the thesis starts a student's:
+    refused unless the teacher has a bottleneck of the same width, codebooks and keys."""
+    found = [k for k in state if k.endswith("quantizer._codebook.embed")]
+    mine = bottleneck.quantizer._codebook.embed
+    if not found:
+        raise UserError(f"bottleneck keys_from teacher: {teacher_checkpoint} has no key-value bottleneck; fit the "
+                        "student's own keys (leave keys_from out) or distil from a teacher with one")
+    theirs = state[found[0]]
+    if theirs.shape != mine.shape:
+        raise UserError(f"bottleneck keys_from teacher: {teacher_checkpoint}'s keys are {list(theirs.shape)} "
+                        f"(codebooks, keys, width / codebooks), the student's {list(mine.shape)}: they must match")
+    codebook = bottleneck.quantizer._codebook
+    codebook.embed.copy_(theirs)
+    codebook.embed_avg.copy_(theirs)
+    codebook.cluster_size.fill_(1.0)
+    codebook.initted.fill_(True)
 
 
 def record_key_usage(model: nn.Module, usage: dict) -> None:

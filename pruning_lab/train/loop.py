@@ -29,7 +29,8 @@ from ..errors import UserError
 from ..files import write_text_atomically
 from ..inference.evaluate import count_parameters, evaluate
 from ..models import create_model
-from ..models.bottleneck import add_bottleneck, find_bottleneck, init_keys, keys_ready, record_key_usage
+from ..models.bottleneck import (EXAMPLES_PER_KEY, add_bottleneck, copy_teacher_keys, encoder_outputs, find_bottleneck,
+                                 init_keys, keys_ready, record_key_usage)
 from ..models.thin import keep_layers
 from . import distributed
 from ..checkpoint import (build_model, checkpoint_weights, code_revision, load_checkpoint, model_weights, save_checkpoint,
@@ -172,8 +173,14 @@ def build_parts(cfg: Config) -> RunParts:
         return run_loader(cfg, spec, split, device, model.arch["image_size"], train, (info.rank, info.world_size))
 
     if bottleneck is not None and not keys_ready(bottleneck):  # a resumed run loads its keys afterwards
-        usage = init_keys(model, loader(train_split))
-        record_key_usage(model, usage)
+        if bottleneck.config["keys_from"] == "teacher":
+            if not cfg.teacher_checkpoint:
+                raise UserError("bottleneck keys_from teacher needs a teacher: use distill with --teacher-checkpoint")
+            copy_teacher_keys(bottleneck, cfg.teacher_checkpoint, load_checkpoint(cfg.teacher_checkpoint)["state_dict"])
+            outputs = encoder_outputs(model, loader(train_split), EXAMPLES_PER_KEY * bottleneck.config["keys"])
+            record_key_usage(model, bottleneck.key_usage(outputs))
+        else:
+            record_key_usage(model, init_keys(model, loader(train_split)))
     data = {"dataset": cfg.dataset, **vars(spec), "mean": list(spec.mean), "std": list(spec.std),
             "fingerprint": fingerprint(train_split, val_split, test_split)}
     return RunParts(model, loader(train_split, train=True), {"val": loader(val_split)} if len(val_split) else {},
