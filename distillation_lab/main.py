@@ -305,10 +305,11 @@ def add_distill_parser(sub) -> None:
 
 def add_report_parser(sub) -> None:
     """report."""
-    p = sub.add_parser("report", help="re-evaluate every checkpoint and write report.json, .md and .png",
+    p = sub.add_parser("report", help="re-evaluate every checkpoint and write report.json, .md, .png and .html",
                        description="Re-evaluate every checkpoint in --models-dir on its test split, found by "
                                    "what it records (role, family, teacher, surgery); write report.json (the lab "
-                                   "plan's keys), report_details.json, report.md and report.png.")
+                                   "plan's keys), report_details.json, report.md, report.png and report.html (one "
+                                   "self-contained page).")
     p.add_argument("--models-dir", default="models_saved", help="where the checkpoints are")
     p.add_argument("--output", help="report.json path; the other files go beside it (default: report.json here for "
                    "models_saved/, MODELS_DIR/report.json for another folder)")
