@@ -212,3 +212,70 @@ def test_mrpc_is_split_into_glues_train_and_dev_by_its_dev_ids(tmp_path):
     write_glue(tmp_path, {})
     _, train, val, test = load_splits("glue-mrpc", tmp_path, val_size=1)
     assert (len(train) + len(val), len(test)) == (10, 2) and test.labels.tolist() == [1, 1]
+
+
+def test_distilbert_built_from_a_berts_layers_encodes_a_text_as_the_bert_does():
+    """Embeddings and layers copied (the segment-0 embedding folded into the positions): the same sentence
+    embeddings as the BERT on single texts, padding included; the head is new."""
+    from pruning_lab.models.bert import distilbert_from_bert
+
+    bert = create_model("minilm_bert", 3, 1, 32, pretrained=False, hidden=32, layers=4, heads=2).eval()
+    x = torch.from_numpy(tokenize(["I love my new car", "the stock market fell sharply today"], 32))
+    student = distilbert_from_bert(bert, [0, 1, 2, 3], 32, "bert.pth").eval()
+    with torch.no_grad():
+        assert torch.allclose(student.sentence_embedding(x), bert.sentence_embedding(x), atol=1e-5)
+        thinned = distilbert_from_bert(bert, [1, 3], 32, "bert.pth").hf.distilbert.transformer.layer
+    assert len(thinned) == 2 and torch.equal(thinned[0].attention.q_lin.weight,
+                                             bert.hf.bert.encoder.layer[1].attention.self.query.weight)
+    with pytest.raises(UserError, match=r"keep_layers must be increasing indices of the BERT's 4 layers \(0 to 3\); got \[2, 9\]"):
+        distilbert_from_bert(bert, [2, 9], 32, "bert.pth")
+
+
+def test_distilbert_and_bert_from_local_files_are_rebuilt_without_them(tmp_path):
+    """pretrained: PATH reads transformers' files once; the checkpoint records the shape, not the path."""
+    from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel
+
+    from pruning_lab.models.bottleneck import add_bottleneck, init_keys
+
+    DistilBertModel(DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64)).save_pretrained(tmp_path / "db")
+    model = create_model("distilbert", 2, 1, 16, pretrained=str(tmp_path / "db"))
+    assert model.arch["kwargs"] == {"dim": 32, "layers": 2, "heads": 2, "hidden_dim": 64, "vocab_size": 30522,
+                                    "positions": 512}
+    again = create_model("distilbert", 2, 1, 16, **model.arch["kwargs"])
+    assert again.hf.distilbert.transformer.layer[1].ffn.lin2.weight.shape == (32, 64)
+    add_bottleneck(again, {"codebooks": 4, "keys": 8})  # replaces DistilBERT's classifier like BERT's
+    texts = torch.from_numpy(tokenize([f"text number {i}" for i in range(16)], 16))
+    init_keys(again, [(texts, None)])
+    assert again(texts)[0].shape == (16, 2)
+    with pytest.raises(UserError, match="distilbert: dim change the architecture of the pretrained model"):
+        create_model("distilbert", 2, 1, 16, pretrained=str(tmp_path / "db"), dim=64)
+    with pytest.raises(UserError, match="is not a folder of transformers model files"):
+        create_model("distilbert", 2, 1, 16, pretrained=str(tmp_path / "nothing"))
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)).save_pretrained(tmp_path / "bert")
+    bert = create_model("minilm_bert", 2, 1, 16, pretrained=str(tmp_path / "bert"))  # e.g. bert-base-uncased
+    assert bert.arch["kwargs"] == {"pretrained": False, "hidden": 32, "layers": 2, "heads": 2}
+    rebuilt = create_model("minilm_bert", 2, 1, 16, **bert.arch["kwargs"])
+    rebuilt.load_state_dict(bert.state_dict())  # the same architecture, without the files
+    DistilBertModel(DistilBertConfig(vocab_size=28996, dim=32, n_layers=1, n_heads=2, hidden_dim=64)).save_pretrained(tmp_path / "cased")
+    with pytest.raises(UserError, match="vocabulary has 28996 tokens.*use an uncased model"):
+        create_model("distilbert", 2, 1, 16, pretrained=str(tmp_path / "cased"))
+
+
+@pytest.mark.e2e
+def test_distilbert_student_of_a_bert_trains_distills_and_reloads(tmp_path, capsys):
+    """`--model distilbert --init-checkpoint BERT.pth --keep-layers 1 3`: the thesis's BERT -> DistilBERT."""
+    out = tmp_path / "models"
+    bert = "{pretrained: false, hidden: 32, layers: 4, heads: 2}"
+    data = ["--dataset", "tweets", "--data-dir", str(tmp_path), "--epochs", "1", "--batch-size", "32",
+            "--train-subset", "256", "--val-size", "100", "--optimizer", "adamw", "--lr", "1e-3",
+            "--out-dir", str(out), "--no-progress", "--max-steps-per-epoch", "2"]
+    assert main(["train-teacher", "--model", "minilm_bert", "--model-args", bert, *data, "--name", "teacher"]) == 0
+    student = ["--model", "distilbert", "--init-checkpoint", str(out / "teacher.pth"), "--keep-layers", "1", "3", *data]
+    assert main(["distill", *student, "--teacher-checkpoint", str(out / "teacher.pth"), "--feature-distill",
+                 "--name", "distil"]) == 0
+    ckpt = load_checkpoint(out / "distil.pth")
+    assert ckpt["arch"]["name"] == "distilbert" and ckpt["arch"]["kwargs"]["layers"] == 2
+    assert len(build_model(ckpt).hf.distilbert.transformer.layer) == 2 and 0.0 <= ckpt["test"]["acc"] <= 1.0
+    capsys.readouterr()
+    assert main(["train-student", *student, "--model-args", "{dim: 64}", "--name", "bad"]) == 2
+    assert "model_args {'dim': 64} differ from the DistilBERT" in capsys.readouterr().err

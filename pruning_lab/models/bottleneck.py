@@ -100,12 +100,13 @@ class KeyValueBottleneck(nn.Module):
 
 def classifier_name(model: nn.Module) -> str:
     """The name of the model's final classifier layer, which the bottleneck replaces."""
-    from .bert import BertClassifier
+    from .bert import BertClassifier, DistilBertClassifier
     from .mlp import MLP
     from .resnet import CifarResNet
     from .vit import ViT
 
-    for cls, name in ((CifarResNet, "fc"), (MLP, "fc3"), (ViT, "vit.head"), (BertClassifier, "hf.classifier")):
+    for cls, name in ((CifarResNet, "fc"), (MLP, "fc3"), (ViT, "vit.head"), (BertClassifier, "hf.classifier"),
+                      (DistilBertClassifier, "hf.classifier")):
         if isinstance(model, cls):
             return name
     raise UserError(f"the bottleneck replaces the classifier of the registered models; a {type(model).__name__} "

@@ -42,5 +42,6 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 3, image_size
         raise UserError(f"bad model_args for '{name}' {kwargs}: they give {empty[0]} no weights (a width of 0)")
     # Recorded so that a checkpoint can rebuild exactly this model.
     model.arch = {"name": name, "num_classes": num_classes, "in_chans": in_chans,
-                  "image_size": getattr(model, "image_size", image_size), "kwargs": dict(kwargs)}
+                  "image_size": getattr(model, "image_size", image_size),
+                  "kwargs": dict(getattr(model, "rebuild_kwargs", kwargs))}
     return model

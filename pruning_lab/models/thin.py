@@ -5,7 +5,7 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..surgery import record_surgery, register_surgery
-from .bert import BertClassifier
+from .bert import BertClassifier, DistilBertClassifier
 from .vit import ViT, feature_blocks
 
 
@@ -13,9 +13,11 @@ def layer_stack(model: nn.Module) -> tuple[nn.Module, str]:
     """(parent, attribute) of a transformer's stack of layers: a BERT's encoder layers, a ViT's blocks."""
     if isinstance(model, BertClassifier):
         return model.hf.bert.encoder, "layer"
+    if isinstance(model, DistilBertClassifier):
+        return model.hf.distilbert.transformer, "layer"
     if isinstance(model, ViT):
         return model.vit, "blocks"
-    raise UserError(f"keep_layers thins the layers of a BERT or a ViT; a {type(model).__name__} has no such stack")
+    raise UserError(f"keep_layers thins the layers of a BERT, a DistilBERT or a ViT; a {type(model).__name__} has no such stack")
 
 
 def keep_layers(model: nn.Module, layers: list[int]) -> nn.Module:
@@ -30,6 +32,8 @@ def keep_layers(model: nn.Module, layers: list[int]) -> nn.Module:
     if isinstance(model, ViT):
         model.feature_blocks = feature_blocks(len(layers))
         model.feature_widths = [model.vit.embed_dim] * len(model.feature_blocks)
+    elif isinstance(model, DistilBertClassifier):
+        model.hf.config.n_layers = len(layers)
     else:
         model.hf.config.num_hidden_layers = len(layers)
     record_surgery(model, {"kind": "keep_layers", "layers": list(layers)})

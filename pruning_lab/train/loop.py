@@ -31,6 +31,7 @@ from ..inference.evaluate import count_parameters, evaluate
 from ..models import create_model
 from ..models.bottleneck import (EXAMPLES_PER_KEY, add_bottleneck, copy_teacher_keys, encoder_outputs, find_bottleneck,
                                  init_keys, keys_ready, record_key_usage)
+from ..models.bert import distilbert_from_bert
 from ..models.thin import keep_layers
 from . import distributed
 from ..checkpoint import (build_model, checkpoint_weights, code_revision, load_checkpoint, model_weights, save_checkpoint,
@@ -150,8 +151,10 @@ def build_parts(cfg: Config) -> RunParts:
         cfg.dataset, cfg.data_dir, cfg.val_size, cfg.train_subset, cfg.image_size, cfg.labelled_subset, cfg.channels)
     spec = dataclasses.replace(spec, flip=spec.flip and cfg.flip)
     torch.manual_seed(cfg.seed)
-    if cfg.init_checkpoint:  # start from saved weights (and their layer surgery), e.g. a converted model
-        start = load_checkpoint(cfg.init_checkpoint)
+    start = load_checkpoint(cfg.init_checkpoint) if cfg.init_checkpoint else None
+    if start is not None and cfg.model == "distilbert" and start["arch"]["name"] == "minilm_bert":
+        model = distilbert_of_checkpoint(cfg, start, spec).to(device)
+    elif start is not None:  # start from saved weights (and their layer surgery), e.g. a converted model
         model = build_model(start, cfg.model, source=cfg.init_checkpoint).to(device)
         if cfg.model_args != start["arch"]["kwargs"]:  # the config records the model that really trains
             raise UserError(f"model_args {cfg.model_args} differ from those of {cfg.init_checkpoint} "
@@ -185,6 +188,17 @@ def build_parts(cfg: Config) -> RunParts:
             "fingerprint": fingerprint(train_split, val_split, test_split)}
     return RunParts(model, loader(train_split, train=True), {"val": loader(val_split)} if len(val_split) else {},
                     loader(test_split), data, device)
+
+
+def distilbert_of_checkpoint(cfg: Config, start: dict, spec) -> nn.Module:
+    """A DistilBERT built from the BERT in init_checkpoint (`start`): its layers keep_layers (default all), its width."""
+    bert = build_model(start, source=cfg.init_checkpoint)
+    layers = cfg.keep_layers or list(range(len(bert.hf.bert.encoder.layer)))
+    model = distilbert_from_bert(bert, layers, spec.input_size, cfg.init_checkpoint)
+    if cfg.model_args and cfg.model_args != model.arch["kwargs"]:
+        raise UserError(f"model_args {cfg.model_args} differ from the DistilBERT that {cfg.init_checkpoint}'s BERT "
+                        f"gives ({model.arch['kwargs']}): leave --model-args out")
+    return model
 
 
 class Trainer:
