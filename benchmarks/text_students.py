@@ -15,7 +15,9 @@ replaced by a bottleneck over its frozen encoder (keys fitted to its outputs on 
 values trained with the same recipe at learning rate --bottleneck-lr), and each student's likewise
 over its own trained encoder, its values trained the way that student was: on the labels (the student
 alone), or distilled from the bottleneck teacher's logits (both KD students; the encoder is frozen, so
-a hidden-state term could not change anything). Prints test accuracy, macro F1, MCC, parameters and
+a hidden-state term could not change anything). The logit-distilled student's bottleneck is also
+distilled with the KL term alone (`{kd: {weight: 1.0}}`), and with its keys copied from the bottleneck
+teacher's (`keys_from: teacher`, both encoders are 384 wide) under either loss. Prints test accuracy, macro F1, MCC, parameters and
 batch-1 latency (CPU) of the teacher and the students.
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pruning_lab.inference import evaluate_checkpoint
 RECIPE = "distillation_lab/configs/tweet_bert.yaml"
 KD = "{ce: {weight: 0.5}, kd: {weight: 0.5, temperature: 4.0}}"
 BOTTLENECK = "{codebooks: 8, keys: 512}"
+KL_ONLY = "{kd: {weight: 1.0, temperature: 4.0}}"
 KD_HIDDEN = "{ce: {weight: 0.5}, kd: {weight: 0.5, temperature: 4.0}, feature: {weight: 1.0, kind: cosine}}"
 
 
@@ -41,7 +44,8 @@ def run(argv: list[str]) -> None:
 
 
 def bottleneck_runs(common: list[str], out: Path, runs: dict, args: argparse.Namespace) -> dict:
-    """The teacher and each student with a key-value bottleneck over their frozen, trained encoders."""
+    """The teacher and each student with a key-value bottleneck over their frozen, trained encoders; the
+    logit-distilled student also with the KL-only loss and with its keys copied from the teacher's."""
     kvb = ["--bottleneck", args.bottleneck, "--lr", args.bottleneck_lr]
     teacher = "tweet_bert_kvb"
     run(["train-teacher", *common, *kvb, "--init-checkpoint", str(out / "tweet_bert.pth"), "--name", teacher])
@@ -55,7 +59,22 @@ def bottleneck_runs(common: list[str], out: Path, runs: dict, args: argparse.Nam
         else:
             run(["train-student", *start, "--name", kvb_name])
         made[f"{label} + bottleneck"] = kvb_name
+    kd_student = str(out / f"{runs['student, KD on logits']}.pth")
+    variants = {"KL only": (args.bottleneck, KL_ONLY, "_klonly"),
+                "keys from the teacher": (with_teacher_keys(args.bottleneck), KD, "_tkeys"),
+                "keys from the teacher, KL only": (with_teacher_keys(args.bottleneck), KL_ONLY, "_tkeys_klonly")}
+    for label, (options, loss, suffix) in variants.items():
+        name = f"student3_kd_kvb{suffix}_seed{args.seed}"
+        run(["distill", *common, "--bottleneck", options, "--lr", args.bottleneck_lr, "--init-checkpoint", kd_student,
+             "--seed", str(args.seed), "--teacher-checkpoint", str(out / f"{teacher}.pth"), "--loss", loss,
+             "--name", name])
+        made[f"student, KD on logits + bottleneck, {label}"] = name
     return made
+
+
+def with_teacher_keys(options: str) -> str:
+    """The bottleneck options (YAML) with keys_from: teacher added."""
+    return "{" + options.strip().strip("{}") + ", keys_from: teacher}"
 
 
 def main_(argv: list[str] | None = None) -> None:
