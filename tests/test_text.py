@@ -144,6 +144,12 @@ def test_glue_reader_reads_pairs_and_labels_in_glues_layout(tmp_path):
     spec, tr, _, test = load_splits("glue-cola", tmp_path, val_size=2, image_size=16)
     assert spec.num_classes == 2 and tr.inputs.shape == (18, 16) and test.labels.tolist() == [0, 1, 0, 1]
     assert (segment_ids(tr.inputs) == 0).all()  # single sentences: one segment
+    wnli = ["index\tsentence1\tsentence2\tlabel"] + [f"{i}\tThe trophy {i} did not fit.\tIt was big.\t{i % 2}"
+                                                        for i in range(12)]
+    write_glue(tmp_path, {("WNLI", "train.tsv"): wnli, ("WNLI", "dev.tsv"): wnli[:3]})
+    spec, tr, _, test = load_splits("glue-wnli", tmp_path, val_size=2, image_size=24)
+    assert spec.num_classes == 2 and len(tr) == 10 and test.labels.tolist() == [0, 1]
+    assert (segment_ids(test.inputs) == 1).any()  # a pair
 
 
 def test_glue_files_without_the_columns_or_with_unknown_labels_are_one_line_errors(tmp_path, capsys):

@@ -53,6 +53,7 @@ GLUE = {
     "mnli": GlueTask("MNLI", ("sentence1", "sentence2"), "gold_label", ("entailment", "neutral", "contradiction"),
                      test_file="dev_matched.tsv", url=GLUE_DATA + "MNLI.zip"),
     "qqp": GlueTask("QQP", ("question1", "question2"), "is_duplicate", ("0", "1"), url=GLUE_DATA + "QQP-clean.zip"),
+    "wnli": GlueTask("WNLI", ("sentence1", "sentence2"), "label", ("0", "1"), url=GLUE_DATA + "WNLI.zip"),
 }
 # MRPC is not hosted by GLUE: its script builds train/dev.tsv from SentEval's copy and GLUE's dev ids.
 MRPC_FILES = {"msr_paraphrase_train.txt": "https://dl.fbaipublicfiles.com/senteval/senteval_data/msr_paraphrase_train.txt",
