@@ -364,6 +364,25 @@ def _parse_cli_value(name: str, text: str, cls: type = Config) -> Any:
     return value
 
 
+def _int_or_none(text: str) -> Optional[int]:
+    """One item of a list flag: an integer, or none (which clears the list)."""
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer (give integers, or none to clear the list)") from None
+
+
+def _cleared_list(values: list, flag: str) -> list:
+    """A list flag's items; `none` alone is the empty list."""
+    if None in values:
+        if len(values) > 1:
+            raise UserError(f"{flag} takes integers, or none alone to clear the list; got {' '.join('none' if v is None else str(v) for v in values)}")
+        return []
+    return values
+
+
 class _Checked(argparse.Action):
     """Stores a flag's value after `check(value, the flag as typed)`: bad values are refused while parsing."""
 
@@ -412,8 +431,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
         if _base_type(f.name, cls) is bool:
             action = argparse.BooleanOptionalAction if negatable else "store_true"
             group.add_argument(*flags, action=action, **common)
-        elif _base_type(f.name, cls) is list:
-            group.add_argument(*flags, nargs="+", type=int, metavar="N", action=_Checked, check=checked, **common)
+        elif _base_type(f.name, cls) is list:  # `--keep-layers none` clears a list a recipe sets
+            cleared = lambda value, flag, n=f.name: check(n, _cleared_list(value, flag), flag)  # noqa: E731
+            group.add_argument(*flags, nargs="+", type=_int_or_none, metavar="N", action=_Checked, check=cleared,
+                               **common)
         else:
             group.add_argument(*flags, metavar=f.metadata.get("metavar") or "VALUE", action=_Checked, check=checked,
                                type=lambda t, n=f.name: _parse_cli_value(n, t, cls), **common)

@@ -27,6 +27,15 @@ def test_cli_types_are_parsed():
     assert cfg.epochs == 3 and cfg.val_size is None and cfg.model_args == {"width": 4} and cfg.milestones == [1, 2]
 
 
+def test_a_recipes_list_can_be_cleared_from_the_command_line():
+    """text_student.yaml keeps layers 0 2 4; `--keep-layers none` reuses it over a student already thinned."""
+    recipe = "distillation_lab/configs/text_student.yaml"
+    assert parse([], recipe).keep_layers == [0, 2, 4]
+    assert parse(["--keep-layers", "none"], recipe).keep_layers == []
+    with pytest.raises(UserError, match="--keep-layers takes integers, or none alone to clear the list; got 1 none"):
+        parse(["--keep-layers", "1", "none"], recipe)
+
+
 def test_unknown_yaml_key_names_key_and_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("epochs: 3\nlearning_rate: 0.1\n")
