@@ -79,6 +79,12 @@ class Found:
 
 def method_of(ckpt: dict, kind: str) -> str:
     """How a model was made, in a few words (for the report's rows and picture)."""
+    bottleneck = any(s.get("kind") == "bottleneck" for s in ckpt.get("surgery", []))
+    return made_by(ckpt, kind) + (" + key-value bottleneck" if bottleneck else "")
+
+
+def made_by(ckpt: dict, kind: str) -> str:
+    """How a model was made, without its bottleneck."""
     if kind == "converted":
         structures = dict.fromkeys(STRUCTURE_NAMES[s["kind"]] for s in ckpt["surgery"] if s["kind"] in STRUCTURE_NAMES)
         return " + ".join(structures) + (" + KD fine-tuning" if ckpt.get("teacher") else "")
@@ -277,13 +283,18 @@ def table_row(family: str, what: str, e: dict) -> dict:
             "latency": first["latency_ms_batch1"]}
 
 
+def bottleneck_mark(e: dict) -> str:
+    """' + key-value bottleneck' for a lab row whose runs have one, so it never reads as a plain model."""
+    return " + key-value bottleneck" if e.get("status") == "ok" and "bottleneck" in e["runs"][0]["method"] else ""
+
+
 def table(details: dict) -> pd.DataFrame:
     """One row per evaluated run, lab keys first, for report.md and report.png."""
     rows = []
     for family, entry in details.items():
         if family in ("converted", "unreadable"):
             continue
-        rows += [table_row(family, key.replace("_accuracy", "").replace("_", " "), entry[key])
+        rows += [table_row(family, key.replace("_accuracy", "").replace("_", " ") + bottleneck_mark(entry[key]), entry[key])
                  for key in KEYS if key in entry]
         rows += [table_row(family, e["runs"][0]["method"], e) for e in entry["other_runs"]]
     return pd.DataFrame(rows)

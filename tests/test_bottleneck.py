@@ -37,6 +37,9 @@ def test_keys_are_fitted_then_frozen_while_the_values_train_on_a_frozen_encoder(
     assert isinstance(model.fc, KeyValueBottleneck)
     x = torch.randn(4, 1, 28, 28)
     assert torch.equal(model.eval()(x)[0], build_model(load_checkpoint(out / "kvb.pth")).eval()(x)[0])
+    assert main(["report", "--models-dir", str(out), "--device", "cpu"]) == 0  # never shown as a plain student
+    rows = [line for line in (out / "report.md").read_text().splitlines() if "| kvb " in line]
+    assert rows and all("without kd + key-value bottleneck" in line for line in rows), rows
 
 
 def test_the_keys_are_fitted_once_and_only_the_selected_values_get_gradients():
