@@ -33,6 +33,20 @@ def resolve_loss(cfg: Config, distilling: bool) -> Config:
     return dataclasses.replace(cfg, loss=spec, **{k: None for k in LOSS_SHORTHANDS})
 
 
+CLASS_TERMS = ("dkd", "dist")  # terms defined over the classes: nothing to compare with one output
+
+
+def check_regression_loss(spec: dict) -> None:
+    """Refuse, in one line, a loss that needs classes on a regression (one output, e.g. glue-stsb)."""
+    for name, params in spec.items():
+        if name in CLASS_TERMS or (name == "kd" and params.get("standardize")) or params.get("label_smoothing"):
+            what = f"term '{name}'" + (" with standardize" if params.get("standardize") else "") + \
+                (" with label_smoothing" if params.get("label_smoothing") else "")
+            raise UserError(f"loss {what} needs classes, but the dataset is a regression (one score per example): "
+                            "use ce (the squared error), kd (the squared error to the teacher's score) and the "
+                            "feature terms")
+
+
 class DistillationCriterion(Criterion):
     """The loop's criterion built from a `loss` mapping: named terms, some of which see the frozen teacher."""
 

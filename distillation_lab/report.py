@@ -272,6 +272,9 @@ def table_row(family: str, what: str, e: dict) -> dict:
     accuracy = f"{e['test_accuracy_mean']:.4f}" + (f" ± {e['test_accuracy_std']:.4f}" if len(e["runs"]) > 1 else "")
     scores = {label: f"{statistics.fmean(r[key] for r in e['runs']):.4f}" if all(key in r for r in e["runs"]) else ""
               for label, key in (("macro F1", "test_f1_macro"), ("MCC", "test_mcc"))}
+    scores.update({label: f"{statistics.fmean(r[key] for r in e['runs']):.4f}"  # a regression's (glue-stsb)
+                   for label, key in (("Pearson", "test_pearson"), ("Spearman", "test_spearman"))
+                   if all(key in r for r in e["runs"])})
     return {**row, "seeds": str(len(e["runs"])), "test accuracy": accuracy, **scores,
             "params": f"{first['parameters']:,}", "MACs": f"{first['macs']:,}", "file MB": first["file_megabytes"],
             "latency ms (batch 1)": first["latency_ms_batch1"], "latency ms (batch 256)": first["latency_ms_batch256"],

@@ -144,6 +144,7 @@ def model_card(run: dict, ckpt: dict) -> str:
             ("layer surgery", surgery),
             ("test accuracy", run.get("test_accuracy")), ("test loss", run.get("test_loss")),
             ("macro F1", run.get("test_f1_macro")), ("MCC", run.get("test_mcc")),
+            ("Pearson / Spearman", f"{run['test_pearson']} / {run['test_spearman']}" if "test_pearson" in run else None),
             ("agreement with teacher", run.get("teacher_agreement")),
             ("parameters", run.get("parameters")), ("MACs", run.get("macs")),
             ("latency ms (batch 1 / 256)", f"{run.get('latency_ms_batch1')} / {run.get('latency_ms_batch256')}"),

@@ -18,7 +18,7 @@ from pruning_lab.runtime import resolve_precision
 from pruning_lab.train.loop import RunParts, Trainer, build_parts
 from pruning_lab.train.run_folder import check_run_folder
 
-from .criterion import DistillationCriterion, resolve_loss
+from .criterion import DistillationCriterion, check_regression_loss, resolve_loss
 from .teacher import FrozenTeacher, check_teacher_data, load_teacher
 
 
@@ -32,10 +32,13 @@ def run_training(cfg: Config, parts: Optional[RunParts] = None, teacher: Optiona
         teacher = load_teacher(cfg.teacher_checkpoint, cfg.teacher, parts.data, parts.device)
     family = cfg.family or (teacher.record.get("family") if teacher else None) or model_family(cfg.model)
     cfg = dataclasses.replace(cfg, family=family)
+    regression = parts.data.get("num_classes") == 1
+    if regression:
+        check_regression_loss(cfg.loss)
     criterion = DistillationCriterion(cfg.loss, parts.model.feature_widths, teacher)
     trainer = Trainer(cfg, parts, criterion, eval_fn, record={"teacher": teacher.record if teacher else None})
     summary = trainer.fit()
-    if teacher is None or parts.test_loader is None:
+    if teacher is None or parts.test_loader is None or regression:  # agreement counts classes
         return summary
     precision = resolve_precision(cfg.precision, parts.device)
     alignment = soft_target_alignment(trainer.model, teacher, parts.test_loader, precision)

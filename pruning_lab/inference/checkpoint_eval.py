@@ -83,7 +83,7 @@ def model_card(opened: OpenedCheckpoint, batch_size: int = 256, precision: str =
     return {"checkpoint": opened.path, "model": ckpt["arch"]["name"], "role": ckpt.get("role", "model"),
             "dataset": opened.config["dataset"], "test_images": result["n"], "test_accuracy": round(result["acc"], 6),
             "test_loss": round(result["loss"], 6),
-            "test_f1_macro": round(result["f1_macro"], 6), "test_mcc": round(result["mcc"], 6),
+            **{f"test_{k}": round(result[k], 6) for k in ("f1_macro", "mcc", "pearson", "spearman") if k in result},
             "parameters": count_parameters(model), "flops": flops,
             "macs": flops // 2, "file_megabytes": round(os.path.getsize(opened.path) / 1e6, 3),
             "latency_ms_batch1": round(measure_latency(model, opened.input_shape, dev), 3),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -17,23 +18,46 @@ from ..runtime import autocast
 def evaluate(model: nn.Module, loader: Iterable, precision: str = "fp32") -> dict:
     """Mean cross-entropy, top-1 accuracy, macro F1 and Matthews correlation of `model` over every
     batch of `loader` (F1 and MCC by scikit-learn; they tell more than accuracy on unbalanced classes,
-    e.g. the GLUE tasks)."""
+    e.g. the GLUE tasks); for a regression (float labels) the mean squared error, Pearson and Spearman."""
     was_training = model.training
     model.eval()
     loss_sum, predictions, labels = 0.0, [], []
     for x, y in loader:
         with autocast(precision, x.device):
             logits, _ = model(x)
-        loss_sum = loss_sum + F.cross_entropy(logits.float(), y, reduction="sum")
-        predictions.append(logits.argmax(1))
+        if y.is_floating_point():  # a regression (one output per example): squared error, the output itself
+            loss_sum = loss_sum + F.mse_loss(logits[:, 0].float(), y, reduction="sum")
+            predictions.append(logits[:, 0].float())
+        else:
+            loss_sum = loss_sum + F.cross_entropy(logits.float(), y, reduction="sum")
+            predictions.append(logits.argmax(1))
         labels.append(y)
     model.train(was_training)
     if not labels:
         return {"loss": float("nan"), "acc": float("nan"), "n": 0, "f1_macro": float("nan"), "mcc": float("nan")}
     predicted, truth = torch.cat(predictions).cpu().numpy(), torch.cat(labels).cpu().numpy()  # one transfer
     n = len(truth)
+    if truth.dtype.kind == "f":
+        scores = regression_scores(truth, predicted)
+        return {"loss": float(loss_sum) / n, "acc": scores["pearson"], "n": n, **scores}
     return {"loss": float(loss_sum) / n, "acc": float((predicted == truth).mean()), "n": n,
             **classification_scores(truth, predicted)}
+
+
+def regression_scores(truth, predicted) -> dict:
+    """Pearson and Spearman correlation of predicted with true scores (GLUE's STS-B metrics; 0 when the
+    predictions are constant). The run's `acc`, which selects its best epoch, is the Pearson correlation."""
+    from scipy import stats
+
+    def correlation(fn) -> float:
+        if not (predicted.std() > 0 and truth.std() > 0):
+            return 0.0
+        with warnings.catch_warnings():  # early in training the outputs are nearly constant: a low value says so
+            warnings.simplefilter("ignore", stats.NearConstantInputWarning)
+            value = float(fn(truth, predicted)[0])
+        return value if value == value else 0.0
+
+    return {"pearson": correlation(stats.pearsonr), "spearman": correlation(stats.spearmanr)}
 
 
 def classification_scores(truth, predicted) -> dict:
@@ -90,13 +114,17 @@ def soft_target_alignment(student: nn.Module, teacher: Callable[[torch.Tensor], 
                           precision: str = "fp32") -> dict:
     """Fraction of examples where student and teacher agree on the top class, and mean KL(p_t || p_s) at T=1.
 
-    `teacher` maps a batch to (logits, features), e.g. a frozen teacher."""
+    `teacher` maps a batch to (logits, features), e.g. a frozen teacher. For a regression (one output) both
+    are None: there are no classes to agree on."""
     was_training = student.training
     student.eval()
     agree, kl, n = 0.0, 0.0, 0
     for x, _ in loader:
         with autocast(precision, x.device):
             s_logits = student(x)[0].float()
+        if s_logits.shape[1] == 1:
+            student.train(was_training)
+            return {"agreement": None, "kl": None}
         t_logits = teacher(x)[0].float()
         agree = agree + (s_logits.argmax(1) == t_logits.argmax(1)).sum()
         kl = kl + F.kl_div(F.log_softmax(s_logits, 1), F.log_softmax(t_logits, 1), log_target=True, reduction="sum")

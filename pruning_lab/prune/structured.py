@@ -16,7 +16,6 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import UserError
 from ..models.bert import BertClassifier
@@ -130,12 +129,15 @@ def prune_bert(model: BertClassifier, ratio: float, criterion: str, round_to: in
 
 
 def accumulate_gradients(model: nn.Module, batches: Iterable) -> None:
-    """Gradients of the cross-entropy over `batches` (for the Taylor importance)."""
+    """Gradients of the labels' loss over `batches` (for the Taylor importance): cross-entropy, or a
+    regression's squared error."""
+    from ..train.criterion import supervised_loss  # here: pruning_lab.train imports the checkpoint code, which imports this
+
     model.zero_grad()
     model.train()
     for x, y in batches:
         logits, _ = model(x)
-        F.cross_entropy(logits.float(), y.clamp_min(0), reduction="sum").backward()  # -1: unlabelled
+        (supervised_loss(logits.float(), y) * len(y)).backward()  # summed over the batch, unlabelled left out
     model.eval()
 
 

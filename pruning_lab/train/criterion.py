@@ -25,16 +25,30 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoot
     return (losses * keep).sum() / keep.sum().clamp(min=1)  # no host sync, no NaN on unlabelled batches
 
 
+def masked_squared_error(outputs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of a regression's one output [B, 1] against the scores [B] that are given (NaN = none)."""
+    keep = ~torch.isnan(scores)
+    return ((outputs[:, 0].float() - scores.nan_to_num()) ** 2 * keep).sum() / keep.sum().clamp(min=1)
+
+
+def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """The labels' loss: cross-entropy for class labels, squared error for a regression's scores (float labels)."""
+    if labels.is_floating_point():
+        return masked_squared_error(logits, labels)
+    return masked_cross_entropy(logits, labels, label_smoothing)
+
+
 @register_term("ce")
 class CETerm(nn.Module):
-    """Cross-entropy on the labelled examples of the batch (label -1 means unlabelled)."""
+    """Cross-entropy on the labelled examples of the batch (label -1 means unlabelled); for a regression
+    (float scores, one output) the squared error instead."""
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.label_smoothing = label_smoothing
 
     def forward(self, s_logits, s_feats, t_logits, t_feats, labels):
-        return masked_cross_entropy(s_logits, labels, self.label_smoothing)
+        return supervised_loss(s_logits, labels, self.label_smoothing)
 
 
 class Criterion(nn.Module):

@@ -78,12 +78,15 @@ def read_curves(folder: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def teacher_agreement(model: torch.nn.Module, teacher, loader) -> Optional[float]:
-    """The fraction of validation examples where student and teacher predict the same class."""
+    """The fraction of validation examples where student and teacher predict the same class (None for a
+    regression: there are no classes)."""
     agree, total = 0, 0
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for x, _ in loader:
+        for x, y in loader:
+            if y.is_floating_point():
+                break
             agree += int((model(x)[0].argmax(1) == teacher(x)[0].argmax(1)).sum())
             total += len(x)
     model.train(was_training)

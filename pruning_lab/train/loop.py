@@ -321,8 +321,12 @@ class Trainer:
             n = torch.tensor(float(len(y)), device=self.device)
             for key, value in {"loss": loss, **{f"loss_{k}": v for k, v in terms.items()}}.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float() * n
-            labelled = y >= 0
-            sums["correct"] = sums.get("correct", 0.0) + ((logits.argmax(1) == y) & labelled).sum().float()
+            if y.is_floating_point():  # a regression's scores (NaN: withheld): no accuracy to count
+                labelled, correct = ~torch.isnan(y), torch.full((), float("nan"), device=self.device)
+            else:
+                labelled = y >= 0
+                correct = ((logits.argmax(1) == y) & labelled).sum().float()
+            sums["correct"] = sums.get("correct", 0.0) + correct
             sums["labelled"] = sums.get("labelled", 0.0) + labelled.sum().float()
             sums["n"] = sums.get("n", 0.0) + n
             self.state.step += 1
