@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import functools
 import json
 import math
@@ -142,6 +143,10 @@ class Config:
     overwrite: bool = _opt(False, "start afresh even where OUT_DIR/NAME.pth or NAME_last.pth exists (replacing them)")
     resume_changes: bool = _opt(False, "with --resume, accept options that differ from the recorded run's "
                                        "(optimizer, lr, seed, data, model...); the checkpoint then records the new ones")
+    log: str = _opt("tensorboard", "where the training curves go: TensorBoard event files always (OUT_DIR/"
+                                   "tensorboard/NAME); wandb or trackio beside them, where installed (optional; "
+                                   "wandb offline unless WANDB_MODE is set, trackio in OUT_DIR/trackio)",
+                    ("tensorboard", "wandb", "trackio"))
     progress: bool = _opt(True, "show a progress bar per epoch (only on a terminal: SLURM logs get one line per epoch)")
 
     def run_name(self) -> str:
@@ -328,6 +333,9 @@ def check_config(cfg: Config) -> None:
         unused.append("resume_changes (it applies to --resume only)")
     if unused:
         raise UserError(f"config sets {unused[0]}: leave it out")
+    if cfg.log != "tensorboard" and importlib.util.find_spec(cfg.log) is None:
+        raise UserError(f"log {cfg.log} needs the {cfg.log} package, which is not installed: pip install {cfg.log} "
+                        "(optional; the TensorBoard curves are written without it)")
     if cfg.labelled_subset is not None and cfg.train_subset is not None and cfg.labelled_subset > cfg.train_subset:
         raise UserError(f"labelled_subset {cfg.labelled_subset} is more than train_subset {cfg.train_subset}: "
                         "it counts labelled examples among the training subset")

@@ -75,6 +75,9 @@ dl_make_scratch() {
     DL_SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/distill-lab.${SLURM_JOB_ID:-local}.XXXXXX")
     mkdir -p "$DL_SCRATCH/repo/models_saved"
     export TORCHINDUCTOR_CACHE_DIR="$DL_SCRATCH/torchinductor"  # keep torch's caches inside the scratch too
+    # --log trackio: its database lives beside the models at home (one file that every job adds to), not in a
+    # scratch copy that would replace it when copied back.
+    export TRACKIO_DIR=${TRACKIO_DIR:-$DL_MODELS_DIR/trackio}
     cp -r "$DL_REPO/main.py" "$DL_REPO/pruning_lab" "$DL_REPO/distillation_lab" "$DL_SCRATCH/repo/"
     if [[ -d "$DL_DATA_DIR" ]]; then
         cp -r "$DL_DATA_DIR" "$DL_SCRATCH/repo/data"
@@ -96,12 +99,15 @@ dl_copy_back() {
             cp "$f" "$DL_MODELS_DIR/.$(basename "$f").part" && mv "$DL_MODELS_DIR/.$(basename "$f").part" "$DL_MODELS_DIR/$(basename "$f")"
         fi
     done
-    # Training curves (tensorboard/RUN/events.*): each attempt of a run writes its own file, so copying
-    # everything never replaces an earlier attempt's.
-    if [[ -d "$DL_SCRATCH/repo/models_saved/tensorboard" ]]; then
-        mkdir -p "$DL_MODELS_DIR/tensorboard"
-        cp -r "$DL_SCRATCH/repo/models_saved/tensorboard/." "$DL_MODELS_DIR/tensorboard/"
-    fi
+    # Training curves (tensorboard/RUN/events.*, wandb/offline-run-*/ with --log wandb): each attempt of a run
+    # writes its own file or folder, so copying everything never replaces an earlier attempt's.
+    local curves
+    for curves in tensorboard wandb; do
+        if [[ -d "$DL_SCRATCH/repo/models_saved/$curves" ]]; then
+            mkdir -p "$DL_MODELS_DIR/$curves"
+            cp -r "$DL_SCRATCH/repo/models_saved/$curves/." "$DL_MODELS_DIR/$curves/"
+        fi
+    done
     for f in "$DL_SCRATCH/repo"/report.json "$DL_SCRATCH/repo"/report_details.json "$DL_SCRATCH/repo"/report.md \
              "$DL_SCRATCH/repo"/report.png "$DL_SCRATCH/repo"/report.html; do
         [[ -e "$f" ]] && cp "$f" "$DL_REPO/"

@@ -48,3 +48,33 @@ def test_a_resumed_run_continues_its_curves_without_repeating_a_step(tmp_path, m
     assert [step for step, _ in curves["train_step/loss_ce"]] == list(range(1, 13))  # each step once, in order
     assert [step for step, _ in curves["epoch/train_loss"]] == [6, 12]
     assert len(list(curves_folder(tmp_path, "s").glob("events.out.tfevents.*"))) == 2  # one file per attempt
+
+
+@pytest.mark.e2e
+def test_log_wandb_writes_the_same_curves_offline_inside_the_run_folder(tmp_path, monkeypatch, capsys):
+    """--log wandb: offline by default (a compute node has no internet), one run id for every attempt of a run,
+    the sync command printed; every epoch's scalars are in wandb's own run file."""
+    pytest.importorskip("wandb", reason="optional: pip install -r requirements-optional.txt")
+    from pruning_lab.train.curves import tracker_run_id
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = ["train-teacher", "--model", "resnet8", *TINY, "--out-dir", str(tmp_path), "--name", "t", "--log", "wandb"]
+    assert main([*run, "--epochs", "1"]) == 0
+    assert main([*run, "--epochs", "2", "--resume", "--resume-changes"]) == 0  # a second attempt: the same run
+    out = capsys.readouterr().out
+    run_id = tracker_run_id(tmp_path, "t")
+    files = sorted(tmp_path.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(files) == 2, list(tmp_path.rglob("*.wandb"))
+    assert all(b"epoch/val_acc" in f.read_bytes() and b"epoch/train_loss_ce" in f.read_bytes() for f in files)
+    assert f"upload with `wandb sync {tmp_path}/wandb/offline-run-" in out
+
+
+def test_a_tracker_that_is_not_installed_is_refused_before_any_work(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("trackio") is not None:
+        pytest.skip("trackio is installed here")
+    assert main(["train-teacher", "--model", "resnet8", *TINY, "--out-dir", str(tmp_path), "--log", "trackio"]) == 2
+    assert "log trackio needs the trackio package, which is not installed: pip install trackio" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -37,7 +37,7 @@ from . import distributed
 from ..checkpoint import (build_model, checkpoint_weights, code_revision, load_checkpoint, model_weights, save_checkpoint,
                           update_checkpoint)
 from .criterion import CrossEntropyCriterion
-from .curves import Curves, curves_folder, teacher_agreement
+from .curves import Curves, Tracker, curves_folder, teacher_agreement
 from .run_folder import RunLock, RunPaths, check_run_folder
 from .optim import build_optimizer, build_scheduler
 from ..runtime import autocast, channels_last_is_safe, resolve_device, resolve_precision, tune_cpu_allocator
@@ -411,7 +411,9 @@ class Trainer:
             elif self.dist.is_main:
                 print(f"resuming {self.paths.last} at epoch {self.state.epoch + 1}, step {self.state.step}")
         training = self.dist.is_main and self.state.epoch < self.cfg.epochs  # a finished run is only evaluated
-        self.curves = Curves(curves_folder(self.cfg.out_dir, self.cfg.run_name()), self.global_step(), training)
+        tracker = None if self.cfg.log == "tensorboard" else \
+            (lambda: Tracker(self.cfg.log, self.cfg.out_dir, self.cfg.run_name(), to_dict(self.cfg)))
+        self.curves = Curves(curves_folder(self.cfg.out_dir, self.cfg.run_name()), self.global_step(), training, tracker)
         try:
             return self._train()
         finally:
