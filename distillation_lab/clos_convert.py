@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from pruning_lab.clos.structures import STRUCTURES, clos_for
 from pruning_lab.clos.surgery import matching_linears
@@ -21,6 +22,7 @@ from pruning_lab.errors import UserError
 from pruning_lab.models.bert import PAD_ID
 from pruning_lab.train.run_folder import writing_outputs
 
+from .clos_budget import DENSE, allocate, budget_structures, multipliers
 from .runs import check_finetuning, check_finetuning_options, finetune_config, run_training
 
 
@@ -157,6 +159,50 @@ def convert_layer(model: nn.Module, name: str, multiplier: int, fit: str, calibr
     return {"layer": name, **result}
 
 
+def convert_within_budget(model: nn.Module, original: nn.Module, names: list[str], opened, o) -> list[dict]:
+    """--budget: every candidate of every layer fitted on the original model's inputs, the greedy choice within
+    the budget put in place (or the layer kept dense); one summary per layer with every candidate's error."""
+    structures = budget_structures(o.structure)
+    count = lambda s, dense, m: count_parameters(planned_layers_of(s, dense, m))  # noqa: E731
+    budget = int(o.budget * sum(count_parameters(model.get_submodule(name)) for name in names))
+    plans = {name: [(kind, m) for m in multipliers(model.get_submodule(name), count, structures) for kind in structures]
+             for name in names}
+    # Refused before any fitting where even the smallest candidates do not fit (their errors do not matter here).
+    allocate({name: [{"parameters": count(k, model.get_submodule(name), m), "error": 0.0} for k, m in plan]
+                     + [{"parameters": count_parameters(model.get_submodule(name)), "error": 0.0}]
+              for name, plan in plans.items()}, budget)
+    options = {}
+    for name in tqdm(names, desc="fitting candidates", unit="layer", disable=None):
+        dense = model.get_submodule(name)
+        examples = tuple(layer_examples(original, None, name, opened.loader(split), o.calibration_examples)
+                         for split in ("train", "val"))
+        options[name] = [{"structure": DENSE, "multiplier": None, "parameters": count_parameters(dense), "error": 0.0}]
+        for kind, m in plans[name]:
+            layer, result = fit_structure(dense, kind, m, examples, o.fit_steps, o.als_iterations, o.als_start)
+            options[name].append({"structure": kind, "multiplier": m, "parameters": result["parameters"],
+                                  "error": result["data_aware"]["relative_error_heldout"], "layer": layer,
+                                  "result": result})
+    layers = []
+    for name, chosen in allocate(options, budget).items():
+        candidates = {(f"{c['structure']} m={c['multiplier']}" if c["multiplier"] else DENSE): c["error"]
+                      for c in options[name]}
+        dense = model.get_submodule(name)
+        if chosen["structure"] == DENSE:
+            layers.append({"layer": name, "structure": DENSE, "dense_parameters": count_parameters(dense),
+                           "parameters": count_parameters(dense), "candidates": candidates})
+            continue
+        replace_module(model, name, chosen["layer"])
+        record_surgery(model, {"kind": chosen["structure"], "layer": name, "config": chosen["layer"].config()})
+        layers.append({"layer": name, **chosen["result"], "multiplier": chosen["multiplier"], "candidates": candidates})
+    return layers
+
+
+def planned_layers_of(structure: str, dense: nn.Linear, multiplier: int) -> nn.Module:
+    """`structure` at `multiplier` for `dense` on the meta device (its shapes, no memory)."""
+    with torch.device("meta"):
+        return STRUCTURES[structure].make(dense, multiplier)
+
+
 def fit_structure(dense: nn.Linear, structure: str, multiplier: int, examples, fit_steps: int, als_iterations: int,
                   als_start: str) -> tuple[nn.Module, dict]:
     """One structure fitted to `dense` (weight space, then on `examples` ((x, y), (x_val, y_val)) if given)."""
@@ -184,6 +230,11 @@ class ClosConvertOptions:
                             "layer's outputs), monarch (per-block SVD, then gradient steps and a least-squares last "
                             "stage, as Clos), or auto: per layer each of them at the same parameters, keeping the one "
                             "with the lowest held-out error", lambda: (*STRUCTURES, AUTO))
+    budget: Optional[float] = option(None, "instead of one multiplier for every layer: spend at most this share "
+                                     "(0, 1] of the layers' dense parameters, per layer choosing the structure (of "
+                                     "--structure; auto: any) and multiplier, or keeping it dense, where it lowers "
+                                     "the summed held-out error most per parameter (greedy)",
+                                     range=("in (0, 1]", lambda v: 0 < v <= 1), metavar="SHARE")
     als_start: str = option("random", "Clos: start the weight-space ALS at random or at the closed-form grouped SVD "
                             "(where b2 is a multiple of bout; a lower ALS error, but no gain once the data-aware fit "
                             "has run)", ("random", "svd"))
@@ -211,7 +262,8 @@ class ClosConvertOptions:
 
     def output_path(self) -> Path:
         """Where the converted checkpoint goes: --output, or CHECKPOINT_clos_mM.pth beside the original."""
-        stem = Path(self.checkpoint).stem + f"_{self.structure}_m{self.multiplier}"
+        size = f"budget{self.budget:g}" if self.budget is not None else f"m{self.multiplier}"
+        stem = Path(self.checkpoint).stem + f"_{self.structure}_{size}"
         return Path(self.output or Path(self.checkpoint).with_name(stem + ".pth"))
 
 
@@ -220,6 +272,8 @@ def clos_convert(options: ClosConvertOptions) -> dict:
     check comes before the first file is written; a lock beside the output keeps a second identical run out."""
     o = options
     check_finetuning_options(o.finetune_epochs, {"the loss options": o.loss})
+    if o.budget is not None and o.fit != "data":
+        raise UserError("--budget chooses by the held-out error of the data-aware fit: leave out --fit weights")
     if o.structure == AUTO and o.fit != "data":
         raise UserError("--structure auto keeps, per layer, the structure with the lowest held-out error of the "
                         "data-aware fit: leave out --fit weights")
@@ -239,9 +293,9 @@ def convert_locked(o: ClosConvertOptions) -> dict:
     o = dataclasses.replace(o, device=str(opened.device))
     ckpt, model = opened.ckpt, opened.model
     names = matching_linears(model, o.layers)
-    if not o.allow_more_parameters:
+    if not o.allow_more_parameters and o.budget is None:  # --budget keeps a layer dense rather than enlarge it
         check_saves_parameters(model, names, o.multiplier, o.structure)
-    check_fits_in_memory(model, names, o.multiplier, o.structure, opened.device)
+    check_fits_in_memory(model, names, 1 if o.budget is not None else o.multiplier, o.structure, opened.device)
     tuned = None
     if o.finetune_epochs:
         tuned = finetune_config(from_dict(ckpt["config"], o.checkpoint), out, out.stem + "_kd", o.finetune_epochs,
@@ -251,7 +305,9 @@ def convert_locked(o: ClosConvertOptions) -> dict:
     test_acc = lambda: evaluate(model, opened.loader("test"))["acc"]  # noqa: E731
     summary = {"checkpoint": o.checkpoint, "structure": o.structure, "multiplier": o.multiplier, "fit": o.fit,
                "parameters_before": count_parameters(model), "test_accuracy_before": test_acc(), "layers": []}
-    for name in names:  # layer by layer: later layers see converted inputs
+    if o.budget is not None:
+        summary.update(budget_share=o.budget, layers=convert_within_budget(model, original, names, opened, o))
+    for name in names if o.budget is None else []:  # layer by layer: later layers see converted inputs
         summary["layers"].append(convert_layer(
             model, name, o.multiplier, o.fit,
             lambda n: layer_examples(model, original, n, opened.loader("train"), o.calibration_examples),

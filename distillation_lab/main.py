@@ -138,9 +138,14 @@ def cmd_clos_convert(args: argparse.Namespace) -> int:
     make_config(loss, "command line")  # a loss given twice is refused before any work
     summary = clos_convert(options_from_args(ClosConvertOptions, args, loss=loss))
     for layer in summary["layers"]:
+        if layer["structure"] == "dense":  # --budget kept it
+            print(f"{layer['layer']}: kept dense ({layer['dense_parameters']:,} parameters)")
+            continue
         fit = layer.get("data_aware", layer["weight_space"])
         err = fit.get("relative_error_heldout", fit.get("identity_probe_relative_error"))
-        budget = "" if layer["structure"] == "clos" else f" (Clos m={summary['multiplier']}: {layer['clos_parameters']:,})"
+        m = layer.get("multiplier", summary["multiplier"])
+        budget = f" as {layer['structure']} m={m}" if "budget_share" in summary else \
+            "" if layer["structure"] == "clos" else f" (Clos m={m}: {layer['clos_parameters']:,})"
         print(f"{layer['layer']}: {layer['dense_parameters']:,} -> {layer['parameters']:,} parameters{budget}, "
               f"relative output error {err:.4f}")
     print(f"parameters {summary['parameters_before']:,} -> {summary['parameters_after']:,} "

@@ -328,6 +328,43 @@ def test_clos_convert_auto_keeps_per_layer_the_structure_with_the_lowest_held_ou
     assert main(["clos-convert", "--checkpoint", str(out / "mlp.pth"), "--layers", "fc1", "--structure", "auto",
                  "--fit", "weights", "--output", str(tmp_path / "w.pth")]) == 2
     assert "--structure auto keeps, per layer" in capsys.readouterr().err
+    # --budget: a third of the two layers' dense parameters, spent per layer on a structure and multiplier.
+    dense = {n: build_model(load_checkpoint(out / "mlp.pth")).get_submodule(n) for n in ("fc1", "fc2")}
+    total = sum(sum(p.numel() for p in d.parameters()) for d in dense.values())
+    assert main(["clos-convert", "--checkpoint", str(out / "mlp.pth"), "--layers", "fc1,fc2", "--structure", "auto",
+                 "--budget", "0.33", "--fit-steps", "5", "--als-iterations", "5", "--calibration-images", "128"]) == 0
+    ckpt = load_checkpoint(out / "mlp_auto_budget0.33.pth")
+    rebuilt = build_model(ckpt)
+    spent = sum(sum(p.numel() for p in rebuilt.get_submodule(n).parameters()) for n in dense)
+    assert spent <= 0.33 * total and ckpt["clos"]["budget_share"] == 0.33
+    for layer in ckpt["clos"]["layers"]:
+        assert "dense" in layer["candidates"] and any(k.startswith("monarch m=") for k in layer["candidates"])
+        if layer["structure"] != "dense":
+            assert layer["candidates"][f"{layer['structure']} m={layer['multiplier']}"] == \
+                layer["data_aware"]["relative_error_heldout"]
+    capsys.readouterr()
+    assert main(["clos-convert", "--checkpoint", str(out / "mlp.pth"), "--layers", "fc1,fc2", "--budget", "0.001",
+                 "--fit-steps", "1", "--calibration-images", "64", "--output", str(tmp_path / "b.pth")]) == 2
+    assert "but their smallest candidates already take" in capsys.readouterr().err
+    assert not (tmp_path / "b.pth").exists()
+
+
+def test_budget_allocation_takes_the_most_error_saved_per_parameter_first():
+    """Greedy by hand: from the cheapest options (a: 10 params, error 0.5; b: 10, 0.4), the best ratio is
+    a's 30-parameter option (0.3 saved / 20 = 0.015 per parameter) over b's (0.1 / 20); then, with 40 left,
+    b's 30 (0.005 per parameter) fits and a's dense (100) does not."""
+    from distillation_lab.clos_budget import allocate
+
+    options = {"a": [{"parameters": 10, "error": 0.5}, {"parameters": 30, "error": 0.2},
+                     {"parameters": 100, "error": 0.0}],
+               "b": [{"parameters": 10, "error": 0.4}, {"parameters": 10, "error": 0.6},
+                     {"parameters": 30, "error": 0.3}]}
+    chosen = allocate(options, 60)
+    assert (chosen["a"]["parameters"], chosen["b"]["parameters"]) == (30, 30)
+    assert allocate(options, 40)["b"]["error"] == 0.4  # no room for b's upgrade after a's
+    assert allocate(options, 1000)["a"]["error"] == 0.0  # room for everything: dense where it is best
+    with pytest.raises(UserError, match="smallest candidates already take 20"):
+        allocate(options, 19)
 
 
 @pytest.mark.parametrize("shape", [(784, 784), (384, 384), (384, 1536), (1536, 384), (192, 576), (192, 192),
@@ -344,3 +381,19 @@ def test_monarch_at_the_clos_budget_comes_within_two_percent(shape, m):
         monarch = STRUCTURES["monarch"].make(dense, m)
     assert abs(parameter_count(monarch) - budget) <= 0.02 * budget, (monarch.k, monarch.l, monarch.rank)
     assert monarch.k >= 2 and monarch.l >= 2  # still two block-diagonal stages, not a low-rank layer
+
+
+def test_ridge_solve_handles_the_batches_where_lus_solve_failed():
+    """16 systems of 161 in float64 (a Monarch last stage): torch.linalg.solve's LU failed on them with MKL
+    once torch.set_num_threads had been called (as conftest and many cluster scripts do); Cholesky does not."""
+    from pruning_lab.clos.linalg import ridge_solve
+
+    torch.manual_seed(0)
+    a = torch.randn(16, 161, 300, dtype=torch.float64)
+    rhs = torch.randn(16, 161, 16, dtype=torch.float64)
+    gram = a @ a.transpose(1, 2)
+    x = ridge_solve(gram, rhs, 1e-6)
+    scale = gram.diagonal(dim1=1, dim2=2).mean(1)[:, None, None]
+    assert torch.allclose((gram + 1e-6 * scale * torch.eye(161, dtype=torch.float64)) @ x, rhs, atol=1e-9)
+    singular = torch.zeros(2, 5, 5, dtype=torch.float64)  # not positive definite even with the ridge: least squares
+    assert torch.equal(ridge_solve(singular, torch.ones(2, 5, 1, dtype=torch.float64), 0.0), torch.zeros(2, 5, 1, dtype=torch.float64))

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layer import Clos
+from .linalg import ridge_solve
 from .peers import Monarch, solve_monarch_last_stage
 
 
@@ -36,10 +37,7 @@ def solve_last_stage(clos: Clos, x: torch.Tensor, y: torch.Tensor, ridge: float 
     """Set the egress weights to the least-squares optimum for fixed stages 1-2 (and bias3)."""
     a = clos.egress_inputs(x).double()  # [b3, b2, N]
     t = (y.reshape(-1, clos.b3, clos.bout).transpose(0, 1) - clos.bias3.view(-1, 1, 1)).double()  # [b3, N, bout]
-    gram = a @ a.transpose(1, 2)  # [b3, b2, b2]
-    scale = gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12).view(-1, 1, 1)
-    eye = torch.eye(clos.b2, dtype=gram.dtype, device=gram.device)
-    solution = torch.linalg.solve(gram + ridge * scale * eye, a @ t)  # [b3, b2, bout]
+    solution = ridge_solve(a @ a.transpose(1, 2), a @ t, ridge)  # [b3, b2, bout]
     clos.w3.copy_(solution.permute(1, 0, 2).to(clos.w3.dtype))
 
 
@@ -71,11 +69,6 @@ def fit_clos(clos: Clos | Monarch, x: torch.Tensor, y: torch.Tensor, steps: int 
 
 
 # ---------------------------------------------------------------- weight-space fit (exact ALS)
-def _ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Solve (gram + ridge * mean diag * I) x = rhs for a batch of small symmetric systems."""
-    scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[..., None, None]
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    return torch.linalg.solve(gram + ridge * scale * eye, rhs)
 
 
 @torch.no_grad()
@@ -96,13 +89,13 @@ def fit_weights_als(clos: Clos, weight: torch.Tensor, iterations: int = 100, rid
     for _ in range(iterations):
         bb = b @ b.transpose(1, 2)  # [j, k, m]
         gram = torch.einsum("jlk,jlm,jkm->lkm", d, d, bb)
-        a = _ridge_solve(gram, torch.einsum("ljoi,jki,jlk->lko", w, b, d), ridge).transpose(1, 2)
+        a = ridge_solve(gram, torch.einsum("ljoi,jki,jlk->lko", w, b, d), ridge).transpose(1, 2)
         aa = a.transpose(1, 2) @ a  # [l, k, m]
         gram = torch.einsum("jlk,jlm,lkm->jkm", d, d, aa)
-        b = _ridge_solve(gram, torch.einsum("jlk,lok,ljoi->jki", d, a, w), ridge)
+        b = ridge_solve(gram, torch.einsum("jlk,lok,ljoi->jki", d, a, w), ridge)
         gram = aa[None] * (b @ b.transpose(1, 2))[:, None]  # [j, l, k, m]
         rhs = torch.einsum("lok,ljoi,jki->jlk", a, w, b)
-        d = _ridge_solve(gram, rhs[..., None], ridge)[..., 0]
+        d = ridge_solve(gram, rhs[..., None], ridge)[..., 0]
         approx = torch.einsum("lok,jlk,jki->ljoi", a, d, b)
         errors.append(float((approx - w).norm() / w.norm()))
     clos.w3.copy_(a.permute(2, 0, 1).to(clos.w3.dtype))

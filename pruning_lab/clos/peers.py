@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ..errors import UserError
 from .layer import largest_divisor_up_to_sqrt
+from .linalg import ridge_solve
 
 
 class LowRank(nn.Module):
@@ -127,9 +128,7 @@ def fit_lowrank_to_outputs(layer: LowRank, x: torch.Tensor, y: torch.Tensor, rid
     x, y = x.double(), y.double()
     x_mean, y_mean = x.mean(0), y.mean(0)
     xc, yc = x - x_mean, y - y_mean
-    gram = xc.T @ xc
-    gram += ridge * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
-    w = torch.linalg.solve(gram, xc.T @ yc).T  # [out, in], least squares
+    w = ridge_solve(xc.T @ xc, xc.T @ yc, ridge).T  # [out, in], least squares
     fitted = xc @ w.T  # [N, out]
     _, _, vh = torch.linalg.svd(fitted, full_matrices=False)  # right singular vectors: output directions
     basis = vh[: layer.rank]  # [r, out]
@@ -162,10 +161,7 @@ def solve_monarch_last_stage(layer: Monarch, x: torch.Tensor, y: torch.Tensor, r
     a = layer.group_inputs(x).double()  # [l, k*R, N]
     a = torch.cat([a, torch.ones_like(a[:, :1])], 1)  # a constant row: the bias
     t = y.double().reshape(-1, layer.l, layer.s).transpose(0, 1)  # [l, N, s]
-    gram = a @ a.transpose(1, 2)
-    scale = gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12).view(-1, 1, 1)
-    solution = torch.linalg.solve(gram + ridge * scale * torch.eye(gram.shape[-1], dtype=gram.dtype,
-                                                                  device=gram.device), a @ t)  # [l, kR+1, s]
+    solution = ridge_solve(a @ a.transpose(1, 2), a @ t, ridge)  # [l, kR+1, s]
     layer.w2.copy_(solution[:, :-1].transpose(1, 2).to(layer.w2.dtype))
     if layer.bias is not None:
         layer.bias.copy_(solution[:, -1].reshape(-1).to(layer.bias.dtype))
