@@ -88,6 +88,9 @@ def made_by(ckpt: dict, kind: str) -> str:
     if kind == "converted":
         structures = dict.fromkeys(STRUCTURE_NAMES[s["kind"]] for s in ckpt["surgery"] if s["kind"] in STRUCTURE_NAMES)
         return " + ".join(structures) + (" + KD fine-tuning" if ckpt.get("teacher") else "")
+    if kind == "student_with_kd":  # a method other than plain KD (a sweep's points) is its own method
+        terms = [t for t in (ckpt.get("config", {}).get("loss") or {}) if t not in ("ce", "kd")]
+        return "student with kd" + (f" ({' + '.join(terms)})" if terms else "")
     if kind != "pruned":
         return kind.replace("_", " ")
     steps = {s["kind"]: s for s in ckpt["surgery"]}

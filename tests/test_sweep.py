@@ -102,3 +102,17 @@ def test_bad_sweeps_are_refused_before_any_run(teacher, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and message in err, err
     assert not (tmp_path / "s").exists()
+
+
+def test_each_distillation_method_is_its_own_method_in_the_report():
+    """A sweep's points (students distilled with other terms) are told apart on the report's rows and pictures."""
+    from distillation_lab.report import method_of
+
+    def student(loss, surgery=()):
+        return {"config": {"loss": loss}, "surgery": list(surgery)}
+
+    assert method_of(student({"ce": {}, "kd": {}}), "student_with_kd") == "student with kd"
+    assert method_of(student({"ce": {}, "dist": {}}), "student_with_kd") == "student with kd (dist)"
+    assert method_of(student({"kd": {}, "rkd": {}, "sp": {}}), "student_with_kd") == "student with kd (rkd + sp)"
+    assert method_of(student({"ce": {}, "kd": {}}, [{"kind": "bottleneck"}]), "student_with_kd") == \
+        "student with kd + key-value bottleneck"
