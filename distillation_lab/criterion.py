@@ -8,7 +8,7 @@ from typing import Optional
 from pruning_lab.config import LOSS_SHORTHANDS, Config
 from pruning_lab.errors import UserError
 from pruning_lab.train.criterion import Criterion
-from pruning_lab.train.terms import build_term, check_loss_spec
+from pruning_lab.train.terms import TERMS, build_term, check_loss_spec
 
 from .teacher import FrozenTeacher
 
@@ -50,12 +50,20 @@ def check_regression_loss(spec: dict) -> None:
 class DistillationCriterion(Criterion):
     """The loop's criterion built from a `loss` mapping: named terms, some of which see the frozen teacher."""
 
-    def __init__(self, spec: dict, student_widths: list, teacher: Optional[FrozenTeacher] = None) -> None:
+    def __init__(self, spec: dict, student_widths: list, teacher: Optional[FrozenTeacher] = None,
+                 extra_teachers: tuple = ()) -> None:
         check_loss_spec(spec, teacher is not None)
-        terms = {}
+        teachers = [teacher, *extra_teachers] if teacher is not None else []
+        terms, weights, which = {}, {}, {}
         for name, params in spec.items():
-            try:
-                terms[name] = build_term(name, params, student_widths, teacher.feature_widths if teacher else ())
-            except (TypeError, ValueError) as e:
-                raise UserError(f"loss term '{name}': {e}") from None
-        super().__init__(terms, {name: params["weight"] for name, params in spec.items()}, teacher)
+            # With several teachers a term that sees one is made once per teacher (its own projections for
+            # that teacher's widths), named kd, kd@1, ..., each at weight / the number of teachers.
+            copies = range(len(teachers)) if TERMS[name].needs_teacher and len(teachers) > 1 else [0]
+            for i in copies:
+                key = name if i == 0 else f"{name}@{i}"
+                try:
+                    terms[key] = build_term(name, params, student_widths, teachers[i].feature_widths if teachers else ())
+                except (TypeError, ValueError) as e:
+                    raise UserError(f"loss term '{name}': {e}") from None
+                weights[key], which[key] = params["weight"] / len(copies), i
+        super().__init__(terms, weights, teacher, tuple(extra_teachers), which)

@@ -54,7 +54,8 @@ def cmd_train(args: argparse.Namespace, job: str) -> int:
         raise UserError("distill needs a teacher checkpoint: --teacher-checkpoint models_saved/cnn_teacher.pth "
                         "(written by train-teacher)")
     if job != "distill":  # a flag the command would not use is an error, not ignored
-        unused = [k for k in ("teacher_checkpoint", "teacher", *LOSS_SHORTHANDS) if getattr(cfg, k) not in ("", None)]
+        unused = [k for k in ("teacher_checkpoint", "teacher", "extra_teachers", *LOSS_SHORTHANDS)
+                  if getattr(cfg, k) not in ("", None, [])]
         if unused:
             raise UserError(f"train-{job} trains without a teacher, but {', '.join(unused)} "
                             f"{'is' if len(unused) == 1 else 'are'} set; use the distill command to train with one")
@@ -358,7 +359,7 @@ def add_submit_parser(sub) -> None:
                    "part of the chain); the jobs they wait for outside them count as done, so their checkpoints "
                    "must exist [default: every job]")
     add_config_arguments(p, skip=("model", "model_args", "name", "role", "family", "resume", "teacher",
-                                  "teacher_checkpoint", "init_checkpoint", "keep_layers", "bottleneck"))
+                                  "teacher_checkpoint", "extra_teachers", "init_checkpoint", "keep_layers", "bottleneck"))
     p.set_defaults(func=cmd_submit)
 
 
@@ -475,7 +476,8 @@ def add_pipeline_parser(sub) -> None:
     p.add_argument("--preset", default="demo", help="demo (embedded MNIST, CPU, minutes) or cifar10 (a GPU)")
     p.add_argument("--seeds", type=at_least(0), nargs="+", help="student seeds (default: 0 1 2 for demo, 0 for cifar10)")
     add_config_arguments(p, skip=("model", "name", "role", "family", "resume", "seed", "teacher",
-                                  "teacher_checkpoint", "init_checkpoint", "keep_layers", "bottleneck", "labelled_subset"))
+                                  "teacher_checkpoint", "extra_teachers", "init_checkpoint", "keep_layers", "bottleneck",
+                                  "labelled_subset"))
     p.set_defaults(func=cmd_pipeline)
 
 

@@ -30,13 +30,16 @@ def run_training(cfg: Config, parts: Optional[RunParts] = None, teacher: Optiona
     parts = parts or build_parts(cfg)
     if teacher is None and cfg.teacher_checkpoint:
         teacher = load_teacher(cfg.teacher_checkpoint, cfg.teacher, parts.data, parts.device)
+    extra = [load_teacher(path, "", parts.data, parts.device) for path in cfg.extra_teachers]
     family = cfg.family or (teacher.record.get("family") if teacher else None) or model_family(cfg.model)
     cfg = dataclasses.replace(cfg, family=family)
     regression = parts.data.get("num_classes") == 1
     if regression:
         check_regression_loss(cfg.loss)
-    criterion = DistillationCriterion(cfg.loss, parts.model.feature_widths, teacher)
-    trainer = Trainer(cfg, parts, criterion, eval_fn, record={"teacher": teacher.record if teacher else None})
+    criterion = DistillationCriterion(cfg.loss, parts.model.feature_widths, teacher, tuple(extra))
+    record = {"teacher": teacher.record if teacher else None, **({"extra_teachers": [t.record for t in extra]}
+                                                                  if extra else {})}
+    trainer = Trainer(cfg, parts, criterion, eval_fn, record=record)
     summary = trainer.fit()
     if teacher is None or parts.test_loader is None or regression:  # agreement counts classes
         return summary
@@ -59,10 +62,12 @@ def check_finetuning(cfg: Config, data: dict) -> None:
     """Everything a later fine-tuning run (`cfg`, on the data recorded as `data`) would refuse, checked now, before
     the command that starts it (prune, clos-convert) writes its first file."""
     check_run(cfg, bool(cfg.teacher_checkpoint))
-    if cfg.teacher_checkpoint:
-        teacher = load_checkpoint(cfg.teacher_checkpoint)
-        build_model(teacher, cfg.teacher or None, source=cfg.teacher_checkpoint)  # a damaged or foreign teacher
-        check_teacher_data(cfg.teacher_checkpoint, teacher.get("data", {}), data)
+    for path, expect in [(cfg.teacher_checkpoint, cfg.teacher), *((p, "") for p in cfg.extra_teachers)]:
+        if not path:
+            continue
+        teacher = load_checkpoint(path)
+        build_model(teacher, expect or None, source=path)  # a damaged or foreign teacher
+        check_teacher_data(path, teacher.get("data", {}), data)
 
 
 def check_finetuning_options(finetune_epochs: int, given: dict) -> None:

@@ -45,14 +45,16 @@ REQUIRED = dataclasses.MISSING  # the default of a field without one: its flag i
 
 
 def option(default: Any, help: str, choices: Any = None, *, range: Optional[Range] = None,
-           aliases: tuple = (), shown_default: Optional[str] = None, metavar: Optional[str] = None, **kw: Any) -> Any:
+           aliases: tuple = (), shown_default: Optional[str] = None, metavar: Optional[str] = None,
+           items: type = int, **kw: Any) -> Any:
     """A dataclass field carrying what its --flag needs, declared once: the --help text, the allowed values
     for strings (`choices`: a tuple, or a function returning one, read when used), the allowed `range` of a
     number, other spellings of the flag (`aliases`), how --help shows a default that is not literal
     (`shown_default`, e.g. what None stands for) and the flag's `metavar`. `add_dataclass_arguments` makes the
-    flags and `check_field` checks a value (the flag's and the dataclass's), both from this."""
+    flags and `check_field` checks a value (the flag's and the dataclass's), both from this. A list holds
+    `items` (int, or str)."""
     meta = {"help": help, "choices": choices, "range": range, "aliases": aliases, "shown_default": shown_default,
-            "metavar": metavar}
+            "metavar": metavar, "items": items}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: json.loads(json.dumps(default)), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -122,6 +124,10 @@ class Config:
     teacher: str = _opt("", "distill: the teacher's architecture (checked against its checkpoint)")
     teacher_checkpoint: str = _opt("", "distill: the teacher checkpoint (.pth written by train-teacher); "
                                        "a run distills exactly when it has one")
+    extra_teachers: list = _opt([], "distill from several teachers: these checkpoints beside teacher_checkpoint; "
+                                    "every loss term that sees a teacher is computed once per teacher, each at "
+                                    "its weight / the number of teachers (for kd: the gradients of KD on the "
+                                    "teachers' averaged soft targets)", items=str)
     # Shorthand for `loss` (distillation): alpha * CE + (1 - alpha) * T^2 * KL [+ feature term].
     # None = not given; giving them together with `loss` in one place is an error.
     alpha: Optional[float] = _opt(None, "shorthand for `loss`: weight of the hard-label CE, KD gets 1 - alpha "
@@ -212,7 +218,8 @@ def check_field(cls: type, name: str, value: Any, subject: str) -> Any:
     tp = _field_type(name, cls)
     optional = type(None) in typing.get_args(tp)
     base = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
-    bad = UserError(f"{subject} must be {_type_name(tp)}, got {value!r}")
+    what = "a list of paths" if base is list and f.metadata.get("items") is str else _type_name(tp)
+    bad = UserError(f"{subject} must be {what}, got {value!r}")
     if value is None:
         if optional:
             return None
@@ -234,7 +241,8 @@ def check_field(cls: type, name: str, value: Any, subject: str) -> Any:
         if choices and value not in choices:
             raise UserError(f"{subject} must be one of {', '.join(choices)}; got '{value}'")
     elif base is list:
-        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        items = f.metadata.get("items", int)
+        if not isinstance(value, list) or not all(isinstance(v, items) and not isinstance(v, bool) for v in value):
             raise bad
     elif base is dict:
         if not isinstance(value, dict):
@@ -382,6 +390,11 @@ def _int_or_none(text: str) -> Optional[int]:
         raise argparse.ArgumentTypeError(f"'{text}' is not an integer (give integers, or none to clear the list)") from None
 
 
+def _str_or_none(text: str) -> Optional[str]:
+    """One item of a list of strings: the text, or none (which clears the list)."""
+    return None if text.lower() in ("none", "null") else text
+
+
 def _cleared_list(values: list, flag: str) -> list:
     """A list flag's items; `none` alone is the empty list."""
     if None in values:
@@ -441,8 +454,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
             group.add_argument(*flags, action=action, **common)
         elif _base_type(f.name, cls) is list:  # `--keep-layers none` clears a list a recipe sets
             cleared = lambda value, flag, n=f.name: check(n, _cleared_list(value, flag), flag)  # noqa: E731
-            group.add_argument(*flags, nargs="+", type=_int_or_none, metavar="N", action=_Checked, check=cleared,
-                               **common)
+            strings = f.metadata.get("items", int) is str
+            group.add_argument(*flags, nargs="+", type=_str_or_none if strings else _int_or_none,
+                               metavar="PATH" if strings else "N", action=_Checked, check=cleared, **common)
         else:
             group.add_argument(*flags, metavar=f.metadata.get("metavar") or "VALUE", action=_Checked, check=checked,
                                type=lambda t, n=f.name: _parse_cli_value(n, t, cls), **common)

@@ -159,3 +159,40 @@ def test_cifar10_preset_end_to_end_on_tiny_files(tmp_path, monkeypatch):
     details = json.loads((out / "report_details.json").read_text())
     assert details["vit"]["student_accuracy_with_kd"]["runs"][0]["model"] == "vit_student"
     assert details["cnn"]["teacher_accuracy"]["runs"][0]["parameters"] > 11_000_000
+
+
+def test_two_teachers_give_the_gradient_of_kd_on_their_averaged_soft_targets():
+    """kd, kd@1 at half the weight each: mean_i T^2 KL(p_i || q) differs from T^2 KL(mean_i p_i || q) by a constant
+    (the teachers' entropies), so the student's gradient is that of KD on the averaged soft targets."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    t_logits = [torch.randn(6, 10), 3 * torch.randn(6, 10)]
+    teachers = [lambda x, z=z: (z, []) for z in t_logits]
+    for t in teachers:
+        t.feature_widths = []
+    criterion = DistillationCriterion({"kd": {"weight": 1.0, "temperature": 4.0}}, [], teachers[0], (teachers[1],))
+    s_logits = torch.randn(6, 10, requires_grad=True)
+    terms = criterion(s_logits, [], torch.zeros(6, dtype=torch.long), torch.zeros(6, 1))
+    assert set(terms) == {"kd", "kd@1"}
+    sum(terms.values()).backward()
+    target = torch.stack([F.softmax(z / 4.0, 1) for z in t_logits]).mean(0)  # the averaged soft targets
+    expected = torch.autograd.grad(16.0 * F.kl_div(F.log_softmax(s_logits / 4.0, 1), target, reduction="batchmean"),
+                                   s_logits)[0]
+    assert torch.allclose(s_logits.grad, expected, atol=1e-6)
+
+
+def test_distill_from_two_teachers_records_both(teacher, tmp_path, capsys):
+    other = tmp_path / "t2"
+    assert main(["train-teacher", "--model", "resnet8", "--model-args", "{width: 8}", *SMALL, "--epochs", "1",
+                 "--out-dir", str(other), "--name", "t2"]) == 0
+    assert main(["distill", "--teacher", "resnet18", "--teacher-checkpoint", str(teacher), "--extra-teachers",
+                 str(other / "t2.pth"), "--model-args", "{width: 4}", *SMALL, "--epochs", "1", "--out-dir",
+                 str(tmp_path), "--name", "two", "--feature-distill"]) == 0
+    best = load_checkpoint(tmp_path / "two.pth")
+    assert best["teacher"]["name"] == "cnn_teacher" and [t["name"] for t in best["extra_teachers"]] == ["t2"]
+    log = pd.read_csv(tmp_path / "two_log.csv")
+    assert {"train_loss_kd", "train_loss_kd@1", "train_loss_feature", "train_loss_feature@1"} <= set(log.columns)
+    capsys.readouterr()
+    assert main(["train-student", "--extra-teachers", str(other / "t2.pth"), *SMALL, "--out-dir", str(tmp_path)]) == 2
+    assert "but extra_teachers is set" in capsys.readouterr().err

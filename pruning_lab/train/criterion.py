@@ -60,15 +60,18 @@ class Criterion(nn.Module):
     """
 
     def __init__(self, terms: dict[str, nn.Module], weights: dict[str, float],
-                 teacher: Optional[Teacher] = None) -> None:
+                 teacher: Optional[Teacher] = None, extra_teachers: tuple = (),
+                 term_teacher: Optional[dict[str, int]] = None) -> None:
         super().__init__()
         self.terms = nn.ModuleDict(terms)
         self.weights = {name: float(weights[name]) for name in terms}
-        self.teacher = teacher
+        self.teacher = teacher  # the main one: its agreement with the student is what runs report
+        self.teachers = [teacher, *extra_teachers] if teacher is not None else []
+        self.term_teacher = term_teacher or {}  # a term's teacher by index (default 0); several: one term each
 
     def forward(self, logits, features, labels, inputs) -> dict:
-        t_logits, t_features = self.teacher(inputs) if self.teacher is not None else (None, None)
-        return {name: self.weights[name] * term(logits, features, t_logits, t_features, labels)
+        outputs = [t(inputs) for t in self.teachers] or [(None, None)]
+        return {name: self.weights[name] * term(logits, features, *outputs[self.term_teacher.get(name, 0)], labels)
                 for name, term in self.terms.items()}
 
 
