@@ -6,7 +6,7 @@
 A point is one combination of the grid's values; it runs once per seed as the run
 SWEEP__KEY-VALUE_..._seedS in the sweep's folder (its own checkpoints, log and lock, as any run).
 `loss` takes a method's name (METHOD_LOSSES: the student alone, KD, KD with logit standardization,
-DKD, DIST, RKD, SP, PKT, with the settings of their papers or reference code) or a whole `loss`
+DKD, DIST, RKD, SP, PKT, CRD, with the settings of their papers or reference code) or a whole `loss`
 mapping; a shorthand such as `temperature` beside it goes into every term that has one. The sweep's
 plan goes into SWEEP.sweep/ (sweep.json, one config file per run), so that a rerun continues: finished
 runs are only evaluated, unfinished ones resume, a failed run fails alone. The table (per point the
@@ -56,6 +56,7 @@ METHOD_LOSSES: dict[str, dict] = {
     "rkd": {"ce": {"weight": 1.0}, "rkd": {"weight": 1.0, "distance": 25.0, "angle": 50.0}},
     "sp": {"ce": {"weight": 1.0}, "sp": {"weight": 3000.0}},
     "pkt": {"ce": {"weight": 1.0}, "pkt": {"weight": 30000.0}},
+    "crd": {"ce": {"weight": 1.0}, "crd": {"weight": 0.8}},  # RepDistiller's and mdistiller's CE + 0.8 CRD
 }
 LAUNCHERS = ("local", "slurm", "submitit")
 

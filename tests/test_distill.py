@@ -196,3 +196,13 @@ def test_distill_from_two_teachers_records_both(teacher, tmp_path, capsys):
     capsys.readouterr()
     assert main(["train-student", "--extra-teachers", str(other / "t2.pth"), *SMALL, "--out-dir", str(tmp_path)]) == 2
     assert "but extra_teachers is set" in capsys.readouterr().err
+
+
+def test_crd_distills_and_saves_its_memories_for_resume(teacher, tmp_path):
+    assert main(["distill", "--teacher", "resnet18", "--teacher-checkpoint", str(teacher), "--model-args",
+                 "{width: 4}", *SMALL, "--out-dir", str(tmp_path), "--name", "crd",
+                 "--loss", "{ce: {weight: 1.0}, crd: {weight: 0.8, negatives: 256}}"]) == 0
+    last = load_checkpoint(tmp_path / "crd_last.pth")
+    assert last["criterion"]["terms.crd.memory_teacher"].shape == (256, 128)
+    assert int(last["criterion"]["terms.crd.position"]) == (2 * 8 * 32) % 256  # 2 epochs of 8 batches of 32
+    assert last["history"][-1]["train_loss_crd"] > 0

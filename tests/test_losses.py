@@ -254,3 +254,63 @@ def test_pkt_against_a_hand_computation_on_token_features():
     expected = sum(pt[i][j] * math.log((pt[i][j] + 1e-7) / (ps[i][j] + 1e-7)) for i in range(3) for j in range(3)) / 3
     assert PKTTerm([4], [6])(None, [s], None, [t], Y).item() == pytest.approx(expected, rel=1e-5)
     assert PKTTerm([4], [4])(None, [s], None, [s], Y).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_crd_against_a_hand_computation_and_its_memory_of_negatives():
+    """InfoNCE in both directions by hand on 2 examples and a memory of 3; the batch then replaces the oldest
+    rows of each memory (a queue), and evaluation leaves them alone."""
+    from distillation_lab.methods.crd import CRDTerm
+
+    torch.manual_seed(0)
+    term = CRDTerm([6], [4], dim=3, negatives=3, temperature=0.5)
+    s_feat, t_feat = torch.randn(2, 6), torch.randn(2, 4)
+    s = F.normalize(term.embed_student(s_feat), dim=1)
+    t = F.normalize(term.embed_teacher(t_feat), dim=1)
+    mem_s, mem_t = term.memory_student.clone(), term.memory_teacher.clone()
+
+    def nce(a, p, memory):
+        total = 0.0
+        for i in range(len(a)):
+            pos = math.exp(float(a[i] @ p[i]) / 0.5)
+            neg = sum(math.exp(float(a[i] @ m) / 0.5) for m in memory)
+            total += -math.log(pos / (pos + neg))
+        return total / len(a)
+
+    expected = 0.5 * (nce(s, t, mem_t) + nce(t, s, mem_s))
+    term.train()
+    loss = term(None, [s_feat], None, [t_feat], None)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert torch.allclose(term.memory_student[:2], s.detach()) and torch.equal(term.memory_student[2], mem_s[2])
+    assert torch.allclose(term.memory_teacher[:2], t.detach()) and int(term.position) == 2
+    term(None, [s_feat], None, [t_feat], None)  # wraps around: rows 2 and 0
+    assert torch.allclose(term.memory_student[2], s[0].detach()) and torch.allclose(term.memory_student[0], s[1].detach())
+    term.eval()
+    before = term.memory_student.clone()
+    term(None, [s_feat], None, [t_feat], None)
+    assert torch.equal(term.memory_student, before)
+    loss.backward()  # the teacher's features get no gradient; the heads do
+    assert term.embed_student.weight.grad is not None
+
+
+def test_crd_learns_to_pair_each_students_embedding_with_its_teachers():
+    """Paired features of 64 examples seen as batches of 16 with a memory of 48: after Adam steps on the
+    heads (and the student's features), each student embedding is closest to its own example's teacher
+    embedding, and the loss falls well below chance (log(1 + 48))."""
+    from distillation_lab.methods.crd import CRDTerm
+
+    torch.manual_seed(0)
+    teacher_features = torch.randn(64, 12)
+    student_features = (teacher_features @ torch.randn(12, 8) + 0.1 * torch.randn(64, 8)).requires_grad_()
+    term = CRDTerm([8], [12], dim=16, negatives=48, temperature=0.1).train()
+    optimizer = torch.optim.Adam([*term.parameters(), student_features], lr=1e-2)
+    for step in range(300):
+        batch = torch.arange(16) + 16 * (step % 4)
+        loss = term(None, [student_features[batch]], None, [teacher_features[batch]], None)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert float(loss) < 0.5 * math.log(49)
+    with torch.no_grad():
+        s = F.normalize(term.embed_student(student_features), dim=1)
+        t = F.normalize(term.embed_teacher(teacher_features), dim=1)
+    assert ((s @ t.T).argmax(1) == torch.arange(64)).float().mean() > 0.9
