@@ -81,7 +81,7 @@ def test_distilbert_style_student_keeps_the_teachers_layers_it_copies(tmp_path, 
     common = ["--model", "minilm_bert", "--model-args", bert, "--dataset", "tweets", "--data-dir", str(tmp_path),
               "--epochs", "1", "--batch-size", "32", "--train-subset", "256", "--val-size", "100",
               "--optimizer", "adamw", "--lr", "1e-3", "--out-dir", str(out), "--no-progress"]
-    assert main(["train-teacher", *common, "--name", "teacher"]) == 0
+    assert main(["train-teacher", *common, "--name", "teacher", "--max-steps-per-epoch", "2"]) == 0
     teacher = build_model(load_checkpoint(out / "teacher.pth"))
     student_args = [*common, "--init-checkpoint", str(out / "teacher.pth"), "--keep-layers", "1", "3", "--lr", "1e-12"]
     assert main(["train-student", *student_args, "--name", "student", "--max-steps-per-epoch", "1"]) == 0
@@ -93,7 +93,7 @@ def test_distilbert_style_student_keeps_the_teachers_layers_it_copies(tmp_path, 
         for (name, a), (_, b) in zip(s_layer.state_dict().items(), t_layer.state_dict().items()):
             assert torch.allclose(a, b, atol=1e-6), name  # copied (a 1e-12 learning rate leaves them so)
     assert main(["distill", *student_args, "--name", "student_kd", "--teacher-checkpoint", str(out / "teacher.pth"),
-                 "--feature-distill"]) == 0
+                 "--feature-distill", "--max-steps-per-epoch", "2"]) == 0
     assert len(build_model(load_checkpoint(out / "student_kd.pth")).hf.bert.encoder.layer) == 2
     capsys.readouterr()
     assert main(["train-student", *common, "--keep-layers", "0", "2", "--name", "x"]) == 2
@@ -316,7 +316,7 @@ def test_stsb_is_a_regression_trained_and_distilled_with_squared_errors(tmp_path
     common = ["--model", "minilm_bert", "--model-args", SMALL_BERT, "--dataset", "glue-stsb", "--data-dir",
               str(tmp_path), "--image-size", "24", "--val-size", "100", "--batch-size", "32", "--optimizer", "adamw",
               "--lr", "2e-3", "--scheduler", "cosine", "--out-dir", str(out), "--no-progress"]
-    assert main(["train-teacher", *common, "--epochs", "4", "--name", "teacher"]) == 0
+    assert main(["train-teacher", *common, "--epochs", "3", "--name", "teacher"]) == 0
     teacher = load_checkpoint(out / "teacher.pth")
     history = load_checkpoint(out / "teacher_last.pth")["history"]
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]  # the squared error falls
