@@ -95,10 +95,15 @@ def make_structure(structure: str, dense: nn.Linear, multiplier: int) -> nn.Modu
     return STRUCTURES["clos" if structure == AUTO else structure].make(dense, multiplier)
 
 
-def planned_layers(model: nn.Module, names: list[str], multiplier: int, structure: str) -> dict[str, nn.Module]:
-    """The new layer for each name, on the meta device: shapes and parameter counts without allocating any memory."""
+def planned_layer(structure: str, dense: nn.Linear, multiplier: int) -> nn.Module:
+    """The new layer for `dense` on the meta device: its shapes and parameter count without allocating any memory."""
     with torch.device("meta"):
-        return {name: make_structure(structure, model.get_submodule(name), multiplier) for name in names}
+        return make_structure(structure, dense, multiplier)
+
+
+def planned_layers(model: nn.Module, names: list[str], multiplier: int, structure: str) -> dict[str, nn.Module]:
+    """The new layer for each name, on the meta device."""
+    return {name: planned_layer(structure, model.get_submodule(name), multiplier) for name in names}
 
 
 def check_saves_parameters(model: nn.Module, names: list[str], multiplier: int, structure: str = "clos") -> None:
@@ -163,7 +168,7 @@ def convert_within_budget(model: nn.Module, original: nn.Module, names: list[str
     """--budget: every candidate of every layer fitted on the original model's inputs, the greedy choice within
     the budget put in place (or the layer kept dense); one summary per layer with every candidate's error."""
     structures = budget_structures(o.structure)
-    count = lambda s, dense, m: count_parameters(planned_layers_of(s, dense, m))  # noqa: E731
+    count = lambda s, dense, m: count_parameters(planned_layer(s, dense, m))  # noqa: E731
     budget = int(o.budget * sum(count_parameters(model.get_submodule(name)) for name in names))
     plans = {name: [(kind, m) for m in multipliers(model.get_submodule(name), count, structures) for kind in structures]
              for name in names}
@@ -195,12 +200,6 @@ def convert_within_budget(model: nn.Module, original: nn.Module, names: list[str
         record_surgery(model, {"kind": chosen["structure"], "layer": name, "config": chosen["layer"].config()})
         layers.append({"layer": name, **chosen["result"], "multiplier": chosen["multiplier"], "candidates": candidates})
     return layers
-
-
-def planned_layers_of(structure: str, dense: nn.Linear, multiplier: int) -> nn.Module:
-    """`structure` at `multiplier` for `dense` on the meta device (its shapes, no memory)."""
-    with torch.device("meta"):
-        return STRUCTURES[structure].make(dense, multiplier)
 
 
 def fit_structure(dense: nn.Linear, structure: str, multiplier: int, examples, fit_steps: int, als_iterations: int,
