@@ -199,3 +199,26 @@ def test_bert_heads_and_mlp_units_pruned_with_transformers_tools_and_replayed():
                             [{"kind": "prune", "modules": shape_changes(model, unpruned)}])
     rebuilt.load_state_dict(model.state_dict())
     assert torch.equal(rebuilt.eval()(x)[0], model.eval()(x)[0])
+
+
+def test_latency_of_a_slow_model_takes_one_warm_up_and_the_minimum_repeats():
+    """A forward slower than the time budget allows: one warm-up forward and `min_repeats` timed ones, whose median
+    is the latency; a fast model gets all its warm-ups and repeats."""
+    import time
+
+    from pruning_lab.inference import measure_latency
+
+    class Sleeper(torch.nn.Module):
+        def __init__(self, seconds: float):
+            super().__init__()
+            self.seconds, self.calls = seconds, 0
+
+        def forward(self, x):
+            self.calls += 1
+            time.sleep(self.seconds)
+            return x
+
+    slow, fast = Sleeper(0.1), Sleeper(0.0)
+    assert 95 < measure_latency(slow, (1, 4, 4), max_seconds=0.2) < 200 and slow.calls == 1 + 3
+    measure_latency(fast, (1, 4, 4), max_seconds=0.2)
+    assert fast.calls == 3 + 20

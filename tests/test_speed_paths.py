@@ -17,7 +17,7 @@ from pruning_lab.train.loop import channels_last_for
 def test_bf16_training_reaches_the_fp32_accuracy(tiny):
     """The same short run on the embedded digits in fp32 and in bf16 autocast (what `auto` picks where the
     device has native bf16): both learn, and to the same accuracy within the noise of 1,000 test digits."""
-    common = dict(epochs=8, train_subset=1024, model_args={"width": 8}, lr=0.1, seed=0)
+    common = dict(epochs=5, train_subset=1024, model_args={"width": 8}, lr=0.1, seed=0)
     fp32 = run_training(tiny(name="fp32", precision="fp32", **common))
     bf16 = run_training(tiny(name="bf16", precision="bf16", **common))
     assert fp32["test_acc"] > 0.9 and bf16["test_acc"] > 0.9, (fp32["test_acc"], bf16["test_acc"])

@@ -92,20 +92,34 @@ def count_flops(model: nn.Module, input_shape: tuple, device: torch.device | str
 
 @torch.no_grad()
 def measure_latency(model: nn.Module, input_shape: tuple, device: torch.device | str = "cpu",
-                    batch_size: int = 1, repeats: int = 20, warmup: int = 3) -> float:
-    """Median forward latency in milliseconds for a batch of `batch_size`."""
+                    batch_size: int = 1, repeats: int = 20, warmup: int = 3, min_repeats: int = 3,
+                    max_seconds: float = 2.0) -> float:
+    """Median forward latency in milliseconds for a batch of `batch_size`: up to `repeats` timed forwards after
+    `warmup`, stopping early once `min_repeats` are timed and `max_seconds` have passed (a full-size model at
+    batch 256 on a CPU takes seconds a forward; its median of 3 is as telling and a report of six such models
+    is not kept waiting minutes)."""
     model.eval()
     x = example_input(model, input_shape, batch_size, device)
-    times = []
-    for i in range(warmup + repeats):
-        if torch.device(device).type == "cuda":
+    cuda = torch.device(device).type == "cuda"
+
+    def timed_forward() -> float:
+        if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
         model(x)
-        if torch.device(device).type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1000)
+        return (time.perf_counter() - start) * 1000
+
+    for _ in range(warmup):
+        if timed_forward() > 1000 * max_seconds / min_repeats:  # a slow model: one warm-up forward is enough
+            break
+    times: list[float] = []
+    began = time.perf_counter()
+    while len(times) < repeats:
+        times.append(timed_forward())
+        if len(times) >= min_repeats and time.perf_counter() - began > max_seconds:
+            break
     return statistics.median(times)
 
 
