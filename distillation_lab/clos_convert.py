@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pruning_lab.clos.structures import STRUCTURES, clos_for
+from pruning_lab.clos.structures import STRUCTURES, FitBudget, clos_for
 from pruning_lab.clos.surgery import matching_linears
 from pruning_lab.surgery import record_surgery, replace_module
 from pruning_lab.checkpoint import build_model, load_checkpoint, save_derived
@@ -144,7 +144,7 @@ def check_fits_in_memory(model: nn.Module, names: list[str], multiplier: int, st
 
 
 def convert_layer(model: nn.Module, name: str, multiplier: int, fit: str, calibration, held_out,
-                  fit_steps: int, als_iterations: int, structure: str = "clos", als_start: str = "random") -> dict:
+                  budget: FitBudget = FitBudget(), structure: str = "clos") -> dict:
     """Fit a Clos (or low-rank, or Monarch) layer to one linear layer (weight-space, then data-aware)
     and put it in its place; `auto`: fit each structure at the Clos layer's parameters and keep the one
     with the lowest held-out error.
@@ -152,7 +152,7 @@ def convert_layer(model: nn.Module, name: str, multiplier: int, fit: str, calibr
     `calibration(name)` and `held_out(name)` give (inputs, targets) of the layer (`layer_examples`)."""
     dense = model.get_submodule(name)
     examples = (calibration(name), held_out(name)) if fit == "data" else None  # once, for every candidate
-    fitted = {kind: fit_structure(dense, kind, multiplier, examples, fit_steps, als_iterations, als_start)
+    fitted = {kind: fit_structure(dense, kind, multiplier, examples, budget)
               for kind in (STRUCTURES if structure == AUTO else [structure])}
     chosen = min(fitted, key=lambda k: fitted[k][1]["data_aware"]["relative_error_heldout"]) \
         if structure == AUTO else structure
@@ -183,7 +183,7 @@ def convert_within_budget(model: nn.Module, original: nn.Module, names: list[str
                          for split in ("train", "val"))
         options[name] = [{"structure": DENSE, "multiplier": None, "parameters": count_parameters(dense), "error": 0.0}]
         for kind, m in plans[name]:
-            layer, result = fit_structure(dense, kind, m, examples, o.fit_steps, o.als_iterations, o.als_start)
+            layer, result = fit_structure(dense, kind, m, examples, o.fit_budget())
             options[name].append({"structure": kind, "multiplier": m, "parameters": result["parameters"],
                                   "error": result["data_aware"]["relative_error_heldout"], "layer": layer,
                                   "result": result})
@@ -202,17 +202,17 @@ def convert_within_budget(model: nn.Module, original: nn.Module, names: list[str
     return layers
 
 
-def fit_structure(dense: nn.Linear, structure: str, multiplier: int, examples, fit_steps: int, als_iterations: int,
-                  als_start: str) -> tuple[nn.Module, dict]:
+def fit_structure(dense: nn.Linear, structure: str, multiplier: int, examples,
+                  budget: FitBudget = FitBudget()) -> tuple[nn.Module, dict]:
     """One structure fitted to `dense` (weight space, then on `examples` ((x, y), (x_val, y_val)) if given)."""
     kind = STRUCTURES[structure]
     layer = kind.make(dense, multiplier).to(dense.weight.device)
     result = {"structure": structure, "dense_parameters": count_parameters(dense), "parameters": count_parameters(layer),
               "clos_parameters": count_parameters(clos_for(dense, multiplier))}
-    result["weight_space"] = kind.fit_weights(layer, dense, als_iterations, als_start if structure == "clos" else "random")
+    result["weight_space"] = kind.fit_weights(layer, dense, budget)
     if examples is not None:
         (x, y), (x_val, y_val) = examples
-        result["data_aware"] = kind.fit_data(layer, x, y, x_val, y_val, fit_steps)
+        result["data_aware"] = kind.fit_data(layer, x, y, x_val, y_val, budget)
     return layer, result
 
 
@@ -234,12 +234,17 @@ class ClosConvertOptions:
                                      "--structure; auto: any) and multiplier, or keeping it dense, where it lowers "
                                      "the summed held-out error most per parameter (greedy)",
                                      range=("in (0, 1]", lambda v: 0 < v <= 1), metavar="SHARE")
-    als_start: str = option("random", "Clos: start the weight-space ALS at random or at the closed-form grouped SVD "
-                            "(where b2 is a multiple of bout; a lower ALS error, but no gain once the data-aware fit "
-                            "has run)", ("random", "svd"))
+    als_start: Optional[str] = option(None, "Clos: start the weight-space ALS at random or at the closed-form grouped "
+                                      "SVD (where b2 is a multiple of bout; else random)", ("random", "svd"),
+                                      shown_default="svd")
     fit: str = option("data", "data-aware (after the weight-space fit) or weight-space only", ("data", "weights"))
-    fit_steps: int = option(1000, "gradient steps of the data-aware fit", range=minimum(0))
-    als_iterations: int = option(50, "iterations of the weight-space ALS fit", range=minimum(1))
+    fit_steps: int = option(1000, "Monarch: gradient steps of the data-aware fit", range=minimum(0))
+    fit_sweeps: int = option(100, "Clos: at most this many sweeps of the data-aware fit (exact least squares stage by "
+                             "stage; it stops once 5 sweeps lower the held-out error by less than a thousandth of it)",
+                             range=minimum(1))
+    als_iterations: Optional[int] = option(None, "iterations of Clos's weight-space ALS fit", range=minimum(1),
+                                           shown_default="50 with --fit weights; 10 with --fit data, where it only "
+                                           "starts the data-aware fit")
     calibration_examples: int = option(4096, "training examples (images or texts) whose layer inputs are fitted "
                                        "(--calibration-images and --calibration-texts are the same option)",
                                        range=minimum(1), aliases=("--calibration-images", "--calibration-texts"),
@@ -259,6 +264,11 @@ class ClosConvertOptions:
     def __post_init__(self) -> None:
         check_dataclass(self)  # each value as its flag checks it: fit_steps=-1 fails as --fit-steps -1
 
+    def fit_budget(self) -> FitBudget:
+        """The fit's iterations, start, steps and sweeps, with the defaults that depend on --fit filled in."""
+        return FitBudget(self.als_iterations or (50 if self.fit == "weights" else 10), self.als_start or "svd",
+                         self.fit_steps, self.fit_sweeps)
+
     def output_path(self) -> Path:
         """Where the converted checkpoint goes: --output, or CHECKPOINT_clos_mM.pth beside the original."""
         size = f"budget{self.budget:g}" if self.budget is not None else f"m{self.multiplier}"
@@ -276,7 +286,7 @@ def clos_convert(options: ClosConvertOptions) -> dict:
     if o.structure == AUTO and o.fit != "data":
         raise UserError("--structure auto keeps, per layer, the structure with the lowest held-out error of the "
                         "data-aware fit: leave out --fit weights")
-    if o.als_start != "random" and o.structure not in ("clos", AUTO):
+    if o.als_start is not None and o.structure not in ("clos", AUTO):
         raise UserError(f"--als-start {o.als_start} starts the Clos fit; --structure {o.structure} has its own start: "
                         "leave it out")
     out = o.output_path()
@@ -311,7 +321,7 @@ def convert_locked(o: ClosConvertOptions) -> dict:
             model, name, o.multiplier, o.fit,
             lambda n: layer_examples(model, original, n, opened.loader("train"), o.calibration_examples),
             lambda n: layer_examples(model, original, n, opened.loader("val"), o.calibration_examples),
-            o.fit_steps, o.als_iterations, o.structure, o.als_start))
+            o.fit_budget(), o.structure))
     summary.update(parameters_after=count_parameters(model), test_accuracy_after=test_acc())
     summary["compression"] = summary["parameters_before"] / summary["parameters_after"]
     if hasattr(model, "sentence_embedding"):  # text: how close the converted encoder stays to the original

@@ -143,6 +143,66 @@ def test_data_aware_fit_lowers_the_output_error():
     assert result["relative_error"] < before
 
 
+def test_each_least_squares_step_is_the_exact_optimum_of_its_stage():
+    """After a sweep of the data-aware ALS the egress stage is optimal given the others: the gradient of the
+    squared output error with respect to it vanishes; and no sweep raises the training error."""
+    from pruning_lab.clos.fit import ClosFactors, als_sweep, output_statistics, stats_error
+
+    torch.manual_seed(0)
+    x = torch.randn(400, 48) @ torch.randn(48, 48) * 0.3
+    y = x @ torch.randn(48, 36)
+    clos = Clos(48, 36, 2)
+    stats = output_statistics(x, y)
+    f = ClosFactors(clos)
+    errors = [stats_error(f.weight(), stats)]
+    for _ in range(4):
+        als_sweep(f, stats, 0.0)
+        errors.append(stats_error(f.weight(), stats))
+    assert all(b <= a + 1e-9 for a, b in zip(errors, errors[1:])) and errors[-1] < 0.8 * errors[0], errors
+    # A sweep ends with the middle weights of the last ingress switch, solved exactly given all the rest: the
+    # gradient of ||X W^T - Y||^2 with respect to them is zero (to rounding), and not with respect to the others.
+    d = f.d.clone().requires_grad_(True)
+    weight = torch.einsum("lok,jlk,jki->loji", f.a, d, f.b).reshape(36, 48)
+    loss = ((x.double() @ weight.T - y.double()) ** 2).sum()
+    (grad,) = torch.autograd.grad(loss, d)
+    assert grad[-1].abs().max() < 1e-8 * grad[0].abs().max(), (grad[-1].abs().max(), grad[0].abs().max())
+
+
+def test_least_squares_fit_beats_the_gradient_fit_from_the_same_start():
+    """Targets made by another Clos layer: from the same weight-space start, the data-aware ALS ends with a lower
+    held-out error than 1,000 Adam steps (the fit before it), and far below its start."""
+    from pruning_lab.clos.fit import fit_clos_als
+
+    torch.manual_seed(0)
+    truth = Clos(48, 48, 2)
+    mixing = torch.randn(48, 48)  # correlated inputs, as real activations are
+    x, x_val = torch.randn(1000, 48) @ mixing, torch.randn(300, 48) @ mixing
+    with torch.no_grad():
+        y, y_val = truth(x), truth(x_val)
+        dense = torch.nn.Linear(48, 48)
+        dense.weight.copy_(truth.composed()[0])
+        dense.bias.copy_(truth.composed()[1])
+    student = Clos(48, 48, 2)
+    fit_to_dense(student, dense, 10, "svd")
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    squares = fit_clos_als(student, x, y, 100, x_val, y_val)
+    student.load_state_dict(start)
+    gradient = fit_clos(student, x, y, 1000, x_val=x_val, y_val=y_val)
+    assert squares["relative_error_heldout"] < gradient["relative_error_heldout"], (squares, gradient)
+    assert squares["relative_error_heldout"] < 0.5 * squares["heldout_by_sweep"][0]
+
+
+def test_the_least_squares_fit_stops_once_the_held_out_error_stops_falling():
+    from pruning_lab.clos.fit import stopping_sweep
+
+    falling = [1.0 / k for k in range(1, 30)]
+    assert stopping_sweep(falling, 5, 1e-3) is None
+    flat = [1.0, 0.5, 0.4, 0.39995, 0.39994, 0.39993, 0.39992, 0.39991, 0.3999]
+    assert stopping_sweep(flat, 5, 1e-3) == 8  # sweep 8 is less than a thousandth below sweep 3's 0.4
+    rising = [1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert stopping_sweep(rising, 5, 1e-3) == 7
+
+
 def test_layer_examples_pair_converted_inputs_with_the_original_outputs():
     """After an earlier layer is converted, the next layer is fitted on the inputs it now receives,
     towards what the original model's layer produced, not towards its own output on changed inputs."""

@@ -12,7 +12,7 @@ import torch.nn as nn
 import distillation_lab.methods  # noqa: F401  (the registered distillation terms)
 from distillation_lab.main import main
 from pruning_lab.checkpoint import build_model, load_checkpoint, save_checkpoint
-from pruning_lab.clos.structures import STRUCTURES, clos_for, parameter_count
+from pruning_lab.clos.structures import STRUCTURES, FitBudget, clos_for, parameter_count
 from pruning_lab.errors import UserError
 from pruning_lab.models import create_model
 from pruning_lab.surgery import SURGERIES, apply_surgery, register_surgery
@@ -119,12 +119,12 @@ def test_each_structure_is_made_at_the_clos_budget_fitted_and_replayed(name):
     budget = parameter_count(clos_for(dense, 2))
     assert isinstance(layer, kind.layer)
     assert abs(parameter_count(layer) - budget) <= 0.25 * budget
-    fit = kind.fit_weights(layer, dense, 5, "random")
+    fit = kind.fit_weights(layer, dense, FitBudget(als_iterations=5, als_start="random", steps=20, sweeps=5))
     assert fit["identity_probe_relative_error"] < 1.0  # the fit moved it towards the dense map
     x = torch.randn(256, 64)
     with torch.no_grad():
         y = dense(x)
-    data = kind.fit_data(layer, x[:192], y[:192], x[192:], y[192:], 20)
+    data = kind.fit_data(layer, x[:192], y[:192], x[192:], y[192:], FitBudget(steps=20, sweeps=5))
     assert 0 <= data["relative_error_heldout"] < 1.0
     holder = nn.Sequential(nn.Linear(64, 48))
     apply_surgery(holder, [{"kind": name, "layer": "0", "config": layer.config()}])

@@ -169,3 +169,159 @@ def fit_to_dense(clos: Clos, dense: nn.Linear, iterations: int = 100, start: str
     return {"weight_relative_error": errors[-1], "bias_relative_error": bias_error,
             "identity_probe_relative_error": probe_error, "iterations": iterations,
             "start": "svd" if started else "random", "seconds": time.perf_counter() - begin}
+
+
+# ------------------------------------------------------------ data-aware fit (exact ALS on statistics)
+
+
+@torch.no_grad()
+def output_statistics(x: torch.Tensor, y: torch.Tensor) -> dict:
+    """What every least-squares step of the data-aware fit needs from (inputs, targets), in float64: the means,
+    the input Gram matrix X^T X [in, in], the cross term Y^T X [out, in] and ||Y||^2 (not centred: the Clos
+    layer's few biases cannot carry the outputs' means, its map has to)."""
+    x, y = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
+    xx = x.T @ x
+    return {"x_mean": x.mean(0), "y_mean": y.mean(0), "xx": xx, "xx32": xx.float(), "yx": y.T @ x,
+            "yy": float((y * y).sum())}
+
+
+def stats_error(weight: torch.Tensor, stats: dict) -> float:
+    """Relative error ||X W^T - Y|| / ||Y|| of the bias-free map `weight` on the rows of the statistics."""
+    squared = (weight @ stats["xx"] * weight).sum() - 2 * (weight * stats["yx"]).sum() + stats["yy"]
+    return float(squared.clamp_min(0).sqrt() / max(stats["yy"], 1e-300) ** 0.5)
+
+
+class ClosFactors:
+    """A Clos layer's map as blocks A_l diag(d_jl) B_j in float64 (a [l, o, k], d [j, l, k], b [j, k, i]):
+    what the data-aware ALS updates in place."""
+
+    def __init__(self, clos: Clos) -> None:
+        self.clos = clos
+        self.a = clos.w3.detach().double().permute(1, 2, 0).clone()  # [l, o, k]
+        self.b = clos.w1.detach().double().permute(1, 2, 0).clone()  # [j, k, i]
+        self.d = clos.w2.detach().double().permute(0, 2, 1).clone()  # [j, l, k]
+
+    def weight(self) -> torch.Tensor:
+        """The map as a dense [out, in] matrix."""
+        c = self.clos
+        return torch.einsum("lok,jlk,jki->loji", self.a, self.d, self.b).reshape(c.out_features, c.in_features)
+
+    def state(self) -> tuple[torch.Tensor, ...]:
+        return self.a.clone(), self.b.clone(), self.d.clone()
+
+    def restore(self, state: tuple[torch.Tensor, ...]) -> None:
+        self.a, self.b, self.d = (t.clone() for t in state)
+
+    def write(self) -> None:
+        """Copy the factors into the layer's stage weights."""
+        c = self.clos
+        c.w3.copy_(self.a.permute(2, 0, 1).to(c.w3.dtype))
+        c.w1.copy_(self.b.permute(2, 0, 1).to(c.w1.dtype))
+        c.w2.copy_(self.d.permute(0, 2, 1).to(c.w2.dtype))
+
+
+def scaled_ridge(gram: torch.Tensor, ridge: float) -> torch.Tensor:
+    """ridge * the mean diagonal of each (batched) Gram matrix, as ridge_solve scales it."""
+    return ridge * gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def als_sweep(f: ClosFactors, stats: dict, ridge: float) -> None:
+    """One sweep of exact least squares on the outputs: every egress stage at once (the output groups are
+    independent), then ingress switch by ingress switch its first stage and its middle weights (each the
+    exact optimum given the rest: a Kronecker system solved through two small eigendecompositions, and a
+    b2 x b2 system per egress switch)."""
+    c = f.clos
+    xx, yx = stats["xx"], stats["yx"]
+    b1, b3, bin_, bout = c.b1, c.b3, c.bin, c.bout
+    # Egress: W_l = A_l H_l with H_l [b2, in] = [diag(d_jl) B_j]_j, so A_l = G_l H_l^T (H_l Σ H_l^T)^-1.
+    h = (f.d.permute(1, 0, 2)[..., None] * f.b[None]).permute(0, 2, 1, 3).reshape(b3, c.b2, c.in_features)
+    hs = (h.float() @ stats["xx32"]).double()  # [l, k, in]; the sweep's largest product, in float32 (2x faster)
+    gram = hs @ h.transpose(1, 2)
+    rhs = h @ yx.reshape(b3, bout, c.in_features).transpose(1, 2)  # [l, k, o]
+    f.a = ridge_solve(gram, rhs, ridge).transpose(1, 2)  # [l, o, k]
+    residual = yx - f.weight() @ xx  # G - W Σ: the negative half-gradient, kept current below
+    cols = lambda j: slice(j * bin_, (j + 1) * bin_)  # noqa: E731
+    for j in range(b1):
+        sjj = xx[cols(j), cols(j)]
+        # Ingress switch j: W[:, j] = M_j B_j with M_j [(l, o), k] = a[l, o, k] d[j, l, k].
+        m = (f.a * f.d[j][:, None, :]).reshape(c.out_features, c.b2)
+        p = m.T @ m
+        rhs = m.T @ residual[:, cols(j)] + p @ f.b[j] @ sjj
+        e1, u1 = torch.linalg.eigh(p)
+        e2, u2 = torch.linalg.eigh(sjj)
+        scale = (e1.clamp_min(0)[:, None] * e2.clamp_min(0)[None]) + ridge * float(e1.mean() * e2.mean())
+        new_b = u1 @ ((u1.T @ rhs @ u2) / scale.clamp_min(1e-300)) @ u2.T
+        residual -= m @ (new_b - f.b[j]) @ xx[cols(j)]
+        f.b[j] = new_b
+        # Its middle weights d[j, l, :] for every l (rows of different egress switches do not interact).
+        bsb = f.b[j] @ sjj @ f.b[j].T  # [k, k]
+        q = (f.a.transpose(1, 2) @ f.a) * bsb[None]  # [l, k, k]
+        r = residual[:, cols(j)].reshape(b3, bout, bin_)
+        lin = torch.einsum("ki,loi,lok->lk", f.b[j], r, f.a)  # diag(B R^T A) per l
+        delta = ridge_solve(q, lin[..., None], ridge)[..., 0]  # [l, k]
+        f.d[j] += delta
+        change = torch.einsum("lok,lk,ki->loi", f.a, delta, f.b[j]).reshape(c.out_features, bin_)
+        residual -= change @ xx[cols(j)]
+
+
+@torch.no_grad()
+def extrapolate(f: ClosFactors, previous: tuple[torch.Tensor, ...], step: float, stats: dict) -> None:
+    """Move the factors `step` times further along the last sweep's change where that lowers the training error
+    (ALS creeps along narrow valleys; this line search halves the sweeps it needs)."""
+    swept = f.state()
+    error = stats_error(f.weight(), stats)
+    f.restore(tuple(now + step * (now - before) for now, before in zip(swept, previous)))
+    if stats_error(f.weight(), stats) >= error:
+        f.restore(swept)
+
+
+def stopping_sweep(errors: list[float], patience: int, tolerance: float) -> int | None:
+    """The sweep (1-based) after which the data-aware fit stops: the first whose held-out error is less than
+    `tolerance` (relative) below the best error of `patience` sweeps before; None while it keeps falling."""
+    for done in range(patience + 1, len(errors) + 1):
+        if errors[done - 1] > (1 - tolerance) * min(errors[: done - patience]):
+            return done
+    return None
+
+
+@torch.no_grad()
+def fit_clos_als(clos: Clos, x: torch.Tensor, y: torch.Tensor, sweeps: int = 100, x_val: Optional[torch.Tensor] = None,
+                 y_val: Optional[torch.Tensor] = None, ridge: float = 1e-6, patience: int = 5,
+                 tolerance: float = 1e-3) -> dict:
+    """Data-aware fit by exact alternating least squares on the calibration rows' statistics, from the layer's
+    current stages (the weight-space fit): each sweep solves every stage given the others (then tries a longer step
+    along the sweep's change). With held-out rows it stops once their error has fallen by less than `tolerance`
+    (relative) in `patience` sweeps, and keeps the sweep with the lowest. The biases and a last exact solve of the
+    egress stage on the rows themselves finish it. Returns the errors, the held-out error after each sweep, the
+    sweeps run and seconds."""
+    start = time.perf_counter()
+    stats = output_statistics(x, y)
+    val = output_statistics(x_val, y_val) if x_val is not None else None
+    for bias in (clos.bias1, clos.bias2, clos.bias3):
+        bias.zero_()  # the sweeps fit the map alone; the biases come last, on what it leaves of the means
+    f = ClosFactors(clos)
+    watch = val or stats
+    errors = [stats_error(f.weight(), watch)]  # before the first sweep
+    best_state = previous = f.state()
+    for done in range(1, sweeps + 1):
+        als_sweep(f, stats, ridge)
+        if done > 2:
+            extrapolate(f, previous, done ** (1 / 3), stats)
+        previous = f.state()
+        errors.append(stats_error(f.weight(), watch))
+        if errors[-1] <= min(errors[:-1]):
+            best_state = previous
+        if val is not None and stopping_sweep(errors[1:], patience, tolerance):
+            break
+    f.restore(best_state)
+    f.write()
+    fit_bias(clos, stats["y_mean"].to(clos.w1.dtype) - F.linear(stats["x_mean"].to(clos.w1.dtype), clos.composed()[0]))
+    before_ls = relative_error(clos(x), y)
+    solve_last_stage(clos, x, y)
+    result = {"relative_error": relative_error(clos(x), y), "relative_error_before_last_stage_solve": before_ls,
+              "sweeps": len(errors) - 1, "seconds": time.perf_counter() - start}
+    if x_val is not None:
+        result["relative_error_heldout"] = relative_error(clos(x_val), y_val)
+        result["heldout_by_sweep"] = [round(e, 6) for e in errors]  # the map's, before the biases and last solve
+    return result

@@ -128,10 +128,12 @@ def fit_lowrank_to_outputs(layer: LowRank, x: torch.Tensor, y: torch.Tensor, rid
     x, y = x.double(), y.double()
     x_mean, y_mean = x.mean(0), y.mean(0)
     xc, yc = x - x_mean, y - y_mean
-    w = ridge_solve(xc.T @ xc, xc.T @ yc, ridge).T  # [out, in], least squares
-    fitted = xc @ w.T  # [N, out]
-    _, _, vh = torch.linalg.svd(fitted, full_matrices=False)  # right singular vectors: output directions
-    basis = vh[: layer.rank]  # [r, out]
+    xx = xc.T @ xc
+    w = ridge_solve(xx, xc.T @ yc, ridge).T  # [out, in], least squares
+    # The fitted outputs' principal directions: the top eigenvectors of their Gram matrix W X^T X W^T [out, out]
+    # (the right singular vectors of the [N, out] fitted outputs, without an SVD over every row).
+    _, vectors = torch.linalg.eigh(w @ xx @ w.T)
+    basis = vectors.flip(1)[:, : layer.rank].T  # [r, out], largest eigenvalues first
     layer.u.weight.copy_(basis.T.to(layer.u.weight.dtype))
     layer.v.weight.copy_((basis @ w).to(layer.v.weight.dtype))
     if layer.u.bias is not None:

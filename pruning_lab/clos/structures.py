@@ -21,12 +21,22 @@ import torch
 import torch.nn as nn
 
 from ..surgery import register_surgery, replace_module
-from .fit import fit_clos, fit_to_dense, identity_probe, relative_error
+from .fit import fit_clos, fit_clos_als, fit_to_dense, identity_probe, relative_error
 from .layer import Clos
 from .peers import (LowRank, Monarch, fit_lowrank_to_outputs, lowrank_rank_for, monarch_shape_for, project_lowrank,
                     project_monarch)
 
 Make = Callable[[nn.Linear, int], nn.Module]
+
+
+@dataclass(frozen=True)
+class FitBudget:
+    """How much fitting a conversion gets (clos-convert's --als-iterations, --als-start, --fit-steps, --fit-sweeps)."""
+
+    als_iterations: int = 50  # Clos's weight-space ALS
+    als_start: str = "svd"  # Clos's weight-space ALS from the closed-form grouped SVD (where the shapes allow) or random
+    steps: int = 1000  # gradient steps of a data-aware fit by gradient (Monarch)
+    sweeps: int = 100  # at most this many least-squares sweeps of Clos's data-aware fit
 
 
 @dataclass(frozen=True)
@@ -36,8 +46,8 @@ class Structure:
     name: str
     layer: type
     make: Make  # (dense, multiplier) -> an untrained layer at Clos m's parameters
-    fit_weights: Callable[[nn.Module, nn.Linear, int, str], dict]  # (layer, dense, als_iterations, als_start)
-    fit_data: Callable[..., dict]  # (layer, x, y, x_val, y_val, fit_steps) -> errors
+    fit_weights: Callable[[nn.Module, nn.Linear, FitBudget], dict]  # (layer, dense, budget) -> errors
+    fit_data: Callable[..., dict]  # (layer, x, y, x_val, y_val, budget) -> errors
 
 
 STRUCTURES: dict[str, Structure] = {}
@@ -67,14 +77,24 @@ def clos_for(dense: nn.Linear, multiplier: int) -> Clos:
         return Clos(dense.in_features, dense.out_features, multiplier)
 
 
-def fit_by_gradient(layer: nn.Module, x, y, x_val, y_val, fit_steps: int) -> dict:
+def fit_by_gradient(layer: nn.Module, x, y, x_val, y_val, budget: FitBudget) -> dict:
     """Gradient steps on the outputs, then the exact least-squares solve of the last stage."""
-    return fit_clos(layer, x, y, steps=fit_steps, x_val=x_val, y_val=y_val)
+    return fit_clos(layer, x, y, steps=budget.steps, x_val=x_val, y_val=y_val)
+
+
+def fit_by_least_squares(layer: Clos, x, y, x_val, y_val, budget: FitBudget) -> dict:
+    """Clos: sweeps of exact least squares stage by stage on the outputs, until the held-out error stops falling."""
+    return fit_clos_als(layer, x, y, budget.sweeps, x_val, y_val)
+
+
+def fit_clos_weights(layer: Clos, dense: nn.Linear, budget: FitBudget) -> dict:
+    """Clos's weight-space fit: ALS from the grouped SVD or a random start."""
+    return fit_to_dense(layer, dense, budget.als_iterations, budget.als_start)
 
 
 def fit_by_projection(project: Callable) -> Callable[[nn.Module, nn.Linear, int, str], dict]:
     """A weight-space fit by a closed-form projection of the dense weights (the ALS options do not apply)."""
-    def fit(layer: nn.Module, dense: nn.Linear, als_iterations: int, als_start: str) -> dict:
+    def fit(layer: nn.Module, dense: nn.Linear, budget: FitBudget) -> dict:
         start = time.perf_counter()
         weight, bias = dense.weight.detach(), None if dense.bias is None else dense.bias.detach()
         project(layer, weight, bias)
@@ -85,7 +105,7 @@ def fit_by_projection(project: Callable) -> Callable[[nn.Module, nn.Linear, int,
     return fit
 
 
-def fit_lowrank_data(layer: LowRank, x, y, x_val, y_val, fit_steps: int) -> dict:
+def fit_lowrank_data(layer: LowRank, x, y, x_val, y_val, budget: FitBudget) -> dict:
     """The closed-form optimum on the outputs (reduced-rank regression): no gradient steps."""
     start = time.perf_counter()
     fit_lowrank_to_outputs(layer, x, y)
@@ -94,7 +114,7 @@ def fit_lowrank_data(layer: LowRank, x, y, x_val, y_val, fit_steps: int) -> dict
                 "steps": 0, "seconds": time.perf_counter() - start}
 
 
-@register_structure("clos", Clos, fit_weights=fit_to_dense, fit_data=fit_by_gradient)
+@register_structure("clos", Clos, fit_weights=fit_clos_weights, fit_data=fit_by_least_squares)
 def make_clos(dense: nn.Linear, multiplier: int) -> Clos:
     """A Clos layer with middle-stage multiplier m."""
     return clos_for(dense, multiplier)
