@@ -1,0 +1,126 @@
+"""Clos against low-rank and Monarch layer type by layer type, at clos-convert's default fit budget.
+
+    python -m benchmarks.clos_layers [--checkpoint models_saved/text/tweet_bert.pth] [--block 5]
+                                     [--multipliers 4 2] [--calibration-examples 4096] [--write-results]
+
+For each linear layer of one transformer block of a text classifier (query, key, value, attention
+output, FFN in, FFN out; `--block`) and each budget (the parameters of the Clos layer at m), fits
+every structure as `clos-convert` does by default, on the layer's inputs from `--calibration-examples`
+training texts (targets: the layer's outputs), and prints the relative output error on the
+validation texts' tokens (held out) and the seconds of the fit (weight-space start included):
+
+- clos: the grouped-SVD start and 10 ALS iterations, then least-squares sweeps until the held-out
+  error stops falling (at most 100);
+- clos, gradient fit: the fit before it (50 ALS iterations from a random start, then 1,000 Adam
+  steps and an exact last stage), the same start and budget as clos-convert used until 2026-12-07;
+- lowrank: reduced-rank regression (closed form); monarch: per-block SVD, then 1,000 Adam steps and
+  an exact last stage.
+
+Then what the budget buys at the first multiplier: Clos's held-out error after 10, 30 and 100 sweeps
+(one fit run to 100 without stopping) beside the gradient fit after 100, 300 and 1,000 steps. One
+seed; the checkpoint is `benchmarks.text_students`' teacher (`tweet_bert.yaml`).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.results import Results, add_results_flag
+from distillation_lab.clos_convert import fit_structure, layer_examples
+from pruning_lab.clos.fit import fit_clos, fit_clos_als, fit_to_dense
+from pruning_lab.clos.structures import STRUCTURES, FitBudget
+from pruning_lab.inference import open_checkpoint
+
+LAYER_TYPES = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+               "attention output": "attention.output.dense", "FFN in": "intermediate.dense",
+               "FFN out": "output.dense"}
+COLUMNS = ("clos", "clos, gradient fit", "lowrank", "monarch")
+
+
+def gradient_fit(dense: torch.nn.Module, m: int, examples, steps: int) -> dict:
+    """The Clos fit before the least-squares one: 50 random-start ALS iterations, then `steps` Adam steps."""
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    layer = STRUCTURES["clos"].make(dense, m)
+    fit_to_dense(layer, dense, 50, "random")
+    (x, y), (x_val, y_val) = examples
+    result = fit_clos(layer, x, y, steps, x_val=x_val, y_val=y_val)
+    return {"error": result["relative_error_heldout"], "seconds": time.perf_counter() - start}
+
+
+def default_fit(dense: torch.nn.Module, structure: str, m: int, examples) -> dict:
+    """`structure` fitted as clos-convert fits it by default (FitBudget's defaults, the start of --fit data)."""
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    _, result = fit_structure(dense, structure, m, examples, FitBudget(als_iterations=10))
+    data = result["data_aware"]
+    return {"error": data["relative_error_heldout"], "seconds": time.perf_counter() - start,
+            "sweeps": data.get("sweeps"), "parameters": result["parameters"], "budget": result["clos_parameters"]}
+
+
+def sweep_curve(dense: torch.nn.Module, m: int, examples, sweeps: tuple[int, ...]) -> dict[int, float]:
+    """Clos's held-out error (the map before its biases) after each of `sweeps`, from one fit that does not stop."""
+    torch.manual_seed(0)
+    layer = STRUCTURES["clos"].make(dense, m)
+    fit_to_dense(layer, dense, 10, "svd")
+    (x, y), (x_val, y_val) = examples
+    curve = fit_clos_als(layer, x, y, max(sweeps), x_val, y_val, patience=max(sweeps) + 1)["heldout_by_sweep"]
+    return {s: curve[s] for s in sweeps}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default="models_saved/text/tweet_bert.pth")
+    parser.add_argument("--block", type=int, default=5, help="the transformer block whose layers are fitted")
+    parser.add_argument("--multipliers", type=int, nargs="+", default=[4, 2])
+    parser.add_argument("--calibration-examples", type=int, default=4096, help="clos-convert's default")
+    parser.add_argument("--layer-types", nargs="+", default=list(LAYER_TYPES), choices=list(LAYER_TYPES))
+    add_results_flag(parser)
+    args = parser.parse_args(argv)
+    out = Results("clos_layers", argv)
+    opened = open_checkpoint(args.checkpoint, device="cpu")
+    prefix = next(n for n, _ in opened.model.named_modules() if n.endswith(f"encoder.layer.{args.block}"))
+    out(f"{args.checkpoint}, block {args.block}; {args.calibration_examples} calibration texts; held-out: the "
+        f"validation texts' tokens; error: relative output error ||f(x) - y|| / ||y||; seconds on "
+        f"{torch.get_num_threads()} thread(s)\n")
+    out("| layer | in -> out | m | parameters (dense -> Clos budget) | " + " | ".join(COLUMNS)
+        + " | Clos sweeps | seconds: " + " / ".join(COLUMNS) + " |")
+    out("|---" * (6 + len(COLUMNS)) + "|")
+    budget_rows = []
+    for label in args.layer_types:
+        name = f"{prefix}.{LAYER_TYPES[label]}"
+        dense = opened.model.get_submodule(name)
+        examples = tuple(layer_examples(opened.model, None, name, opened.loader(split), args.calibration_examples)
+                         for split in ("train", "val"))
+        first = None
+        for m in args.multipliers:
+            fits = {"clos": default_fit(dense, "clos", m, examples),
+                    "clos, gradient fit": gradient_fit(dense, m, examples, 1000),
+                    "lowrank": default_fit(dense, "lowrank", m, examples),
+                    "monarch": default_fit(dense, "monarch", m, examples)}
+            first = first or fits
+            best = min(COLUMNS, key=lambda c: fits[c]["error"])
+            errors = " | ".join((f"**{fits[c]['error']:.4f}**" if c == best else f"{fits[c]['error']:.4f}")
+                                for c in COLUMNS)
+            seconds = " / ".join(f"{fits[c]['seconds']:.1f}" for c in COLUMNS)
+            out(f"| {label} | {dense.in_features} -> {dense.out_features} | {m} | "
+                f"{dense.weight.numel() + dense.out_features:,} -> {fits['clos']['budget']:,} | {errors} | "
+                f"{fits['clos']['sweeps']} | {seconds} |")
+        m = args.multipliers[0]
+        steps = {n: gradient_fit(dense, m, examples, n)["error"] for n in (100, 300)}
+        budget_rows.append((label, sweep_curve(dense, m, examples, (10, 30, 100)),
+                            {**steps, 1000: first["clos, gradient fit"]["error"]}))
+    out(f"\nWhat the fit budget buys (m = {args.multipliers[0]}; held-out error; the sweeps' errors are the map's "
+        "before its biases and last exact stage, which lower it slightly):\n")
+    out("| layer | 10 sweeps | 30 sweeps | 100 sweeps | 100 Adam steps | 300 steps | 1,000 steps |")
+    out("|---|---|---|---|---|---|---|")
+    for label, curve, steps in budget_rows:
+        out(f"| {label} | " + " | ".join(f"{curve[s]:.4f}" for s in (10, 30, 100)) + " | "
+            + " | ".join(f"{steps[s]:.4f}" for s in (100, 300, 1000)) + " |")
+    out.finish(args.write_results)
+
+
+if __name__ == "__main__":
+    main()
