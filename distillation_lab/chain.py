@@ -27,7 +27,8 @@ RENDERED_NOTE = ("# Rendered from the job table in distillation_lab/chain.py: ed
 SMOKE = {
     "training": {"--dataset": "mnist_embedded", "--epochs": "1", "--max-steps-per-epoch": "2", "--batch-size": "32",
                  "--val-size": "100", "--device": "cpu", "--no-progress": None, "--model-args": "{width: 4}"},
-    "clos-convert": {"--fit-steps": "20", "--als-iterations": "3", "--calibration-examples": "64", "--device": "cpu",
+    "clos-convert": {"--fit-steps": "20", "--fit-sweeps": "3", "--als-iterations": "3", "--calibration-examples": "64",
+                     "--device": "cpu",
                      "--allow-more-parameters": None},  # the smoke models' layers are too small for Clos to pay
     "prune": {"--device": "cpu", "--round-to": "1", "--finetune-epochs": "1"},  # the smoke models' widths are 4-32
     "report": {},
@@ -129,10 +130,9 @@ CHAIN = (
               "--layers", "vit.blocks.*.attn.qkv,vit.blocks.*.attn.proj,vit.blocks.*.mlp.fc1,vit.blocks.*.mlp.fc2"),
         after=("vit_teacher",), script="clos_convert_vit", time="08:00:00"),
     Job("tweet_bert_clos", "clos-convert", "Replace the tweet BERT's attention projections and MLP layers (36 linear "
-        "layers) by Clos layers (m = 4; 512 calibration tweets, 1,000 fit steps per layer), then fine-tune with KD "
-        "from the original for one epoch.",
-        args=("--checkpoint", "{models}/tweet_bert.pth", "--multiplier", "4", "--fit-steps", "1000",
-              "--als-iterations", "10", "--calibration-examples", "512", "--finetune-epochs", "1", "--finetune-lr", "1e-4",
+        "layers) by Clos layers (m = 4; the default least-squares fit on 4,096 calibration tweets), then fine-tune "
+        "with KD from the original for one epoch.",
+        args=("--checkpoint", "{models}/tweet_bert.pth", "--multiplier", "4", "--finetune-epochs", "1", "--finetune-lr", "1e-4",
               "--overwrite",
               "--layers", "*.attention.*,*.intermediate.dense,*.layer.*.output.dense"),
         after=("tweet_bert",), script="clos_convert_bert", time="02:00:00"),

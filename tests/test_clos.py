@@ -232,7 +232,7 @@ def test_clos_convert_records_surgery_and_replays_it(tmp_path, capsys):
                  "mnist_embedded", "--epochs", "2", "--optimizer", "adam", "--lr", "1e-3", "--train-subset", "1024",
                  "--val-size", "200", "--out-dir", str(out), "--name", "mlp", "--no-progress"]) == 0
     assert main(["clos-convert", "--checkpoint", str(out / "mlp.pth"), "--layers", "fc1", "--multiplier", "2",
-                 "--fit-steps", "50", "--als-iterations", "5", "--calibration-images", "512",
+                 "--fit-sweeps", "10", "--als-iterations", "5", "--calibration-images", "512",
                  "--finetune-epochs", "1", "--temperature", "2"]) == 0
     text = capsys.readouterr().out
     assert "fc1: 615,440 -> 131,824 parameters" in text and "after KD fine-tuning" in text
@@ -259,7 +259,7 @@ def test_clos_convert_vit_attention_and_mlp(tmp_path, capsys):
                  "--train-subset", "256", "--val-size", "100", "--out-dir", str(out), "--name", "vit",
                  "--no-progress"]) == 0
     assert main(["clos-convert", "--checkpoint", str(out / "vit.pth"), "--layers",
-                 "vit.blocks.*.attn.qkv,vit.blocks.*.attn.proj,vit.blocks.*.mlp.fc*", "--fit-steps", "20",
+                 "vit.blocks.*.attn.qkv,vit.blocks.*.attn.proj,vit.blocks.*.mlp.fc*", "--fit-steps", "20", "--fit-sweeps", "5",
                  "--als-iterations", "3", "--calibration-images", "64", "--allow-more-parameters"]) == 0
     ckpt = load_checkpoint(out / "vit_clos_m4.pth")
     assert [s["layer"] for s in ckpt["surgery"]] == ["vit.blocks.0.attn.qkv", "vit.blocks.0.attn.proj",
@@ -351,7 +351,7 @@ def test_clos_convert_to_a_peer_structure_at_the_clos_layers_parameters(tmp_path
                  "mnist_embedded", "--epochs", "2", "--optimizer", "adam", "--lr", "1e-3", "--train-subset", "1024",
                  "--val-size", "200", "--out-dir", str(out), "--name", "mlp", "--no-progress"]) == 0
     assert main(["clos-convert", "--checkpoint", str(out / "mlp.pth"), "--layers", "fc1", "--structure", structure,
-                 "--params-like", "clos:2", "--fit-steps", "30", "--calibration-images", "256"]) == 0
+                 "--params-like", "clos:2", "--fit-steps", "30", "--fit-sweeps", "10", "--calibration-images", "256"]) == 0
     text = capsys.readouterr().out
     expected = {"lowrank": "fc1: 615,440 -> 132,496 parameters (Clos m=2: 131,824)",  # rank 84 (83: 130,928)
                 "monarch": "fc1: 615,440 -> 132,496 parameters (Clos m=2: 131,824)"}[structure]  # rank 3
@@ -374,7 +374,7 @@ def test_clos_convert_auto_keeps_per_layer_the_structure_with_the_lowest_held_ou
                  "mnist_embedded", "--epochs", "1", "--optimizer", "adam", "--lr", "1e-3", "--train-subset", "512",
                  "--val-size", "200", "--out-dir", str(out), "--name", "mlp", "--no-progress"]) == 0
     assert main(["clos-convert", "--checkpoint", str(out / "mlp.pth"), "--layers", "fc1,fc2", "--structure", "auto",
-                 "--multiplier", "2", "--fit-steps", "20", "--calibration-images", "256"]) == 0
+                 "--multiplier", "2", "--fit-steps", "20", "--fit-sweeps", "10", "--calibration-images", "256"]) == 0
     ckpt = load_checkpoint(out / "mlp_auto_m2.pth")
     layers = ckpt["clos"]["layers"]
     for layer, record in zip(layers, ckpt["surgery"]):
