@@ -207,9 +207,11 @@ class ClosFactors:
         return torch.einsum("lok,jlk,jki->loji", self.a, self.d, self.b).reshape(c.out_features, c.in_features)
 
     def state(self) -> tuple[torch.Tensor, ...]:
+        """A copy of the factors (a, b, d)."""
         return self.a.clone(), self.b.clone(), self.d.clone()
 
     def restore(self, state: tuple[torch.Tensor, ...]) -> None:
+        """Put back factors saved by `state`."""
         self.a, self.b, self.d = (t.clone() for t in state)
 
     def write(self) -> None:
@@ -218,11 +220,6 @@ class ClosFactors:
         c.w3.copy_(self.a.permute(2, 0, 1).to(c.w3.dtype))
         c.w1.copy_(self.b.permute(2, 0, 1).to(c.w1.dtype))
         c.w2.copy_(self.d.permute(0, 2, 1).to(c.w2.dtype))
-
-
-def scaled_ridge(gram: torch.Tensor, ridge: float) -> torch.Tensor:
-    """ridge * the mean diagonal of each (batched) Gram matrix, as ridge_solve scales it."""
-    return ridge * gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
 
 
 @torch.no_grad()
