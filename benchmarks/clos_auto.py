@@ -1,7 +1,7 @@
 """`--structure auto` and `--budget` against every single structure at equal parameters, on one model's layers.
 
     python -m benchmarks.clos_auto [--checkpoint models_saved/text/tweet_bert.pth]
-                                   [--layers 'hf.bert.encoder.layer.5.*'] [--multiplier 4] [--write-results]
+                                   [--layers LAYERS] [--multiplier 4] [--write-results]
 
 Runs `clos-convert` (its default fit, no fine-tuning) on the matching linear layers with each of
 `--structure clos`, `lowrank`, `monarch` and `auto` at `--multiplier`, then `--budget` at the share of
@@ -35,7 +35,9 @@ def clos_share(checkpoint: str, layers: str, multiplier: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default="models_saved/text/tweet_bert.pth")
-    parser.add_argument("--layers", default="hf.bert.encoder.layer.5.*")
+    parser.add_argument("--layers", default="hf.bert.encoder.layer.5.attention.output.dense,"
+                        "hf.bert.encoder.layer.5.intermediate.dense",
+                        help="default: a layer where Clos fits best and one where low-rank does (benchmarks.clos_layers)")
     parser.add_argument("--multiplier", type=int, default=4)
     add_results_flag(parser)
     args = parser.parse_args(argv)
