@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> None:
                         "hf.bert.encoder.layer.5.intermediate.dense",
                         help="default: a layer where Clos fits best and one where low-rank does (benchmarks.clos_layers)")
     parser.add_argument("--multiplier", type=int, default=4)
+    parser.add_argument("--calibration-examples", type=int, default=4096, help="clos-convert's default")
+    parser.add_argument("--fit-sweeps", type=int, default=100, help="clos-convert's default")
+    parser.add_argument("--fit-steps", type=int, default=1000, help="clos-convert's default (Monarch)")
     add_results_flag(parser)
     args = parser.parse_args(argv)
     out = Results("clos_auto", argv)
@@ -49,7 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     for label, extra in runs:
         start = time.perf_counter()
         summary = clos_convert(ClosConvertOptions(checkpoint=args.checkpoint, layers=args.layers,
-                                                  multiplier=args.multiplier, overwrite=True, **extra))
+                                                  multiplier=args.multiplier, overwrite=True,
+                                                  calibration_examples=args.calibration_examples,
+                                                  fit_sweeps=args.fit_sweeps, fit_steps=args.fit_steps, **extra))
         converted = [layer for layer in summary["layers"] if layer.get("structure") != "dense"]
         errors = [layer["data_aware"]["relative_error_heldout"] if "data_aware" in layer else 0.0
                   for layer in summary["layers"]]
