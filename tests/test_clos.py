@@ -226,6 +226,7 @@ def test_layer_examples_pair_converted_inputs_with_the_original_outputs():
         assert torch.equal(x_own, x) and torch.allclose(y_own, model[2](x))
 
 
+@pytest.mark.e2e
 def test_clos_convert_records_surgery_and_replays_it(tmp_path, capsys):
     out = tmp_path / "models"
     assert main(["train-teacher", "--model", "mnist_mlp", "--model-args", "{hidden: [784, 32]}", "--dataset",

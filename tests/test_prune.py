@@ -71,6 +71,7 @@ def test_structured_pruning_shrinks_the_model_and_replays_from_its_record(name, 
         assert model.vit.blocks[0].mlp.fc1.out_features < 192
 
 
+@pytest.mark.e2e
 def test_prune_to_a_parameter_target_then_kd_fine_tuning_learns(trained, capsys):
     teacher = trained / "cnn.pth"
     before = count_parameters(build_model(load_checkpoint(teacher)))
