@@ -29,7 +29,7 @@ from distillation_lab.runs import finetune_config, run_training
 from pruning_lab.checkpoint import load_checkpoint
 from pruning_lab.clos import Clos
 from pruning_lab.clos.cost import time_step
-from pruning_lab.clos.fit import fit_clos_als, fit_to_dense
+from pruning_lab.clos.fit import LayerData, fit_clos_als, fit_to_dense
 from pruning_lab.clos.structures import STRUCTURES
 from pruning_lab.clos.surgery import matching_linears
 from pruning_lab.config import from_dict
@@ -53,14 +53,14 @@ def compare_starts(opened, original_path: str, name: str, m: int, calibration: i
     """The Clos fit of layer `name` from the grouped-SVD start and from a random start."""
     model = opened.model
     dense = model.get_submodule(name)
-    x, y = layer_examples(model, None, name, opened.loader("train"), calibration)
-    xv, yv = layer_examples(model, None, name, opened.loader("val"), calibration)
+    examples = (*layer_examples(model, None, name, opened.loader("train"), calibration),
+                *layer_examples(model, None, name, opened.loader("val"), calibration))
     rows = []
     for start in ("svd", "random"):
         torch.manual_seed(0)
         clos = Clos(dense.in_features, dense.out_features, m)
         weight = fit_to_dense(clos, dense, als_iterations, start)
-        data = fit_clos_als(clos, x, y, fit_sweeps, xv, yv)
+        data = fit_clos_als(clos, LayerData(*examples), fit_sweeps)  # its own statistics, timed
         rows.append({"start": weight["start"], "m": m, "weight_error_after_als": weight["weight_relative_error"],
                      "als_seconds": weight["seconds"], "heldout_output_error": data["relative_error_heldout"],
                      "total_seconds": weight["seconds"] + data["seconds"]})

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from pruning_lab.clos.fit import LayerData
 from pruning_lab.clos.structures import STRUCTURES, FitBudget, clos_for
 from pruning_lab.clos.surgery import matching_linears
 from pruning_lab.surgery import record_surgery, replace_module
@@ -151,8 +152,8 @@ def convert_layer(model: nn.Module, name: str, multiplier: int, fit: str, calibr
 
     `calibration(name)` and `held_out(name)` give (inputs, targets) of the layer (`layer_examples`)."""
     dense = model.get_submodule(name)
-    examples = (calibration(name), held_out(name)) if fit == "data" else None  # once, for every candidate
-    fitted = {kind: fit_structure(dense, kind, multiplier, examples, budget)
+    data = LayerData(*calibration(name), *held_out(name)) if fit == "data" else None  # once, for every candidate
+    fitted = {kind: fit_structure(dense, kind, multiplier, data, budget)
               for kind in (STRUCTURES if structure == AUTO else [structure])}
     chosen = min(fitted, key=lambda k: fitted[k][1]["data_aware"]["relative_error_heldout"]) \
         if structure == AUTO else structure
@@ -179,11 +180,11 @@ def convert_within_budget(model: nn.Module, original: nn.Module, names: list[str
     options = {}
     for name in tqdm(names, desc="fitting candidates", unit="layer", disable=None):
         dense = model.get_submodule(name)
-        examples = tuple(layer_examples(original, None, name, opened.loader(split), o.calibration_examples)
-                         for split in ("train", "val"))
+        data = LayerData(*(tensor for split in ("train", "val") for tensor in
+                            layer_examples(original, None, name, opened.loader(split), o.calibration_examples)))
         options[name] = [{"structure": DENSE, "multiplier": None, "parameters": count_parameters(dense), "error": 0.0}]
         for kind, m in plans[name]:
-            layer, result = fit_structure(dense, kind, m, examples, o.fit_budget())
+            layer, result = fit_structure(dense, kind, m, data, o.fit_budget())
             options[name].append({"structure": kind, "multiplier": m, "parameters": result["parameters"],
                                   "error": result["data_aware"]["relative_error_heldout"], "layer": layer,
                                   "result": result})
@@ -202,17 +203,16 @@ def convert_within_budget(model: nn.Module, original: nn.Module, names: list[str
     return layers
 
 
-def fit_structure(dense: nn.Linear, structure: str, multiplier: int, examples,
+def fit_structure(dense: nn.Linear, structure: str, multiplier: int, data: Optional[LayerData],
                   budget: FitBudget = FitBudget()) -> tuple[nn.Module, dict]:
-    """One structure fitted to `dense` (weight space, then on `examples` ((x, y), (x_val, y_val)) if given)."""
+    """One structure fitted to `dense` (weight space, then on the layer's calibration `data` if given)."""
     kind = STRUCTURES[structure]
     layer = kind.make(dense, multiplier).to(dense.weight.device)
     result = {"structure": structure, "dense_parameters": count_parameters(dense), "parameters": count_parameters(layer),
               "clos_parameters": count_parameters(clos_for(dense, multiplier))}
     result["weight_space"] = kind.fit_weights(layer, dense, budget)
-    if examples is not None:
-        (x, y), (x_val, y_val) = examples
-        result["data_aware"] = kind.fit_data(layer, x, y, x_val, y_val, budget)
+    if data is not None:
+        result["data_aware"] = kind.fit_data(layer, data, budget)
     return layer, result
 
 

@@ -171,7 +171,7 @@ def test_each_least_squares_step_is_the_exact_optimum_of_its_stage():
 def test_least_squares_fit_beats_the_gradient_fit_from_the_same_start():
     """Targets made by another Clos layer: from the same weight-space start, the data-aware ALS ends with a lower
     held-out error than 1,000 Adam steps (the fit before it), and far below its start."""
-    from pruning_lab.clos.fit import fit_clos_als
+    from pruning_lab.clos.fit import LayerData, fit_clos_als
 
     torch.manual_seed(0)
     truth = Clos(48, 48, 2)
@@ -185,7 +185,7 @@ def test_least_squares_fit_beats_the_gradient_fit_from_the_same_start():
     student = Clos(48, 48, 2)
     fit_to_dense(student, dense, 10, "svd")
     start = {k: v.clone() for k, v in student.state_dict().items()}
-    squares = fit_clos_als(student, x, y, 100, x_val, y_val)
+    squares = fit_clos_als(student, LayerData(x, y, x_val, y_val), 100)
     student.load_state_dict(start)
     gradient = fit_clos(student, x, y, 1000, x_val=x_val, y_val=y_val)
     assert squares["relative_error_heldout"] < gradient["relative_error_heldout"], (squares, gradient)
@@ -300,6 +300,7 @@ def test_monarch_blocks_have_the_rank_and_its_projection_recovers_a_monarch_map(
 
 
 def test_lowrank_closed_forms_svd_and_reduced_rank_regression():
+    from pruning_lab.clos.fit import output_statistics
     from pruning_lab.clos.peers import LowRank, fit_lowrank_to_outputs, project_lowrank
 
     torch.manual_seed(0)
@@ -313,7 +314,7 @@ def test_lowrank_closed_forms_svd_and_reduced_rank_regression():
     with torch.no_grad():
         y = dense(x)
         svd_error = relative_error(layer(x), y)
-    fit_lowrank_to_outputs(layer, x, y)
+    fit_lowrank_to_outputs(layer, output_statistics(x, y))
     with torch.no_grad():
         rrr_error = relative_error(layer(x), y)
         # The optimum for the outputs: no rank-5 map does better, e.g. not a small perturbation of it.

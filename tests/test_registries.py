@@ -12,6 +12,7 @@ import torch.nn as nn
 import distillation_lab.methods  # noqa: F401  (the registered distillation terms)
 from distillation_lab.main import main
 from pruning_lab.checkpoint import build_model, load_checkpoint, save_checkpoint
+from pruning_lab.clos.fit import LayerData
 from pruning_lab.clos.structures import STRUCTURES, FitBudget, clos_for, parameter_count
 from pruning_lab.errors import UserError
 from pruning_lab.models import create_model
@@ -124,7 +125,7 @@ def test_each_structure_is_made_at_the_clos_budget_fitted_and_replayed(name):
     x = torch.randn(256, 64)
     with torch.no_grad():
         y = dense(x)
-    data = kind.fit_data(layer, x[:192], y[:192], x[192:], y[192:], FitBudget(steps=20, sweeps=5))
+    data = kind.fit_data(layer, LayerData(x[:192], y[:192], x[192:], y[192:]), FitBudget(steps=20, sweeps=5))
     assert 0 <= data["relative_error_heldout"] < 1.0
     holder = nn.Sequential(nn.Linear(64, 48))
     apply_surgery(holder, [{"kind": name, "layer": "0", "config": layer.config()}])

@@ -119,17 +119,17 @@ def project_lowrank(layer: LowRank, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 @torch.no_grad()
-def fit_lowrank_to_outputs(layer: LowRank, x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-6) -> None:
-    """Data-aware: the rank-r map minimising ||y - layer(x)|| on calibration rows (reduced-rank regression).
+def fit_lowrank_to_outputs(layer: LowRank, stats: dict, ridge: float = 1e-6) -> None:
+    """Data-aware: the rank-r map minimising ||y - layer(x)|| on the calibration rows whose statistics (`fit.
+    output_statistics`) are given (reduced-rank regression).
 
     With centred inputs X and targets Y, the least-squares map is W = Y^T X (X^T X)^-1; the best rank-r
     map projects it onto the top-r principal directions of the fitted outputs W X. When y = dense(x)
     this is the SVD of the weight after whitening by the inputs' covariance."""
-    x, y = x.double(), y.double()
-    x_mean, y_mean = x.mean(0), y.mean(0)
-    xc, yc = x - x_mean, y - y_mean
-    xx = xc.T @ xc
-    w = ridge_solve(xx, xc.T @ yc, ridge).T  # [out, in], least squares
+    n, x_mean, y_mean = stats["n"], stats["x_mean"], stats["y_mean"]
+    xx = stats["xx"] - n * torch.outer(x_mean, x_mean)  # centred: Xc^T Xc
+    yx = stats["yx"] - n * torch.outer(y_mean, x_mean)  # Yc^T Xc
+    w = ridge_solve(xx, yx.T, ridge).T  # [out, in], least squares
     # The fitted outputs' principal directions: the top eigenvectors of their Gram matrix W X^T X W^T [out, out]
     # (the right singular vectors of the [N, out] fitted outputs, without an SVD over every row).
     _, vectors = torch.linalg.eigh(w @ xx @ w.T)

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..surgery import register_surgery, replace_module
-from .fit import fit_clos, fit_clos_als, fit_to_dense, identity_probe, relative_error
+from .fit import LayerData, fit_clos, fit_clos_als, fit_to_dense, identity_probe, layer_error, relative_error
 from .layer import Clos
 from .peers import (LowRank, Monarch, fit_lowrank_to_outputs, lowrank_rank_for, monarch_shape_for, project_lowrank,
                     project_monarch)
@@ -47,7 +47,7 @@ class Structure:
     layer: type
     make: Make  # (dense, multiplier) -> an untrained layer at Clos m's parameters
     fit_weights: Callable[[nn.Module, nn.Linear, FitBudget], dict]  # (layer, dense, budget) -> errors
-    fit_data: Callable[..., dict]  # (layer, x, y, x_val, y_val, budget) -> errors
+    fit_data: Callable[[nn.Module, LayerData, FitBudget], dict]  # (layer, data, budget) -> errors
 
 
 STRUCTURES: dict[str, Structure] = {}
@@ -77,14 +77,14 @@ def clos_for(dense: nn.Linear, multiplier: int) -> Clos:
         return Clos(dense.in_features, dense.out_features, multiplier)
 
 
-def fit_by_gradient(layer: nn.Module, x, y, x_val, y_val, budget: FitBudget) -> dict:
+def fit_by_gradient(layer: nn.Module, data: LayerData, budget: FitBudget) -> dict:
     """Gradient steps on the outputs, then the exact least-squares solve of the last stage."""
-    return fit_clos(layer, x, y, steps=budget.steps, x_val=x_val, y_val=y_val)
+    return fit_clos(layer, data.x, data.y, steps=budget.steps, x_val=data.x_val, y_val=data.y_val)
 
 
-def fit_by_least_squares(layer: Clos, x, y, x_val, y_val, budget: FitBudget) -> dict:
+def fit_by_least_squares(layer: Clos, data: LayerData, budget: FitBudget) -> dict:
     """Clos: sweeps of exact least squares stage by stage on the outputs, until the held-out error stops falling."""
-    return fit_clos_als(layer, x, y, budget.sweeps, x_val, y_val)
+    return fit_clos_als(layer, data, budget.sweeps)
 
 
 def fit_clos_weights(layer: Clos, dense: nn.Linear, budget: FitBudget) -> dict:
@@ -105,13 +105,13 @@ def fit_by_projection(project: Callable) -> Callable[[nn.Module, nn.Linear, int,
     return fit
 
 
-def fit_lowrank_data(layer: LowRank, x, y, x_val, y_val, budget: FitBudget) -> dict:
+def fit_lowrank_data(layer: LowRank, data: LayerData, budget: FitBudget) -> dict:
     """The closed-form optimum on the outputs (reduced-rank regression): no gradient steps."""
     start = time.perf_counter()
-    fit_lowrank_to_outputs(layer, x, y)
-    with torch.no_grad():
-        return {"relative_error": relative_error(layer(x), y), "relative_error_heldout": relative_error(layer(x_val), y_val),
-                "steps": 0, "seconds": time.perf_counter() - start}
+    fit_lowrank_to_outputs(layer, data.stats)
+    return {"relative_error": layer_error(layer, data.stats),
+            "relative_error_heldout": layer_error(layer, data.val_stats), "steps": 0,
+            "seconds": time.perf_counter() - start}
 
 
 @register_structure("clos", Clos, fit_weights=fit_clos_weights, fit_data=fit_by_least_squares)
