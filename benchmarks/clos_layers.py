@@ -3,11 +3,12 @@
     python -m benchmarks.clos_layers [--checkpoint models_saved/text/tweet_bert.pth] [--block 5]
                                      [--multipliers 4 2] [--calibration-examples 4096] [--write-results]
 
-For each linear layer of one transformer block of a text classifier (query, key, value, attention
-output, FFN in, FFN out; `--block`) and each budget (the parameters of the Clos layer at m), fits
+For each linear layer of one transformer block (`--block`) of a BERT text classifier (query, key,
+value, attention output, FFN in, FFN out; results/clos_layers.md) or a ViT (qkv, proj, fc1, fc2;
+results/clos_layers_vit.md) and each budget (the parameters of the Clos layer at m), fits
 every structure as `clos-convert` does by default, on the layer's inputs from `--calibration-examples`
-training texts (targets: the layer's outputs), and prints the relative output error on the
-validation texts' tokens (held out) and the seconds of the fit (weight-space start and the
+training examples (targets: the layer's outputs), and prints the relative output error on the
+validation examples' tokens (held out) and the seconds of the fit (weight-space start and the
 statistics of the rows included: every structure computes its own, as a conversion to that one
 structure does):
 
@@ -38,9 +39,22 @@ from pruning_lab.clos.fit import LayerData, fit_clos, fit_clos_als, fit_to_dense
 from pruning_lab.clos.structures import STRUCTURES, FitBudget
 from pruning_lab.inference import open_checkpoint
 
-LAYER_TYPES = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
-               "attention output": "attention.output.dense", "FFN in": "intermediate.dense",
-               "FFN out": "output.dense"}
+# Per model family: the path of block N, and its layer types' paths inside the block.
+FAMILIES = {"bert": ("encoder.layer.{}", {"query": "attention.self.query", "key": "attention.self.key",
+                                          "value": "attention.self.value", "attention output": "attention.output.dense",
+                                          "FFN in": "intermediate.dense", "FFN out": "output.dense"}),
+            "vit": ("blocks.{}", {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"})}
+LAYER_TYPES = {label: path for _, types in FAMILIES.values() for label, path in types.items()}
+
+
+def block_of(model: torch.nn.Module, block: int) -> tuple[str, str, dict[str, str]]:
+    """(family, the path of transformer block `block`, its layer types) for a BERT or ViT model."""
+    names = [n for n, _ in model.named_modules()]
+    for family, (pattern, types) in FAMILIES.items():
+        found = [n for n in names if n.endswith(pattern.format(block))]
+        if found:
+            return family, found[0], types
+    raise SystemExit(f"no BERT or ViT transformer block {block} in this model")
 COLUMNS = ("clos", "clos, gradient fit", "lowrank", "monarch")
 
 
@@ -91,21 +105,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block", type=int, default=5, help="the transformer block whose layers are fitted")
     parser.add_argument("--multipliers", type=int, nargs="+", default=[4, 2])
     parser.add_argument("--calibration-examples", type=int, default=4096, help="clos-convert's default")
-    parser.add_argument("--layer-types", nargs="+", default=list(LAYER_TYPES), choices=list(LAYER_TYPES))
+    parser.add_argument("--layer-types", nargs="+", choices=list(LAYER_TYPES),
+                        help="default: every type of the model's block (BERT: query ... FFN out; ViT: qkv proj fc1 fc2)")
     add_results_flag(parser)
     args = parser.parse_args(argv)
-    out = Results("clos_layers", argv)
     opened = open_checkpoint(args.checkpoint, device="cpu")
-    prefix = next(n for n, _ in opened.model.named_modules() if n.endswith(f"encoder.layer.{args.block}"))
-    out(f"{args.checkpoint}, block {args.block}; {args.calibration_examples} calibration texts; held-out: the "
-        f"validation texts' tokens; error: relative output error ||f(x) - y|| / ||y||; seconds on "
+    family, prefix, types = block_of(opened.model, args.block)
+    args.layer_types = args.layer_types or list(types)
+    if set(args.layer_types) - set(types):
+        raise SystemExit(f"--layer-types: a {family} block has {', '.join(types)}")
+    out = Results("clos_layers", argv, None if family == "bert" else f"clos_layers_{family}")
+    out(f"{args.checkpoint}, block {args.block}; {args.calibration_examples} calibration examples; held-out: the "
+        f"validation examples' tokens; error: relative output error ||f(x) - y|| / ||y||; seconds on "
         f"{torch.get_num_threads()} thread(s)\n")
     out("| layer | in -> out | m | parameters (dense -> Clos budget) | " + " | ".join(COLUMNS)
         + " | Clos sweeps | seconds: " + " / ".join(COLUMNS) + " |")
     out("|---" * (6 + len(COLUMNS)) + "|")
     budget_rows = []
     for label in args.layer_types:
-        name = f"{prefix}.{LAYER_TYPES[label]}"
+        name = f"{prefix}.{types[label]}"
         dense = opened.model.get_submodule(name)
         examples = tuple(tensor for split in ("train", "val") for tensor in
                          layer_examples(opened.model, None, name, opened.loader(split), args.calibration_examples))

@@ -155,13 +155,14 @@ def as_markdown(lines: list[str]) -> list[str]:
 
 def write_results(name: str, table: Union[str, Iterable[str]], argv: Optional[Sequence[str]] = None,
                   directory: Union[str, Path] = RESULTS_DIR, seconds: Optional[float] = None,
-                  load_at_start: Optional[float] = None) -> Path:
-    """Write DIR/NAME.md: a header (the command, date, how long it took, machine, how busy it was, code
-    revision, library versions) and the benchmark's printed `table` (Markdown text or its lines). Returns
-    the path."""
+                  load_at_start: Optional[float] = None, stem: Optional[str] = None) -> Path:
+    """Write DIR/NAME.md (DIR/STEM.md where one benchmark writes several files): a header (the command, date, how
+    long it took, machine, how busy it was, code revision, library versions) and the benchmark's printed `table`
+    (Markdown text or its lines). Returns the path."""
     lines = table.splitlines() if isinstance(table, str) else list(table)
     command = command_line(name, argv)
-    header = [f"# {name}", "",
+    stem = stem or name
+    header = [f"# {stem}", "",
               f"Written by `{command}` (benchmarks/{name}.py). Do not edit by hand: run the command again to "
               "regenerate this file.", "",
               "| | |", "|---|---|",
@@ -171,7 +172,7 @@ def write_results(name: str, table: Union[str, Iterable[str]], argv: Optional[Se
         header.append(f"| took | {duration(seconds)} |")
     header += [f"| machine | {machine()} |", f"| load | {load(load_at_start)} |", f"| code | {code_revision()} |"]
     header += [f"| {lib} | {version} |" for lib, version in versions().items()]
-    path = Path(directory) / f"{name}.md"
+    path = Path(directory) / f"{stem}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "\n".join(header + ["", "## Output", "", *as_markdown(lines)]).rstrip() + "\n"
     tmp = path.with_name(f".{path.name}.tmp")
@@ -182,10 +183,10 @@ def write_results(name: str, table: Union[str, Iterable[str]], argv: Optional[Se
 
 class Results:
     """What a benchmark prints as its result: `out(text)` prints a line and keeps it; `out.finish(DIR)` writes
-    DIR/NAME.md (nothing when DIR is None)."""
+    DIR/NAME.md, or DIR/STEM.md (nothing when DIR is None)."""
 
-    def __init__(self, name: str, argv: Optional[Sequence[str]] = None) -> None:
-        self.name, self.argv = name, list(sys.argv[1:] if argv is None else argv)
+    def __init__(self, name: str, argv: Optional[Sequence[str]] = None, stem: Optional[str] = None) -> None:
+        self.name, self.argv, self.stem = name, list(sys.argv[1:] if argv is None else argv), stem
         self.lines: list[str] = []
         self.started = time.monotonic()
         try:
@@ -201,6 +202,6 @@ class Results:
         if directory is None:
             return None
         path = write_results(self.name, self.lines, self.argv, directory, time.monotonic() - self.started,
-                             self.load_at_start)
+                             self.load_at_start, self.stem)
         print(f"wrote {path}")
         return path

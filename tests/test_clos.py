@@ -192,6 +192,25 @@ def test_least_squares_fit_beats_the_gradient_fit_from_the_same_start():
     assert squares["relative_error_heldout"] < 0.5 * squares["heldout_by_sweep"][0]
 
 
+def test_the_fit_finishes_from_the_statistics_exactly_as_on_the_rows():
+    """The last egress solve for the affine map (statistics with a constant input appended) is the row-wise least-
+    squares optimum: solving it again on the rows changes nothing; the errors from the statistics are the rows'."""
+    from pruning_lab.clos.fit import LayerData, fit_clos_als, solve_last_stage
+
+    torch.manual_seed(0)
+    x = (torch.randn(600, 48) @ torch.randn(48, 48) + 2.0).double()  # not centred: the biases matter
+    y = x @ torch.randn(48, 36).double() + 3.0
+    clos = Clos(48, 36, 2).double()
+    clos.path = "stages"
+    result = fit_clos_als(clos, LayerData(x[:400], y[:400], x[400:], y[400:]), 5)
+    with torch.no_grad():
+        fitted = clos(x)
+        assert result["relative_error"] == pytest.approx(relative_error(clos(x[:400]), y[:400]), rel=1e-6)
+        assert result["relative_error_heldout"] == pytest.approx(relative_error(clos(x[400:]), y[400:]), rel=1e-6)
+        solve_last_stage(clos, x[:400], y[:400], ridge=1e-6)
+        assert relative_error(clos(x), fitted) < 1e-6
+
+
 def test_the_least_squares_fit_stops_once_the_held_out_error_stops_falling():
     from pruning_lab.clos.fit import stopping_sweep
 
