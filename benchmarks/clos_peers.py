@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--layers", required=True)
     parser.add_argument("--multipliers", type=int, nargs="+", default=[4, 2])
-    parser.add_argument("--structures", nargs="+", default=list(STRUCTURES), choices=STRUCTURES)
+    parser.add_argument("--structures", nargs="+", default=list(STRUCTURES), choices=(*STRUCTURES, "auto"),
+                        help="auto: per layer the structure with the lowest held-out error (its speed is not timed)")
     parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--finetune-lr", type=float, default=1e-3)
     parser.add_argument("--fit-steps", type=int, default=1000, help="Monarch's gradient steps")
@@ -116,7 +118,9 @@ def main(argv: list[str] | None = None) -> None:
                          "accuracy_finetuned": summary["test_accuracy_finetuned"],
                          "cosine_converted": summary.get("embedding_cosine_after"),
                          "cosine_finetuned": summary.get("embedding_cosine_finetuned"),
-                         "fit_seconds": seconds, "speed_vs_dense": layer_speed(opened, names, structure, m, args.rows)})
+                         "fit_seconds": seconds, "speed_vs_dense": layer_speed(opened, names, structure, m, args.rows)
+                         if structure in STRUCTURES else None,
+                         "chosen": [layer["structure"] for layer in summary["layers"]]})
     out(f"\n{args.checkpoint}, layers {args.layers} ({len(names)}): test accuracy before conversion "
         f"{ckpt['test']['acc']:.4f}")
     head = "| structure | m budget | parameters (Clos budget) | rel. error mean | worst | test acc converted | after KD FT |"
@@ -130,7 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         cos = f" {r['cosine_converted']:.4f} | {r['cosine_finetuned']:.4f} |" if text else ""
         out(f"| {r['structure']} | {r['m']} | {r['parameters']:,} ({r['clos_budget']:,}) | {r['mean_error']:.4f} | "
             f"{r['worst_error']:.4f} | {r['accuracy_converted']:.4f} | {r['accuracy_finetuned']:.4f} |{cos} "
-            f"{r['fit_seconds']:.1f} | {r['speed_vs_dense']:.2f}x |")
+            f"{r['fit_seconds']:.1f} | " + (f"{r['speed_vs_dense']:.2f}x |" if r["speed_vs_dense"] else
+                                            "chose " + ", ".join(f"{k} {v}" for k, v in Counter(r["chosen"]).items())
+                                            + " |"))
     starts = [row for m in args.multipliers
               for row in compare_starts(opened, args.checkpoint, names[0], m, args.calibration_examples,
                                         args.fit_sweeps, args.als_iterations)]
