@@ -2,11 +2,11 @@
 report finds runs by what their checkpoints record (a custom --name still lands in its family)."""
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from distillation_lab.chain import main as chain_main
 from distillation_lab.chain import (CHAIN, DEFAULT_PARTITION, DEMO, RENDERED_NOTE, Job, check_order, render_script,
                                     rendered_files)
 from distillation_lab.main import main
@@ -22,7 +22,7 @@ def test_committed_scripts_are_what_the_table_renders():
         assert text.splitlines()[1] == RENDERED_NOTE  # a user who opens one reads first that it is rendered
     scripts = {p.name for p in (ROOT / "slurm").glob("*.slurm")}
     assert scripts == {f"{job.script}.slurm" for job in CHAIN}  # no script without a row
-    assert subprocess.run([sys.executable, "-m", "distillation_lab.chain", "--check"], cwd=ROOT).returncode == 0
+    assert chain_main(["--check"]) == 0  # what `python -m distillation_lab.chain --check` runs
 
 
 def test_table_is_in_dependency_order_and_its_links_hold():
@@ -69,6 +69,7 @@ TINY = ["--dataset", "mnist_embedded", "--epochs", "1", "--train-subset", "256",
         "--batch-size", "32", "--no-progress"]
 
 
+@pytest.mark.e2e
 def test_report_finds_runs_by_their_checkpoints_not_their_file_names(tmp_path):
     out = tmp_path / "models"
     assert main(["train-teacher", "--model", "resnet18", "--model-args", "{width: 4}", *TINY,

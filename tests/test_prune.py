@@ -13,7 +13,7 @@ from pruning_lab.models import create_model
 from pruning_lab.prune import prune_structured, prune_unstructured, ratio_for_target, shape_changes, sparsity
 from pruning_lab.surgery import apply_surgery
 
-DATA = ["--dataset", "mnist_embedded", "--train-subset", "1536", "--val-size", "200", "--batch-size", "64",
+DATA = ["--dataset", "mnist_embedded", "--train-subset", "512", "--val-size", "200", "--batch-size", "64",
         "--no-progress"]
 
 

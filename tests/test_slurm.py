@@ -83,6 +83,7 @@ def test_a_job_without_its_teacher_stops_at_once_naming_the_real_folder(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["no teacher repo"]  # the scratch copy is gone
 
 
+@pytest.mark.e2e
 def test_an_error_inside_the_scratch_copy_names_the_real_models_folder(tmp_path):
     repo = copy_repo(tmp_path / "bad init repo")
     proc = subprocess.run(["bash", str(repo / "slurm/train_cnn_teacher.slurm")], capture_output=True, text=True,
