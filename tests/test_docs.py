@@ -211,8 +211,12 @@ def test_a_benchmark_writes_its_table_with_write_results(tmp_path, capsys):
 
 @pytest.mark.parametrize("result", sorted((ROOT / "results").glob("*.md")), ids=lambda p: p.name)
 def test_every_results_file_was_written_by_its_benchmark(result):
-    """results/NAME.md is benchmarks/NAME.py's output with its header, not a hand-written file."""
+    """results/NAME.md (or NAME_SUFFIX.md, one of several files of one benchmark) is benchmarks/NAME.py's output with
+    its header, not a hand-written file."""
     text = result.read_text()
-    assert result.stem in BENCHMARKS, f"{result.name}: no benchmarks/{result.stem}.py"
-    assert f"| command | `python -m benchmarks.{result.stem}" in text
+    found = re.search(r"^Written by `python -m benchmarks\.(\w+)[ `]", text, re.M)
+    assert found, f"{result.name}: no 'Written by `python -m benchmarks.NAME ...`' line"
+    name = found.group(1)
+    assert name in BENCHMARKS and result.stem.startswith(name), f"{result.name}: no benchmarks/{name}.py"
+    assert f"| command | `python -m benchmarks.{name}" in text
     assert re.search(r"\| date \| \d{4}-\d\d-\d\d", text) and "| machine |" in text and "| torch |" in text
