@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="also write the rows here")
     add_results_flag(parser)
     args = parser.parse_args(argv)
-    out = Results("clos_peers", argv)
+    out = Results("clos_peers", argv, f"clos_peers_{Path(args.checkpoint).stem}")  # one table per model
     opened = open_checkpoint(args.checkpoint, device=args.device)
     names = matching_linears(opened.model, args.layers)
     ckpt = load_checkpoint(args.checkpoint)

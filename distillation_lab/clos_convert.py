@@ -3,6 +3,7 @@ optionally fine-tune the converted model with knowledge distillation from the or
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -28,53 +29,138 @@ from .runs import check_finetuning, check_finetuning_options, finetune_config, r
 
 
 class _Captured(Exception):
-    """Raised by the capture hook to stop the forward pass once the layer's input is seen."""
+    """Raised by the capture hooks to stop the forward pass once every wanted layer has been seen."""
+
+
+def _rows(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A layer's activations flattened to [rows, features]; for text without the padding tokens' rows, which are
+    not part of any sentence."""
+    if x.dtype == torch.long and h.shape[:2] == x.shape:  # token ids [B, L] -> activations [B, L, H]
+        h = h[x != PAD_ID]
+    return h.reshape(-1, h.shape[-1]).float()
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, layer: str, loader, limit: int) -> torch.Tensor:
-    """The inputs that `layer` receives on up to `limit` examples, flattened to [rows, in_features].
+def capture(model: nn.Module, layers: list[str], loader, limit: int, outputs: bool = False,
+            memory: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """The inputs (or outputs) of `layers` on up to `limit` examples, each [rows, features], in one forward pass
+    that stops once the last of them is seen. Where all of them would take more than `memory` bytes (judged on the
+    first batch), only the first ones that fit are kept (at least one)."""
+    kept, batch = list(layers), {}
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
 
-    For text, the rows of padding tokens are left out: they are not part of any sentence."""
-    rows: list[torch.Tensor] = []
-    batch: dict[str, torch.Tensor] = {}
+    def keeper(name: str):
+        def keep(module, inputs, output=None) -> None:
+            h = output if outputs else inputs[0]
+            if name in kept and name not in batch["seen"]:
+                # q, k and v receive one tensor: its rows are made once (h is held, so that its id is not reused)
+                if id(h) not in batch["by_id"]:
+                    batch["by_id"][id(h)] = (h, _rows(h, batch["x"]))
+                rows[name].append(batch["by_id"][id(h)][1])
+                batch["seen"].add(name)
+            if batch["seen"] >= set(kept):
+                raise _Captured  # the rest of the forward pass is not needed
+        return keep
 
-    def keep(module, inputs) -> None:
-        h, x = inputs[0], batch["x"]
-        if x.dtype == torch.long and h.shape[:2] == x.shape:  # token ids [B, L] -> activations [B, L, H]
-            h = h[x != PAD_ID]
-        rows.append(h.reshape(-1, h.shape[-1]).float())
-        raise _Captured  # the rest of the forward pass is not needed
-
-    hook = model.get_submodule(layer).register_forward_pre_hook(keep)
+    hooks = [model.get_submodule(name).register_forward_hook(keeper(name)) if outputs else
+             model.get_submodule(name).register_forward_pre_hook(keeper(name)) for name in layers]
     seen = 0
     model.eval()
     try:
         for x, _ in loader:
-            batch["x"] = x
+            batch.update(x=x, seen=set(), by_id={})
             try:
                 model(x)
             except _Captured:
                 pass
+            if seen == 0 and memory is not None:  # keep the first layers whose projected rows fit
+                projected = [rows[name][0].numel() * 4 * limit / len(x) if rows[name] else 0 for name in kept]
+                kept[:] = kept[:max(1, sum(1 for total in itertools.accumulate(projected) if total <= memory))]
             seen += len(x)
             if seen >= limit:
                 break
     finally:
-        hook.remove()
-    return torch.cat(rows)
+        for hook in hooks:
+            hook.remove()
+    missing = [name for name in kept if not rows[name]]
+    if missing:
+        raise UserError(f"layer {missing[0]} is never called in the model's forward pass: leave it out of --layers")
+    joined: dict[int, torch.Tensor] = {}  # layers that shared their input share its rows
+    return {name: joined.setdefault(id(rows[name][0]), torch.cat(rows[name])) for name in kept}
 
 
 @torch.no_grad()
+def independent_runs(model: nn.Module, names: list[str], loader) -> dict[str, list[str]]:
+    """For each layer, it and the layers after it whose inputs depend on none of the layers from it to them
+    (q, k and v of one attention block): their inputs can be captured in one pass before the first of them is
+    converted. Found by adding noise to each layer's output on two examples and seeing which inputs move."""
+    x, y = next(iter(loader))
+    probe = [(x[:2], y[:2])]
+    base = capture(model, names, probe, 2)
+    noise = torch.Generator(device=x.device).manual_seed(0)  # the global generator is left as it was
+    depends: dict[str, set[str]] = {}
+    for i, name in enumerate(names[:-1]):
+        shift = lambda module, inputs, out: out + torch.randn(out.shape, generator=noise, device=out.device,  # noqa: E731
+                                                               dtype=out.dtype)
+        hook = model.get_submodule(name).register_forward_hook(shift)
+        try:
+            moved = capture(model, names[i + 1:], probe, 2)
+        finally:
+            hook.remove()
+        depends[name] = {later for later, h in moved.items() if not torch.allclose(h, base[later], rtol=1e-4, atol=1e-5)}
+    runs = {}
+    for i, name in enumerate(names):
+        run = [name]
+        for later in names[i + 1:]:
+            if any(later in depends[earlier] for earlier in run):
+                break
+            run.append(later)
+        runs[name] = run
+    return runs
+
+
+class LayerExamples:
+    """(inputs, targets) to fit a replacement of each of `names`, in order, on one split: the inputs the layer
+    receives in `model` (whose earlier layers may already be converted) and, as targets, the original model's
+    outputs of that layer on the same examples, so that the fit also undoes the error of the layers converted
+    before it (with `original=None`, the layer's own outputs on those inputs).
+
+    Each forward pass captures as many layers as memory allows: the original's outputs of the layers that follow,
+    and the model's inputs of the layers that do not depend on each other (`independent_runs`)."""
+
+    def __init__(self, model: nn.Module, original: Optional[nn.Module], names: list[str], loader, limit: int,
+                 memory: Optional[int] = None) -> None:
+        self.model, self.original, self.names, self.loader, self.limit = model, original, names, loader, limit
+        self.memory = memory if memory is not None else capture_memory(next(model.parameters()).device)
+        self.runs = independent_runs(model, names, loader) if len(names) > 1 else {names[0]: names}
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.targets: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's (inputs, targets); each is captured once and handed out once."""
+        if name not in self.inputs:
+            self.inputs.update(capture(self.model, self.runs[name], self.loader, self.limit, memory=self.memory))
+        x = self.inputs.pop(name)
+        if self.original is None:
+            return x, self.model.get_submodule(name)(x)
+        if name not in self.targets:
+            later = self.names[self.names.index(name):]
+            self.targets.update(capture(self.original, later, self.loader, self.limit, outputs=True,
+                                        memory=self.memory))
+        return x, self.targets.pop(name)
+
+
+def capture_memory(device: torch.device) -> int | None:
+    """Bytes one capture may hold: a quarter of what `device` has free (the model's inputs and the original's
+    outputs are held at once, and the fit needs room too)."""
+    free = available_memory(device)
+    return None if free is None else free // 4
+
+
 def layer_examples(model: nn.Module, original: Optional[nn.Module], layer: str, loader,
                    limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) to fit a replacement of `layer`: the inputs it receives in `model` (whose
-    earlier layers may already be converted) and, as targets, the original model's outputs of that
-    layer on the same examples, so that the fit also undoes the error of the layers converted before
-    it. With `original=None` the targets are the layer's own outputs on those inputs."""
-    x = capture_inputs(model, layer, loader, limit)
-    source = x if original is None else capture_inputs(original, layer, loader, limit)
-    dense = (model if original is None else original).get_submodule(layer)
-    return x, dense(source)
+    """(inputs, targets) of one layer (`LayerExamples` of that layer alone)."""
+    return LayerExamples(model, original, [layer], loader, limit)(layer)
 
 
 @torch.no_grad()
@@ -150,7 +236,7 @@ def convert_layer(model: nn.Module, name: str, multiplier: int, fit: str, calibr
     and put it in its place; `auto`: fit each structure at the Clos layer's parameters and keep the one
     with the lowest held-out error.
 
-    `calibration(name)` and `held_out(name)` give (inputs, targets) of the layer (`layer_examples`)."""
+    `calibration(name)` and `held_out(name)` give (inputs, targets) of the layer (`LayerExamples`)."""
     dense = model.get_submodule(name)
     data = LayerData(*calibration(name), *held_out(name)) if fit == "data" else None  # once, for every candidate
     fitted = {kind: fit_structure(dense, kind, multiplier, data, budget)
@@ -178,10 +264,11 @@ def convert_within_budget(model: nn.Module, original: nn.Module, names: list[str
                      + [{"parameters": count_parameters(model.get_submodule(name)), "error": 0.0}]
               for name, plan in plans.items()}, budget)
     options = {}
+    examples = [LayerExamples(original, None, names, opened.loader(split), o.calibration_examples)
+                for split in ("train", "val")]
     for name in tqdm(names, desc="fitting candidates", unit="layer", disable=None):
         dense = model.get_submodule(name)
-        data = LayerData(*(tensor for split in ("train", "val") for tensor in
-                            layer_examples(original, None, name, opened.loader(split), o.calibration_examples)))
+        data = LayerData(*examples[0](name), *examples[1](name))
         options[name] = [{"structure": DENSE, "multiplier": None, "parameters": count_parameters(dense), "error": 0.0}]
         for kind, m in plans[name]:
             layer, result = fit_structure(dense, kind, m, data, o.fit_budget())
@@ -316,12 +403,11 @@ def convert_locked(o: ClosConvertOptions) -> dict:
                "parameters_before": count_parameters(model), "test_accuracy_before": test_acc(), "layers": []}
     if o.budget is not None:
         summary.update(budget_share=o.budget, layers=convert_within_budget(model, original, names, opened, o))
-    for name in names if o.budget is None else []:  # layer by layer: later layers see converted inputs
-        summary["layers"].append(convert_layer(
-            model, name, o.multiplier, o.fit,
-            lambda n: layer_examples(model, original, n, opened.loader("train"), o.calibration_examples),
-            lambda n: layer_examples(model, original, n, opened.loader("val"), o.calibration_examples),
-            o.fit_budget(), o.structure))
+    if o.budget is None:  # layer by layer: later layers see converted inputs
+        train, val = (LayerExamples(model, original, names, opened.loader(split), o.calibration_examples)
+                      for split in ("train", "val"))
+        summary["layers"] = [convert_layer(model, name, o.multiplier, o.fit, train, val, o.fit_budget(), o.structure)
+                             for name in names]
     summary.update(parameters_after=count_parameters(model), test_accuracy_after=test_acc())
     summary["compression"] = summary["parameters_before"] / summary["parameters_after"]
     if hasattr(model, "sentence_embedding"):  # text: how close the converted encoder stays to the original

@@ -245,6 +245,49 @@ def test_layer_examples_pair_converted_inputs_with_the_original_outputs():
         assert torch.equal(x_own, x) and torch.allclose(y_own, model[2](x))
 
 
+class _Fork(torch.nn.Module):
+    """a feeds b and c side by side (as a block's input feeds q, k and v), whose product feeds d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.d = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.d(self.b(h) * self.c(h))
+
+
+@pytest.mark.parametrize("memory", [None, 1])  # 1 byte: every pass keeps one layer
+def test_layer_examples_share_passes_and_match_one_layer_at_a_time(memory):
+    """The layers converted in sequence get the same (inputs, targets) as when each is captured alone, with b and
+    c (independent of each other) captured in one pass of the model and the original's outputs of all four in one."""
+    import copy
+
+    from distillation_lab.clos_convert import LayerExamples, independent_runs, layer_examples
+    from pruning_lab.surgery import replace_module
+
+    torch.manual_seed(0)
+    original = _Fork().eval()
+    model = copy.deepcopy(original)
+    names = ["a", "b", "c", "d"]
+    data = [(torch.randn(8, 8), torch.zeros(8)) for _ in range(3)]
+    assert independent_runs(model, names, data) == {"a": ["a"], "b": ["b", "c"], "c": ["c"], "d": ["d"]}
+    examples = LayerExamples(model, original, names, data, limit=16, memory=memory)
+    passes = {"model": 0, "original": 0}
+    for key, net in (("model", model), ("original", original)):
+        net.register_forward_pre_hook(lambda *_, key=key: passes.__setitem__(key, passes[key] + 1))
+    for name in names:
+        x, y = examples(name)
+        x_alone, y_alone = layer_examples(model, original, name, data, limit=16)
+        assert torch.equal(x, x_alone) and torch.equal(y, y_alone)
+        replace_module(model, name, Clos(8, 8 if name != "d" else 4, 1))  # an untrained conversion: far from it
+    # two batches per pass; the one-layer captures above add 2 passes of each model per layer
+    alone = 2 * len(names)
+    assert passes["model"] - alone == 2 * (3 if memory is None else 4)
+    assert passes["original"] - alone == 2 * (1 if memory is None else 4)
+
+
 @pytest.mark.e2e
 def test_clos_convert_records_surgery_and_replays_it(tmp_path, capsys):
     out = tmp_path / "models"
