@@ -21,6 +21,7 @@ import time
 from collections import Counter
 
 import torch
+from tqdm.auto import tqdm
 
 from benchmarks.results import Results, add_results_flag
 from distillation_lab.clos_convert import AUTO, LayerExamples, convert_layer, embedding_cosine
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             train_examples, val_examples = (LayerExamples(model, teacher, names, loader(split), args.calibration_texts)
                                             for split in (train, val))
             layers = [convert_layer(model, name, m, "data", train_examples, val_examples, budget, structure)
-                      for name in names]
+                      for name in tqdm(names, desc=f"{structure} m={m}", unit="layer", disable=None)]
             dense = sum(layer["dense_parameters"] for layer in layers)
             converted = sum(layer["parameters"] for layer in layers)
             errors = [layer["data_aware"]["relative_error_heldout"] for layer in layers]

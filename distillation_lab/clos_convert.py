@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -74,7 +75,8 @@ def capture(model: nn.Module, layers: list[str], loader, limit: int, outputs: bo
             except _Captured:
                 pass
             if seen == 0 and memory is not None:  # keep the first layers whose projected rows fit
-                projected = [rows[name][0].numel() * 4 * limit / len(x) if rows[name] else 0 for name in kept]
+                batches = min(math.ceil(limit / len(x)), len(loader) if hasattr(loader, "__len__") else math.inf)
+                projected = [rows[name][0].numel() * 4 * batches if rows[name] else 0 for name in kept]
                 kept[:] = kept[:max(1, sum(1 for total in itertools.accumulate(projected) if total <= memory))]
             seen += len(x)
             if seen >= limit:
@@ -407,7 +409,7 @@ def convert_locked(o: ClosConvertOptions) -> dict:
         train, val = (LayerExamples(model, original, names, opened.loader(split), o.calibration_examples)
                       for split in ("train", "val"))
         summary["layers"] = [convert_layer(model, name, o.multiplier, o.fit, train, val, o.fit_budget(), o.structure)
-                             for name in names]
+                             for name in tqdm(names, desc="converting", unit="layer", disable=None)]
     summary.update(parameters_after=count_parameters(model), test_accuracy_after=test_acc())
     summary["compression"] = summary["parameters_before"] / summary["parameters_after"]
     if hasattr(model, "sentence_embedding"):  # text: how close the converted encoder stays to the original
