@@ -13,19 +13,21 @@ forward+backward speed against dense (dense's time over the structure's, above 1
 over the layers' shapes) at --rows rows. The dense
 control is the original model given the same KD fine-tuning. Then the Clos fit's two starts (the
 closed-form grouped SVD against random) on the first layer: weight error after the ALS, held-out
-output error after the data-aware fit, and seconds.
+output error after the data-aware fit, and seconds, beside low-rank's error and seconds on the same
+rows and the sweep (and second) at which Clos's fit first goes below low-rank's error.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
 from benchmarks.results import Results, add_results_flag
-from distillation_lab.clos_convert import ClosConvertOptions, clos_convert, layer_examples, make_structure
+from distillation_lab.clos_convert import ClosConvertOptions, clos_convert, fit_structure, layer_examples, make_structure
 from distillation_lab.runs import finetune_config, run_training
 from pruning_lab.checkpoint import load_checkpoint
 from pruning_lab.clos import Clos
@@ -56,15 +58,23 @@ def compare_starts(opened, original_path: str, name: str, m: int, calibration: i
     dense = model.get_submodule(name)
     examples = (*layer_examples(model, None, name, opened.loader("train"), calibration),
                 *layer_examples(model, None, name, opened.loader("val"), calibration))
+    start_time = time.perf_counter()
+    _, lowrank = fit_structure(dense, "lowrank", m, LayerData(*examples))  # its own statistics, timed
+    lowrank_seconds = time.perf_counter() - start_time
+    lowrank_error = lowrank["data_aware"]["relative_error_heldout"]
     rows = []
     for start in ("svd", "random"):
         torch.manual_seed(0)
         clos = Clos(dense.in_features, dense.out_features, m)
         weight = fit_to_dense(clos, dense, als_iterations, start)
         data = fit_clos_als(clos, LayerData(*examples), fit_sweeps)  # its own statistics, timed
+        # The first sweep whose map (before the biases) is below low-rank's held-out error, and when it ended.
+        below = next((k for k, e in enumerate(data["heldout_by_sweep"]) if e <= lowrank_error), None)
         rows.append({"start": weight["start"], "m": m, "weight_error_after_als": weight["weight_relative_error"],
                      "als_seconds": weight["seconds"], "heldout_output_error": data["relative_error_heldout"],
-                     "total_seconds": weight["seconds"] + data["seconds"]})
+                     "total_seconds": weight["seconds"] + data["seconds"], "lowrank_error": lowrank_error,
+                     "lowrank_seconds": lowrank_seconds, "sweeps_to_lowrank": below,
+                     "seconds_to_lowrank": None if below is None else weight["seconds"] + data["seconds_by_sweep"][below]})
     return rows
 
 
@@ -141,11 +151,17 @@ def main(argv: list[str] | None = None) -> None:
               for row in compare_starts(opened, args.checkpoint, names[0], m, args.calibration_examples,
                                         args.fit_sweeps, args.als_iterations)]
     out(f"\nClos fit of {names[0]} from two starts ({args.als_iterations} ALS iterations, at most {args.fit_sweeps} "
-        "data-aware sweeps):\n\n| m | start | weight error after ALS | ALS s | held-out output error | total s |")
-    out("|---|---|---|---|---|---|")
+        "data-aware sweeps), beside low-rank's closed form on the same rows; the last column is the first sweep whose "
+        "map (before the biases) is below low-rank's held-out error, and the seconds from the start of the fit to its "
+        "end:\n\n| m | start | weight error after ALS | ALS s | held-out output error | total s | low-rank error "
+        "(s) | Clos below low-rank after |")
+    out("|---|---|---|---|---|---|---|---|")
     for r in starts:
+        below = "never" if r["sweeps_to_lowrank"] is None else \
+            f"{r['sweeps_to_lowrank']} sweeps ({r['seconds_to_lowrank']:.1f} s)"
         out(f"| {r['m']} | {r['start']} | {r['weight_error_after_als']:.4f} | {r['als_seconds']:.1f} | "
-            f"{r['heldout_output_error']:.4f} | {r['total_seconds']:.1f} |")
+            f"{r['heldout_output_error']:.4f} | {r['total_seconds']:.1f} | {r['lowrank_error']:.4f} "
+            f"({r['lowrank_seconds']:.1f}) | {below} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "starts": starts}, indent=2))
     out.finish(args.write_results)
