@@ -155,7 +155,8 @@ def as_markdown(lines: list[str]) -> list[str]:
 
 def write_results(name: str, table: Union[str, Iterable[str]], argv: Optional[Sequence[str]] = None,
                   directory: Union[str, Path] = RESULTS_DIR, seconds: Optional[float] = None,
-                  load_at_start: Optional[float] = None, stem: Optional[str] = None) -> Path:
+                  load_at_start: Optional[float] = None, stem: Optional[str] = None,
+                  code_at_start: Optional[str] = None) -> Path:
     """Write DIR/NAME.md (DIR/STEM.md where one benchmark writes several files): a header (the command, date, how
     long it took, machine, how busy it was, code revision, library versions) and the benchmark's printed `table`
     (Markdown text or its lines). Returns the path."""
@@ -170,7 +171,10 @@ def write_results(name: str, table: Union[str, Iterable[str]], argv: Optional[Se
               f"| date | {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} |"]
     if seconds is not None:
         header.append(f"| took | {duration(seconds)} |")
-    header += [f"| machine | {machine()} |", f"| load | {load(load_at_start)} |", f"| code | {code_revision()} |"]
+    code = code_revision()
+    if code_at_start is not None and code_at_start != code:  # the process ran the code it imported at the start
+        code = f"{code_at_start} when it started ({code} when written)"
+    header += [f"| machine | {machine()} |", f"| load | {load(load_at_start)} |", f"| code | {code} |"]
     header += [f"| {lib} | {version} |" for lib, version in versions().items()]
     path = Path(directory) / f"{stem}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,6 +193,7 @@ class Results:
         self.name, self.argv, self.stem = name, list(sys.argv[1:] if argv is None else argv), stem
         self.lines: list[str] = []
         self.started = time.monotonic()
+        self.code_at_start = code_revision()
         try:
             self.load_at_start: Optional[float] = os.getloadavg()[0]
         except OSError:
@@ -202,6 +207,6 @@ class Results:
         if directory is None:
             return None
         path = write_results(self.name, self.lines, self.argv, directory, time.monotonic() - self.started,
-                             self.load_at_start, self.stem)
+                             self.load_at_start, self.stem, self.code_at_start)
         print(f"wrote {path}")
         return path

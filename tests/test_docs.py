@@ -195,6 +195,9 @@ def test_the_results_writer_writes_the_command_date_machine_and_versions(tmp_pat
     assert re.search(r"\| python \| 3\.\d+", text) and re.search(r"\| torch \| \d", text)
     # The printed table stays a Markdown table; other printed lines stay as printed, in a text block.
     assert "```text\ndevice cpu\n```\n\n| a | b |\n|---|---|\n| 1 | 2 |\n" in text
+    # A run whose code changed under it names the code it imported at its start, then the code at writing.
+    path = write_results("clos_speed", ["| a |", "|---|"], [], tmp_path, code_at_start="0123abc")
+    assert re.search(r"\| code \| 0123abc when it started \(([0-9a-f]{7,}|unknown).* when written\) \|", path.read_text())
 
 
 def test_a_benchmark_writes_its_table_with_write_results(tmp_path, capsys):
