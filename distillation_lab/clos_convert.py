@@ -138,6 +138,7 @@ class LayerExamples:
         self.inputs: dict[str, torch.Tensor] = {}
         self.targets: dict[str, torch.Tensor] = {}
 
+    @torch.no_grad()  # the targets are data: no graph through the dense layer
     def __call__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's (inputs, targets); each is captured once and handed out once."""
         if name not in self.inputs:

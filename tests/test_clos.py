@@ -243,6 +243,7 @@ def test_layer_examples_pair_converted_inputs_with_the_original_outputs():
         assert relative_error(model[2](x), y) > 0.1  # the layer's own outputs would be the wrong target
         x_own, y_own = layer_examples(model, None, "2", data, limit=16)
         assert torch.equal(x_own, x) and torch.allclose(y_own, model[2](x))
+    assert not y_own.requires_grad  # targets are data: no graph through the dense layer held with them
 
 
 class _Fork(torch.nn.Module):
