@@ -41,7 +41,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--multiplier", type=int, default=4)
     parser.add_argument("--calibration-examples", type=int, default=4096, help="clos-convert's default")
     parser.add_argument("--fit-sweeps", type=int, default=100, help="clos-convert's default")
-    parser.add_argument("--fit-steps", type=int, default=1000, help="clos-convert's default (Monarch)")
     add_results_flag(parser)
     args = parser.parse_args(argv)
     out = Results("clos_auto", argv)
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         summary = clos_convert(ClosConvertOptions(checkpoint=args.checkpoint, layers=args.layers,
                                                   multiplier=args.multiplier, overwrite=True,
                                                   calibration_examples=args.calibration_examples,
-                                                  fit_sweeps=args.fit_sweeps, fit_steps=args.fit_steps, **extra))
+                                                  fit_sweeps=args.fit_sweeps, **extra))
         converted = [layer for layer in summary["layers"] if layer.get("structure") != "dense"]
         errors = [layer["data_aware"]["relative_error_heldout"] if "data_aware" in layer else 0.0
                   for layer in summary["layers"]]

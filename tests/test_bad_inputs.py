@@ -89,7 +89,6 @@ def test_loss_numbers_are_checked_before_work(finished, capsys, flags, message):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--fit-steps", "-1"], "--fit-steps must be >= 0, got -1"),
     (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--als-iterations", "0"], "--als-iterations must be >= 1, got 0"),
     (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--fit-sweeps", "0"], "--fit-sweeps must be >= 1, got 0"),
     (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--calibration-examples", "0"],

@@ -170,7 +170,7 @@ def test_every_flag_of_a_shown_command_exists_in_its_parser(page):
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_flag_named_anywhere_exists_somewhere(page):
-    """A flag named in prose (`--fit-steps` >= 0) without its command must still be a flag of main.py, a
+    """A flag named in prose (`--fit-sweeps` >= 1) without its command must still be a flag of main.py, a
     benchmark, the job table or one of the external programs the pages name."""
     known = set().union(*main_parsers().values(), *(help_flags(f"benchmarks.{b}") for b in BENCHMARKS),
                         help_flags("distillation_lab.chain"), EXTERNAL_FLAGS)

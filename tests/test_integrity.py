@@ -142,7 +142,7 @@ def trained(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("command", [["prune", "--amount", "0.5", "--round-to", "1"],
-                                     ["clos-convert", "--layers", "fc", "--allow-more-parameters", "--fit-steps", "1", "--fit-sweeps", "1",
+                                     ["clos-convert", "--layers", "fc", "--allow-more-parameters", "--fit-sweeps", "1",
                                       "--als-iterations", "1", "--calibration-examples", "8"]])
 def test_an_output_that_is_the_input_is_refused_whatever_the_flags(trained, command, capsys):
     before = trained.read_bytes()
@@ -313,7 +313,7 @@ def test_prune_of_a_model_with_the_bottleneck_is_refused_naming_the_order(traine
 
 @pytest.mark.parametrize("command, stem", [
     (["prune", "--amount", "0.5", "--round-to", "1"], "p"),
-    (["clos-convert", "--layers", "fc", "--allow-more-parameters", "--fit-steps", "1", "--fit-sweeps", "1", "--als-iterations", "1",
+    (["clos-convert", "--layers", "fc", "--allow-more-parameters", "--fit-sweeps", "1", "--als-iterations", "1",
       "--calibration-examples", "8"], "c")])
 def test_the_fine_tuning_is_checked_before_the_first_file_is_written(trained, tmp_path, command, stem, capsys):
     out = tmp_path / f"{stem}.pth"

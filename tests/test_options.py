@@ -31,7 +31,7 @@ def subparser(command: str) -> argparse.ArgumentParser:
     ("prune", "target_parameters", "0.5x", "0.5x"),
     ("prune", "target_macs", "0", "0"), ("prune", "device", "tpu", "tpu"),
     ("prune", "round_to", "eight", "eight"),
-    ("clos-convert", "fit_steps", "-1", -1), ("clos-convert", "als_iterations", "0", 0), ("clos-convert", "fit_sweeps", "0", 0),
+    ("clos-convert", "als_iterations", "0", 0), ("clos-convert", "fit_sweeps", "0", 0),
     ("clos-convert", "calibration_examples", "0", 0), ("clos-convert", "multiplier", "0", 0),
     ("clos-convert", "finetune_epochs", "-2", -2), ("clos-convert", "finetune_lr", "nan", float("nan")),
     ("clos-convert", "structure", "dense", "dense"), ("clos-convert", "fit", "x", "x"),

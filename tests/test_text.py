@@ -56,7 +56,7 @@ def test_small_bert_learns_tweets_in_the_one_loop_and_converts_to_clos(tmp_path,
     assert load_checkpoint(out / "bert.pth")["test"]["acc"] > 0.4  # chance is 1/3 on the balanced test split
     capsys.readouterr()
     assert main(["clos-convert", "--checkpoint", str(out / "bert.pth"), "--layers", "*.attention.*",
-                 "--multiplier", "2", "--fit-steps", "20", "--fit-sweeps", "5", "--als-iterations", "2", "--calibration-images", "64",
+                 "--multiplier", "2", "--fit-sweeps", "5", "--als-iterations", "2", "--calibration-images", "64",
                  "--finetune-epochs", "1", "--finetune-lr", "1e-3"]) == 0
     text = capsys.readouterr().out
     assert "hf.bert.encoder.layer.1.attention.output.dense: 1,056 -> " in text

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -395,6 +395,38 @@ def finish_biases(f: ClosFactors, stats: dict, ridge: float) -> None:
     f.write()
 
 
+def sweep_until_stalled(f, sweep: Callable[[], None], stats: dict, heldout: Callable[[], float], sweeps: int,
+                        patience: int, tolerance: float, start: float) -> tuple[list[float], list[float]]:
+    """Run `sweep` (exact least squares, stage by stage, on the factors `f`) until the held-out error has fallen by
+    less than `tolerance` (relative) in `patience` sweeps or `sweeps` ran, each followed by a longer step along its
+    change where that lowers the training error on `stats`; leaves the factors at the sweep with the lowest held-out
+    error. Returns the held-out error and the seconds since `start` before the first sweep and after each."""
+    errors, elapsed = [heldout()], [time.perf_counter() - start]
+    best_state = previous = f.state()
+    for done in range(1, sweeps + 1):
+        sweep()
+        if done > 2:
+            extrapolate(f, previous, done ** (1 / 3), stats)
+        previous = f.state()
+        errors.append(heldout())
+        elapsed.append(time.perf_counter() - start)
+        if errors[-1] <= min(errors[:-1]):
+            best_state = previous
+        if stopping_sweep(errors[1:], patience, tolerance):
+            break
+    f.restore(best_state)
+    return errors, elapsed
+
+
+def sweep_summary(layer: nn.Module, data: "LayerData", errors: list[float], elapsed: list[float], start: float) -> dict:
+    """What a least-squares fit returns: the finished layer's errors, and the map's held-out error by sweep."""
+    return {"relative_error": layer_error(layer, data.stats),
+            "relative_error_heldout": layer_error(layer, data.val_stats), "sweeps": len(errors) - 1,
+            "seconds": time.perf_counter() - start,
+            "heldout_by_sweep": [round(e, 6) for e in errors],  # the map's, before the biases (and Clos's last solve)
+            "seconds_by_sweep": [round(t, 3) for t in elapsed]}
+
+
 @torch.no_grad()
 def fit_clos_als(clos: Clos, data: LayerData, sweeps: int = 100, ridge: float = 1e-6, patience: int = 5,
                  tolerance: float = 1e-3) -> dict:
@@ -409,24 +441,107 @@ def fit_clos_als(clos: Clos, data: LayerData, sweeps: int = 100, ridge: float = 
     for bias in (clos.bias1, clos.bias2, clos.bias3):
         bias.zero_()  # the sweeps fit the map alone; the biases come last, on what it leaves of the means
     f = ClosFactors(clos)
-    errors = [stats_error(f.weight(), val)]  # before the first sweep
-    elapsed = [time.perf_counter() - start]
-    best_state = previous = f.state()
-    for done in range(1, sweeps + 1):
-        als_sweep(f, stats, ridge)
-        if done > 2:
-            extrapolate(f, previous, done ** (1 / 3), stats)
-        previous = f.state()
-        errors.append(stats_error(f.weight(), val))
-        elapsed.append(time.perf_counter() - start)
-        if errors[-1] <= min(errors[:-1]):
-            best_state = previous
-        if stopping_sweep(errors[1:], patience, tolerance):
-            break
-    f.restore(best_state)
+    errors, elapsed = sweep_until_stalled(f, lambda: als_sweep(f, stats, ridge), stats,
+                                          lambda: stats_error(f.weight(), val), sweeps, patience, tolerance, start)
     finish_biases(f, stats, ridge)
-    return {"relative_error": layer_error(clos, stats),
-            "relative_error_heldout": layer_error(clos, val), "sweeps": len(errors) - 1,
-            "seconds": time.perf_counter() - start,
-            "heldout_by_sweep": [round(e, 6) for e in errors],  # the map's, before the biases and last solve
-            "seconds_by_sweep": [round(t, 3) for t in elapsed]}
+    return sweep_summary(clos, data, errors, elapsed, start)
+
+
+# ------------------------------------------------------- Monarch's data-aware fit (exact ALS on statistics)
+
+
+def centred(stats: dict) -> dict:
+    """The statistics of the centred rows: a layer with a free bias per output fits its map on these (its best bias
+    is then the output mean less the map of the input mean)."""
+    n, x_mean, y_mean = stats["n"], stats["x_mean"], stats["y_mean"]
+    return {"n": n, "xx": stats["xx"] - n * torch.outer(x_mean, x_mean),
+            "yx": stats["yx"] - n * torch.outer(y_mean, x_mean), "yy": stats["yy"] - n * float(y_mean.square().sum())}
+
+
+class MonarchFactors:
+    """A Monarch layer's two stages in float64 (w1 [k, l*R, p], w2 [l, s, k*R]): what its data-aware ALS updates."""
+
+    def __init__(self, layer: Monarch) -> None:
+        self.layer = layer
+        self.w1 = layer.w1.detach().double().clone()
+        self.w2 = layer.w2.detach().double().clone()
+
+    def weight(self) -> torch.Tensor:
+        """The map as a dense [out, in] matrix: block (l, k) is w2[l][:, k's R columns] @ w1[k][l's R rows]."""
+        m = self.layer
+        w1 = self.w1.view(m.k, m.l, m.rank, m.p)
+        w2 = self.w2.view(m.l, m.s, m.k, m.rank)
+        return torch.einsum("lskr,klrp->lskp", w2, w1).reshape(m.out_features, m.in_features)
+
+    def state(self) -> tuple[torch.Tensor, ...]:
+        """A copy of the stages."""
+        return self.w1.clone(), self.w2.clone()
+
+    def restore(self, state: tuple[torch.Tensor, ...]) -> None:
+        """Put back stages saved by `state`."""
+        self.w1, self.w2 = (t.clone() for t in state)
+
+    def write(self, bias: torch.Tensor) -> None:
+        """Copy the stages and `bias` into the layer."""
+        m = self.layer
+        m.w1.copy_(self.w1.to(m.w1.dtype))
+        m.w2.copy_(self.w2.to(m.w2.dtype))
+        if m.bias is not None:
+            m.bias.copy_(bias.to(m.bias.dtype))
+
+
+@torch.no_grad()
+def monarch_sweep(f: MonarchFactors, stats: dict, ridge: float) -> None:
+    """One sweep of exact least squares on the (centred) outputs: the second stage for every output group at once
+    (the groups are independent), then input block by input block the first stage (each the exact optimum given the
+    rest: a Kronecker system solved through two small eigendecompositions, as Clos's ingress switches)."""
+    m = f.layer
+    k, p, l_, s, r, width = m.k, m.p, m.l, m.s, m.rank, m.in_features
+    xx, yx = stats["xx"], stats["yx"]
+    # Stage 2. Group l sees H_l x, H_l [k*R, in] block-diagonal with blocks w1[k][l's R rows]: H_l Σ H_l^T and
+    # H_l G_l^T through the blocks (no dense H_l).
+    w1 = f.w1.view(k, l_, r, p)
+    hs = (f.w1 @ xx.view(k, p, width)).view(k, l_, r, width).transpose(0, 1)  # [l, k, R, in] = H_l Σ
+    gram = torch.einsum("lakbq,blrq->lakbr", hs.reshape(l_, k, r, k, p), w1)
+    rhs = torch.einsum("klrp,lskp->lkrs", w1, yx.view(l_, s, k, p))  # [l, k, R, s]
+    f.w2 = ridge_solve(gram.reshape(l_, k * r, k * r), rhs.reshape(l_, k * r, s), ridge).transpose(1, 2).contiguous()
+    # Stage 1, block by block: W[:, k] = M_k B_k, M_k block-diagonal with blocks w2[l][:, k's R columns] [s, R].
+    residual = yx - f.weight() @ xx  # G - W Σ, kept current below
+    e2s, u2s = ingress_eigh(stats, p)
+    w2 = f.w2.view(l_, s, k, r)
+    for block in range(k):
+        cols = slice(block * p, (block + 1) * p)
+        mk = w2[:, :, block, :]  # [l, s, R]
+        pk = mk.transpose(1, 2) @ mk  # [l, R, R]
+        old = f.w1[block].view(l_, r, p).clone()  # (a view would change with the assignment below)
+        rk = residual[:, cols].view(l_, s, p)
+        rhs = mk.transpose(1, 2) @ rk + pk @ old @ xx[cols, cols]  # [l, R, p]
+        e1, u1 = torch.linalg.eigh(pk)  # [l, R], [l, R, R]
+        e2, u2 = e2s[block], u2s[block]
+        scale = e1.clamp_min(0)[..., None] * e2.clamp_min(0) + ridge * e1.mean(1, keepdim=True)[..., None] * e2.mean()
+        new = u1 @ ((u1.transpose(1, 2) @ rhs @ u2) / scale.clamp_min(1e-300)) @ u2.T
+        f.w1[block] = new.reshape(l_ * r, p)
+        moved = (mk @ (new - old)).reshape(m.out_features, p)  # the change of W[:, k]
+        residual -= moved @ xx[cols]
+
+
+@torch.no_grad()
+def fit_monarch_als(layer: Monarch, data: LayerData, sweeps: int = 100, ridge: float = 1e-6, patience: int = 5,
+                    tolerance: float = 1e-3) -> dict:
+    """Monarch's data-aware fit by exact alternating least squares on the centred statistics, from its current stages
+    (the weight-space projection), stopped as Clos's (`sweep_until_stalled`); the bias is then the output mean less
+    the map of the input mean. Returns what `fit_clos_als` returns."""
+    start = time.perf_counter()
+    stats, val = data.stats, data.val_stats
+    train, val_wide = centred(stats), augmented(val)
+    f = MonarchFactors(layer)
+
+    def affine() -> torch.Tensor:  # [out, in + 1]: the map and its best bias on the calibration rows
+        weight = f.weight()
+        return torch.cat([weight, (stats["y_mean"] - weight @ stats["x_mean"])[:, None]], 1)
+
+    errors, elapsed = sweep_until_stalled(f, lambda: monarch_sweep(f, train, ridge), train,
+                                          lambda: stats_error(affine(), val_wide), sweeps, patience, tolerance,
+                                          start)
+    f.write(affine()[:, -1])
+    return sweep_summary(layer, data, errors, elapsed, start)

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..surgery import register_surgery, replace_module
-from .fit import LayerData, fit_clos, fit_clos_als, fit_to_dense, identity_probe, layer_error, relative_error
+from .fit import LayerData, fit_clos_als, fit_monarch_als, fit_to_dense, identity_probe, layer_error, relative_error
 from .layer import Clos
 from .peers import (LowRank, Monarch, fit_lowrank_to_outputs, lowrank_rank_for, monarch_shape_for, project_lowrank,
                     project_monarch)
@@ -31,12 +31,11 @@ Make = Callable[[nn.Linear, int], nn.Module]
 
 @dataclass(frozen=True)
 class FitBudget:
-    """How much fitting a conversion gets (clos-convert's --als-iterations, --als-start, --fit-steps, --fit-sweeps)."""
+    """How much fitting a conversion gets (clos-convert's --als-iterations, --als-start, --fit-sweeps)."""
 
     als_iterations: int = 50  # Clos's weight-space ALS
     als_start: str = "svd"  # Clos's weight-space ALS from the closed-form grouped SVD (where the shapes allow) or random
-    steps: int = 1000  # gradient steps of a data-aware fit by gradient (Monarch)
-    sweeps: int = 100  # at most this many least-squares sweeps of Clos's data-aware fit
+    sweeps: int = 100  # at most this many least-squares sweeps of Clos's and Monarch's data-aware fits
 
 
 @dataclass(frozen=True)
@@ -77,14 +76,14 @@ def clos_for(dense: nn.Linear, multiplier: int) -> Clos:
         return Clos(dense.in_features, dense.out_features, multiplier)
 
 
-def fit_by_gradient(layer: nn.Module, data: LayerData, budget: FitBudget) -> dict:
-    """Gradient steps on the outputs, then the exact least-squares solve of the last stage."""
-    return fit_clos(layer, data.x, data.y, steps=budget.steps, x_val=data.x_val, y_val=data.y_val)
-
-
 def fit_by_least_squares(layer: Clos, data: LayerData, budget: FitBudget) -> dict:
     """Clos: sweeps of exact least squares stage by stage on the outputs, until the held-out error stops falling."""
     return fit_clos_als(layer, data, budget.sweeps)
+
+
+def fit_monarch_data(layer: Monarch, data: LayerData, budget: FitBudget) -> dict:
+    """Monarch: sweeps of exact least squares stage by stage on the centred outputs, stopped as Clos's."""
+    return fit_monarch_als(layer, data, budget.sweeps)
 
 
 def fit_clos_weights(layer: Clos, dense: nn.Linear, budget: FitBudget) -> dict:
@@ -128,7 +127,7 @@ def make_lowrank(dense: nn.Linear, multiplier: int) -> LowRank:
                    bias=dense.bias is not None)
 
 
-@register_structure("monarch", Monarch, fit_weights=fit_by_projection(project_monarch), fit_data=fit_by_gradient)
+@register_structure("monarch", Monarch, fit_weights=fit_by_projection(project_monarch), fit_data=fit_monarch_data)
 def make_monarch(dense: nn.Linear, multiplier: int) -> Monarch:
     """Two block-diagonal stages with the block counts and rank whose parameter count is nearest to the Clos layer's."""
     budget = parameter_count(clos_for(dense, multiplier))
