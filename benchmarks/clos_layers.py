@@ -17,8 +17,10 @@ structure does):
 - clos, gradient fit: the fit before it (50 ALS iterations from a random start, then 1,000 Adam
   steps and an exact last stage), the same start and budget as clos-convert used until 2026-12-07
   (its weight-space ALS runs in today's faster code, so its seconds are below what it took then);
-- lowrank: reduced-rank regression (closed form); monarch: per-block SVD, then least-squares sweeps
-  as Clos's (until 2026-12-07: 1,000 Adam steps and an exact last stage).
+- lowrank: reduced-rank regression (closed form);
+- monarch: per-block SVD, then least-squares sweeps as Clos's;
+- monarch, gradient fit: the fit before it (per-block SVD, then 1,000 Adam steps and an exact last
+  stage), clos-convert's until 2026-12-07.
 
 Then what the budget buys at the first multiplier: Clos's held-out error and seconds after 10, 30 and
 100 sweeps (one fit run to 100 without stopping) beside the gradient fit after 100, 300 and 1,000
@@ -55,15 +57,19 @@ def block_of(model: torch.nn.Module, block: int) -> tuple[str, str, dict[str, st
         if found:
             return family, found[0], types
     raise SystemExit(f"no BERT or ViT transformer block {block} in this model")
-COLUMNS = ("clos", "clos, gradient fit", "lowrank", "monarch")
+COLUMNS = ("clos", "clos, gradient fit", "lowrank", "monarch", "monarch, gradient fit")
 
 
-def gradient_fit(dense: torch.nn.Module, m: int, examples, steps: int) -> dict:
-    """The Clos fit before the least-squares one: 50 random-start ALS iterations, then `steps` Adam steps."""
+def gradient_fit(dense: torch.nn.Module, m: int, examples, steps: int, structure: str = "clos") -> dict:
+    """The fits before the least-squares ones (until 2026-12-07): Clos from 50 random-start ALS iterations, Monarch
+    from its projection, then `steps` Adam steps and an exact last stage."""
     start = time.perf_counter()
     torch.manual_seed(0)
-    layer = STRUCTURES["clos"].make(dense, m)
-    fit_to_dense(layer, dense, 50, "random")
+    layer = STRUCTURES[structure].make(dense, m)
+    if structure == "clos":
+        fit_to_dense(layer, dense, 50, "random")
+    else:
+        STRUCTURES[structure].fit_weights(layer, dense, FitBudget())
     x, y, x_val, y_val = examples
     result = fit_clos(layer, x, y, steps, x_val=x_val, y_val=y_val)
     return {"error": result["relative_error_heldout"], "seconds": time.perf_counter() - start}
@@ -132,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
             fits = {"clos": default_fit(dense, "clos", m, examples),
                     "clos, gradient fit": gradient_fit(dense, m, examples, 1000),
                     "lowrank": default_fit(dense, "lowrank", m, examples),
-                    "monarch": default_fit(dense, "monarch", m, examples)}
+                    "monarch": default_fit(dense, "monarch", m, examples),
+                    "monarch, gradient fit": gradient_fit(dense, m, examples, 1000, "monarch")}
             first = first or fits
             best = min(COLUMNS, key=lambda c: fits[c]["error"])
             errors = " | ".join((f"**{fits[c]['error']:.4f}**" if c == best else f"{fits[c]['error']:.4f}")
