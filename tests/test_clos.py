@@ -187,12 +187,8 @@ def test_least_squares_fit_beats_the_gradient_fit_from_the_same_start():
     start = {k: v.clone() for k, v in student.state_dict().items()}
     squares = fit_clos_als(student, LayerData(x, y, x_val, y_val), 100)
     student.load_state_dict(start)
-    longer = fit_monarch_als(student, LayerData(x, y, x_val, y_val), 1000, tolerance=0.0)
-    student.load_state_dict(start)
     gradient = fit_clos(student, x, y, 1000, x_val=x_val, y_val=y_val)
-    assert squares["relative_error_heldout"] < 1.01 * gradient["relative_error_heldout"], (squares, gradient)
-    assert longer["relative_error_heldout"] < gradient["relative_error_heldout"], (longer, gradient)
-    assert squares["relative_error_heldout"] < 0.7 * squares["heldout_by_sweep"][0]
+    assert squares["relative_error_heldout"] < gradient["relative_error_heldout"], (squares, gradient)
     assert squares["relative_error_heldout"] < 0.5 * squares["heldout_by_sweep"][0]
 
 
