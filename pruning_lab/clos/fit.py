@@ -341,7 +341,7 @@ def als_sweep(f: ClosFactors, stats: dict, ridge: float) -> None:
         sjj, e2, u2 = xx[cols, cols], e2s[j], u2s[j]
         # Ingress switch j: W[:, j] = M_j B_j with M_j [(l, o), k] = a[l, o, k] d[j, l, k].
         m = (f.a * f.d[j][:, None, :]).reshape(c.out_features, b2)
-        p = m.T @ m
+        p = (aa * (f.d[j][:, :, None] * f.d[j][:, None, :])).sum(0)  # M_j^T M_j without the [out, b2] product
         rj = residual[:, cols]
         rhs = m.T @ rj + p @ f.b[j] @ sjj
         e1, u1 = torch.linalg.eigh(p)
