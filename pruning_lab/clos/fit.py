@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layer import Clos
-from .linalg import ridge_solve
+from .linalg import centred, ridge_solve
 from .peers import Monarch, solve_monarch_last_stage
 
 
@@ -450,14 +450,6 @@ def fit_clos_als(clos: Clos, data: LayerData, sweeps: int = 100, ridge: float = 
 # ------------------------------------------------------- Monarch's data-aware fit (exact ALS on statistics)
 
 
-def centred(stats: dict) -> dict:
-    """The statistics of the centred rows: a layer with a free bias per output fits its map on these (its best bias
-    is then the output mean less the map of the input mean)."""
-    n, x_mean, y_mean = stats["n"], stats["x_mean"], stats["y_mean"]
-    return {"n": n, "xx": stats["xx"] - n * torch.outer(x_mean, x_mean),
-            "yx": stats["yx"] - n * torch.outer(y_mean, x_mean), "yy": stats["yy"] - n * float(y_mean.square().sum())}
-
-
 class MonarchFactors:
     """A Monarch layer's two stages in float64 (w1 [k, l*R, p], w2 [l, s, k*R]): what its data-aware ALS updates."""
 
@@ -467,11 +459,8 @@ class MonarchFactors:
         self.w2 = layer.w2.detach().double().clone()
 
     def weight(self) -> torch.Tensor:
-        """The map as a dense [out, in] matrix: block (l, k) is w2[l][:, k's R columns] @ w1[k][l's R rows]."""
-        m = self.layer
-        w1 = self.w1.view(m.k, m.l, m.rank, m.p)
-        w2 = self.w2.view(m.l, m.s, m.k, m.rank)
-        return torch.einsum("lskr,klrp->lskp", w2, w1).reshape(m.out_features, m.in_features)
+        """The map as a dense [out, in] matrix."""
+        return self.layer.map_of(self.w1, self.w2)
 
     def state(self) -> tuple[torch.Tensor, ...]:
         """A copy of the stages."""

@@ -1,4 +1,4 @@
-"""The least-squares solve every closed-form fit of the Clos module uses."""
+"""The least-squares solve every closed-form fit of the Clos module uses, and the centred statistics."""
 from __future__ import annotations
 
 import torch
@@ -17,3 +17,11 @@ def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Te
     if bool((info == 0).all()):
         return torch.cholesky_solve(rhs, factor)
     return torch.linalg.lstsq(system, rhs).solution
+
+
+def centred(stats: dict) -> dict:
+    """The statistics of the centred rows: a layer with a free bias per output fits its map on these (its best bias
+    is then the output mean less the map of the input mean)."""
+    n, x_mean, y_mean = stats["n"], stats["x_mean"], stats["y_mean"]
+    return {"n": n, "xx": stats["xx"] - n * torch.outer(x_mean, x_mean),
+            "yx": stats["yx"] - n * torch.outer(y_mean, x_mean), "yy": stats["yy"] - n * float(y_mean.square().sum())}

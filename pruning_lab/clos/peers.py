@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..errors import UserError
 from .layer import largest_divisor_up_to_sqrt
-from .linalg import ridge_solve
+from .linalg import centred, ridge_solve
 
 
 class LowRank(nn.Module):
@@ -97,8 +97,13 @@ class Monarch(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The map as a dense [out, in] matrix."""
-        w1 = self.w1.reshape(self.k, self.l, self.rank, self.p)
-        w2 = self.w2.reshape(self.l, self.s, self.k, self.rank)
+        return self.map_of(self.w1, self.w2)
+
+    def map_of(self, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        """The dense [out, in] map of stages `w1`, `w2` of this layer's shape: block (l, k) is w2[l][:, k's R
+        columns] @ w1[k][l's R rows]."""
+        w1 = w1.reshape(self.k, self.l, self.rank, self.p)
+        w2 = w2.reshape(self.l, self.s, self.k, self.rank)
         return torch.einsum("lskr,klrp->lskp", w2, w1).reshape(self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
@@ -126,9 +131,8 @@ def fit_lowrank_to_outputs(layer: LowRank, stats: dict, ridge: float = 1e-6) -> 
     With centred inputs X and targets Y, the least-squares map is W = Y^T X (X^T X)^-1; the best rank-r
     map projects it onto the top-r principal directions of the fitted outputs W X. When y = dense(x)
     this is the SVD of the weight after whitening by the inputs' covariance."""
-    n, x_mean, y_mean = stats["n"], stats["x_mean"], stats["y_mean"]
-    xx = stats["xx"] - n * torch.outer(x_mean, x_mean)  # centred: Xc^T Xc
-    yx = stats["yx"] - n * torch.outer(y_mean, x_mean)  # Yc^T Xc
+    x_mean, y_mean = stats["x_mean"], stats["y_mean"]
+    xx, yx = (centred(stats)[key] for key in ("xx", "yx"))  # Xc^T Xc, Yc^T Xc
     w = ridge_solve(xx, yx.T, ridge).T  # [out, in], least squares
     # The fitted outputs' principal directions: the top eigenvectors of their Gram matrix W X^T X W^T [out, out]
     # (the right singular vectors of the [N, out] fitted outputs, without an SVD over every row).
