@@ -238,6 +238,19 @@ def stats_error(weight: torch.Tensor, stats: dict) -> float:
     return float(squared.clamp_min(0).sqrt() / max(stats["yy"], 1e-300) ** 0.5)
 
 
+def factors_error(f, stats: dict) -> float:
+    """`stats_error` of the map of factors `f` (Clos's or Monarch's), its product with the Gram through their blocks."""
+    return residual_error(f.weight(), stats["yx"] - f.times_gram(stats["xx"]), stats)
+
+
+def residual_error(weight: torch.Tensor, residual: torch.Tensor, stats: dict) -> float:
+    """`stats_error` of `weight` from its residual G - W Σ (which a sweep keeps current): ||XW^T - Y||^2 =
+    ||Y||^2 - <W, G + R>, without the [out, in] x [in, in] product (on the MNIST fc1 that product, once per error,
+    cost more than the sweep's solves)."""
+    squared = stats["yy"] - (weight * (stats["yx"] + residual)).sum()
+    return float(squared.clamp_min(0).sqrt() / max(stats["yy"], 1e-300) ** 0.5)
+
+
 def augmented(stats: dict) -> dict:
     """The statistics of the inputs with a constant 1 appended: an affine map is a linear one on them."""
     xx = torch.cat([torch.cat([stats["xx"], stats["x_sum"][:, None]], 1),
@@ -283,6 +296,18 @@ class ClosFactors:
         c = self.clos
         return (self.d.permute(1, 0, 2)[..., None] * self.b[None]).permute(0, 2, 1, 3).reshape(c.b3, c.b2, c.in_features)
 
+    def egress_times_gram(self, xx: torch.Tensor) -> torch.Tensor:
+        """H_l Σ [l, k, in] for a Gram Σ [in, in], through the block structure: B_j Σ_{j,:} once, then summed over j
+        with the weights d[j, l, :] (b2 b1 bin in + b3 b2 b1 in multiply-adds instead of b3 b2 in^2)."""
+        c = self.clos
+        bs = self.b @ xx.view(c.b1, c.bin, c.in_features)  # [j, k, in]
+        return (self.d.permute(2, 1, 0) @ bs.transpose(0, 1)).transpose(0, 1)
+
+    def times_gram(self, xx: torch.Tensor) -> torch.Tensor:
+        """W Σ [out, in]: egress switch l's rows are A_l H_l Σ (on the MNIST fc1 at m = 4, 3/7 of the dense
+        product's multiply-adds)."""
+        return (self.a @ self.egress_times_gram(xx)).reshape(self.clos.out_features, self.clos.in_features)
+
     def state(self) -> tuple[torch.Tensor, ...]:
         """A copy of the factors (a, b, d)."""
         return self.a.clone(), self.b.clone(), self.d.clone()
@@ -320,21 +345,20 @@ def ingress_eigh(stats: dict, bin_: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def als_sweep(f: ClosFactors, stats: dict, ridge: float) -> None:
+def als_sweep(f: ClosFactors, stats: dict, ridge: float) -> float:
     """One sweep of exact least squares on the outputs: every egress stage at once (the output groups are
     independent), then ingress switch by ingress switch its first stage and its middle weights (each the
     exact optimum given the rest: a Kronecker system solved through two small eigendecompositions, and a
-    b2 x b2 system per egress switch)."""
+    b2 x b2 system per egress switch). Returns the training error it leaves."""
     c = f.clos
     xx, yx = stats["xx"], stats["yx"]
-    b1, b3, bin_, bout, b2, width = c.b1, c.b3, c.bin, c.bout, c.b2, c.in_features
-    # Egress. H_l Σ through the block structure: B_j Σ_{j,:} once, then summed over j with the weights d[j, l, :]
-    # (b2 b1 bin in + b3 b2 b1 in multiply-adds instead of b3 b2 in^2: a sixth for BERT's layers at m = 4).
-    bs = f.b @ xx.view(b1, bin_, width)  # [j, k, in]
-    hs = (f.d.permute(2, 1, 0) @ bs.transpose(0, 1)).transpose(0, 1)  # [l, k, in]
+    b1, b3, bin_, bout, b2 = c.b1, c.b3, c.bin, c.bout, c.b2
+    # Egress, from H_l Σ through the block structure (a sixth of the dense product's work for BERT's layers at m = 4).
+    hs = f.egress_times_gram(xx)  # [l, k, in]
     f.a = solve_egress(f.egress_map(), xx, yx, ridge, hs).transpose(1, 2).contiguous()  # [l, o, k]
     aa = f.a.transpose(1, 2) @ f.a  # [l, k, k], fixed for the rest of the sweep
-    residual = yx - f.weight() @ xx  # G - W Σ: the negative half-gradient, kept current below
+    # G - W Σ: the negative half-gradient, kept current below. W Σ's rows of egress switch l are A_l H_l Σ.
+    residual = yx - (f.a @ hs).reshape(c.out_features, c.in_features)
     e2s, u2s = ingress_eigh(stats, bin_)
     for j in range(b1):
         cols = slice(j * bin_, (j + 1) * bin_)
@@ -357,16 +381,16 @@ def als_sweep(f: ClosFactors, stats: dict, ridge: float) -> None:
         f.d[j] += delta
         moved += (f.a * delta[:, None, :]).reshape(c.out_features, b2) @ f.b[j]
         residual -= moved @ xx[cols]
+    return residual_error(f.weight(), residual, stats)
 
 
 @torch.no_grad()
-def extrapolate(f: ClosFactors, previous: tuple[torch.Tensor, ...], step: float, stats: dict) -> None:
+def extrapolate(f, previous: tuple[torch.Tensor, ...], step: float, stats: dict, error: float) -> None:
     """Move the factors `step` times further along the last sweep's change where that lowers the training error
-    (ALS creeps along narrow valleys; this line search halves the sweeps it needs)."""
+    below the sweep's `error` (ALS creeps along narrow valleys; this line search halves the sweeps it needs)."""
     swept = f.state()
-    error = stats_error(f.weight(), stats)
     f.restore(tuple(now + step * (now - before) for now, before in zip(swept, previous)))
-    if stats_error(f.weight(), stats) >= error:
+    if factors_error(f, stats) >= error:
         f.restore(swept)
 
 
@@ -395,18 +419,18 @@ def finish_biases(f: ClosFactors, stats: dict, ridge: float) -> None:
     f.write()
 
 
-def sweep_until_stalled(f, sweep: Callable[[], None], stats: dict, heldout: Callable[[], float], sweeps: int,
+def sweep_until_stalled(f, sweep: Callable[[], float], stats: dict, heldout: Callable[[], float], sweeps: int,
                         patience: int, tolerance: float, start: float) -> tuple[list[float], list[float]]:
     """Run `sweep` (exact least squares, stage by stage, on the factors `f`) until the held-out error has fallen by
     less than `tolerance` (relative) in `patience` sweeps or `sweeps` ran, each followed by a longer step along its
     change where that lowers the training error on `stats`; leaves the factors at the sweep with the lowest held-out
-    error. Returns the held-out error and the seconds since `start` before the first sweep and after each."""
+    error. `sweep` returns the training error it leaves. Returns the held-out error and the seconds since `start` before the first sweep and after each."""
     errors, elapsed = [heldout()], [time.perf_counter() - start]
     best_state = previous = f.state()
     for done in range(1, sweeps + 1):
-        sweep()
+        error = sweep()
         if done > 2:
-            extrapolate(f, previous, done ** (1 / 3), stats)
+            extrapolate(f, previous, done ** (1 / 3), stats, error)
         previous = f.state()
         errors.append(heldout())
         elapsed.append(time.perf_counter() - start)
@@ -442,7 +466,7 @@ def fit_clos_als(clos: Clos, data: LayerData, sweeps: int = 100, ridge: float = 
         bias.zero_()  # the sweeps fit the map alone; the biases come last, on what it leaves of the means
     f = ClosFactors(clos)
     errors, elapsed = sweep_until_stalled(f, lambda: als_sweep(f, stats, ridge), stats,
-                                          lambda: stats_error(f.weight(), val), sweeps, patience, tolerance, start)
+                                          lambda: factors_error(f, val), sweeps, patience, tolerance, start)
     finish_biases(f, stats, ridge)
     return sweep_summary(clos, data, errors, elapsed, start)
 
@@ -462,6 +486,18 @@ class MonarchFactors:
         """The map as a dense [out, in] matrix."""
         return self.layer.map_of(self.w1, self.w2)
 
+    def stage2_times_gram(self, xx: torch.Tensor) -> torch.Tensor:
+        """H_l Σ [l, k, R, in] for a Gram Σ: output group l sees H_l x, H_l [k*R, in] block-diagonal with blocks
+        w1[k][l's R rows]."""
+        m = self.layer
+        return (self.w1 @ xx.view(m.k, m.p, m.in_features)).view(m.k, m.l, m.rank, m.in_features).transpose(0, 1)
+
+    def times_gram(self, xx: torch.Tensor) -> torch.Tensor:
+        """W Σ [out, in]: group l's rows are w2[l] H_l Σ."""
+        m = self.layer
+        hs = self.stage2_times_gram(xx).reshape(m.l, m.k * m.rank, m.in_features)
+        return (self.w2 @ hs).reshape(m.out_features, m.in_features)
+
     def state(self) -> tuple[torch.Tensor, ...]:
         """A copy of the stages."""
         return self.w1.clone(), self.w2.clone()
@@ -480,22 +516,23 @@ class MonarchFactors:
 
 
 @torch.no_grad()
-def monarch_sweep(f: MonarchFactors, stats: dict, ridge: float) -> None:
+def monarch_sweep(f: MonarchFactors, stats: dict, ridge: float) -> float:
     """One sweep of exact least squares on the (centred) outputs: the second stage for every output group at once
     (the groups are independent), then input block by input block the first stage (each the exact optimum given the
-    rest: a Kronecker system solved through two small eigendecompositions, as Clos's ingress switches)."""
+    rest: a Kronecker system solved through two small eigendecompositions, as Clos's ingress switches). Returns the
+    training error it leaves."""
     m = f.layer
     k, p, l_, s, r, width = m.k, m.p, m.l, m.s, m.rank, m.in_features
     xx, yx = stats["xx"], stats["yx"]
-    # Stage 2. Group l sees H_l x, H_l [k*R, in] block-diagonal with blocks w1[k][l's R rows]: H_l Σ H_l^T and
-    # H_l G_l^T through the blocks (no dense H_l).
+    # Stage 2: H_l Σ H_l^T and H_l G_l^T through the blocks (no dense H_l).
     w1 = f.w1.view(k, l_, r, p)
-    hs = (f.w1 @ xx.view(k, p, width)).view(k, l_, r, width).transpose(0, 1)  # [l, k, R, in] = H_l Σ
+    hs = f.stage2_times_gram(xx)  # [l, k, R, in]
     gram = torch.einsum("lakbq,blrq->lakbr", hs.reshape(l_, k, r, k, p), w1)
     rhs = torch.einsum("klrp,lskp->lkrs", w1, yx.view(l_, s, k, p))  # [l, k, R, s]
     f.w2 = ridge_solve(gram.reshape(l_, k * r, k * r), rhs.reshape(l_, k * r, s), ridge).transpose(1, 2).contiguous()
     # Stage 1, block by block: W[:, k] = M_k B_k, M_k block-diagonal with blocks w2[l][:, k's R columns] [s, R].
-    residual = yx - f.weight() @ xx  # G - W Σ, kept current below
+    # G - W Σ, kept current below; W Σ's rows of group l are w2[l] H_l Σ.
+    residual = yx - (f.w2 @ hs.reshape(l_, k * r, width)).reshape(m.out_features, width)
     e2s, u2s = ingress_eigh(stats, p)
     w2 = f.w2.view(l_, s, k, r)
     for block in range(k):
@@ -512,6 +549,7 @@ def monarch_sweep(f: MonarchFactors, stats: dict, ridge: float) -> None:
         f.w1[block] = new.reshape(l_ * r, p)
         moved = (mk @ (new - old)).reshape(m.out_features, p)  # the change of W[:, k]
         residual -= moved @ xx[cols]
+    return residual_error(f.weight(), residual, stats)
 
 
 @torch.no_grad()
