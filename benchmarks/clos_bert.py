@@ -37,6 +37,7 @@ LAYER_SETS = {
     "attention + MLP": "*.attention.self.query,*.attention.self.key,*.attention.self.value,"
                        "*.attention.output.dense,*.intermediate.dense,*.layer.*.output.dense",
 }
+FILE_NAMES = {"attention (q, k, v, output)": "attention", "attention + MLP": "attention_mlp"}  # in results/
 
 
 def structure_label(structure: str, layers: list[dict]) -> str:
@@ -64,7 +65,9 @@ def main(argv: list[str] | None = None) -> None:
                              "per layer the one of them with the lowest held-out error")
     add_results_flag(parser)
     args = parser.parse_args(argv)
-    out = Results("clos_bert", argv, "clos_bert_m" + "_".join(map(str, args.multipliers)))  # one table per budget
+    # One table per budget and layer set: results/clos_bert_m4_attention.md
+    out = Results("clos_bert", argv, "_".join(["clos_bert_m" + "_".join(map(str, args.multipliers)),
+                                               *(FILE_NAMES[label] for label in args.layer_sets)]))
     torch.manual_seed(0)
     spec, train, val, test = load_splits("tweets", "data")
     loader = lambda split: BatchLoader(split, spec, 128, "cpu")  # noqa: E731
