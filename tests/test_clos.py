@@ -147,7 +147,7 @@ def test_each_least_squares_step_is_the_exact_optimum_of_its_stage():
     """After a sweep of the data-aware ALS the egress stage is optimal given the others: the gradient of the
     squared output error with respect to it vanishes; no sweep raises the training error, and the error a sweep
     reports from its residual is the one computed from scratch."""
-    from pruning_lab.clos.fit import ClosFactors, als_sweep, output_statistics, stats_error
+    from pruning_lab.clos.fit import ClosFactors, als_sweep, factors_error, output_statistics, stats_error
 
     torch.manual_seed(0)
     x = torch.randn(400, 48) @ torch.randn(48, 48) * 0.3
@@ -159,6 +159,7 @@ def test_each_least_squares_step_is_the_exact_optimum_of_its_stage():
     for _ in range(4):
         reported.append(als_sweep(f, stats, 0.0))  # from the residual it keeps current
         errors.append(stats_error(f.weight(), stats))
+        assert abs(factors_error(f, stats) - errors[-1]) < 1e-9  # W Σ through the blocks
     assert max(abs(a - b) for a, b in zip(reported, errors[1:])) < 1e-9, (reported, errors)
     assert all(b <= a + 1e-9 for a, b in zip(errors, errors[1:])) and errors[-1] < 0.8 * errors[0], errors
     # A sweep ends with the middle weights of the last ingress switch, solved exactly given all the rest: the
@@ -369,8 +370,8 @@ def test_monarch_least_squares_sweeps_are_exact_stage_optima_and_beat_adam():
     the last input block's first stage at its exact optimum (zero gradient), the bias is the best one; from the
     same projection start it stops within 1% of 1,000 Adam steps' held-out error here (a dense random target, far
     from any Monarch map, where the sweeps creep) and, run on until the held-out error stops falling, below it."""
-    from pruning_lab.clos.fit import LayerData, MonarchFactors, centred, fit_monarch_als, monarch_sweep, \
-        output_statistics, stats_error
+    from pruning_lab.clos.fit import LayerData, MonarchFactors, centred, factors_error, fit_monarch_als, \
+        monarch_sweep, output_statistics, stats_error
     from pruning_lab.clos.peers import Monarch, project_monarch
 
     torch.manual_seed(0)
@@ -389,6 +390,7 @@ def test_monarch_least_squares_sweeps_are_exact_stage_optima_and_beat_adam():
     for _ in range(4):
         reported.append(monarch_sweep(f, stats, 0.0))
         errors.append(stats_error(f.weight(), stats))
+        assert abs(factors_error(f, stats) - errors[-1]) < 1e-9
     assert max(abs(a - b) for a, b in zip(reported, errors[1:])) < 1e-9, (reported, errors)
     assert all(b <= a + 1e-9 for a, b in zip(errors, errors[1:])) and errors[-1] < 0.9 * errors[0], errors
     w1 = f.w1.clone().requires_grad_(True)

@@ -424,7 +424,8 @@ def sweep_until_stalled(f, sweep: Callable[[], float], stats: dict, heldout: Cal
     """Run `sweep` (exact least squares, stage by stage, on the factors `f`) until the held-out error has fallen by
     less than `tolerance` (relative) in `patience` sweeps or `sweeps` ran, each followed by a longer step along its
     change where that lowers the training error on `stats`; leaves the factors at the sweep with the lowest held-out
-    error. `sweep` returns the training error it leaves. Returns the held-out error and the seconds since `start` before the first sweep and after each."""
+    error. `sweep` returns the training error it leaves. Returns the held-out error and the seconds since `start`
+    before the first sweep and after each."""
     errors, elapsed = [heldout()], [time.perf_counter() - start]
     best_state = previous = f.state()
     for done in range(1, sweeps + 1):
