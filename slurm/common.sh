@@ -93,7 +93,8 @@ dl_copy_back() {
     mkdir -p "$DL_MODELS_DIR"
     local f
     for f in "$DL_SCRATCH/repo/models_saved"/*; do
-        [[ -e "$f" ]] || continue
+        # Files only: the curves' folders come back below (a plain cp of a folder fails and says so in the log).
+        [[ -f "$f" ]] || continue
         # Staged inputs come back only if the job changed them.
         if [[ ! -e "$DL_MODELS_DIR/$(basename "$f")" ]] || ! cmp -s "$f" "$DL_MODELS_DIR/$(basename "$f")"; then
             cp "$f" "$DL_MODELS_DIR/.$(basename "$f").part" && mv "$DL_MODELS_DIR/.$(basename "$f").part" "$DL_MODELS_DIR/$(basename "$f")"

@@ -146,9 +146,16 @@ def test_cifar10_preset_end_to_end_on_tiny_files(tmp_path, monkeypatch):
     """The GPU preset's whole chain (full-size ResNets and ViTs) on a tiny CIFAR-10 in the real format."""
     import torchvision.datasets.cifar as cifar
 
+    from pruning_lab.inference import checkpoint_eval
+
     from test_data import write_fake_cifar10
 
     monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: __import__("os").path.isfile(path))
+    # The model cards' latencies on one forward of one image: the full-size models' batch-256 forwards took most of
+    # this test's minute on a CPU (measure_latency's rule is tested in test_prune.py).
+    real_latency = checkpoint_eval.measure_latency
+    monkeypatch.setattr(checkpoint_eval, "measure_latency",
+                        lambda model, shape, device, batch_size=1, **kw: real_latency(model, shape, device, 1, 1, 0, 1))
     write_fake_cifar10(tmp_path / "data", n_per_batch=8)
     out = tmp_path / "models"
     assert main(["pipeline", "--preset", "cifar10", "--data-dir", str(tmp_path / "data"), "--val-size", "8",

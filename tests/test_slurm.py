@@ -15,6 +15,9 @@ from slurm_cluster import LocalSlurm, available
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted((ROOT / "slurm").glob("*.slurm"))
 VENV = Path(sys.prefix)  # the venv the tests run in; jobs activate it (never copied)
+# Epochs of a job that is signalled after its third: about a second each in the smoke preset, so the job is still
+# running when the signal comes (even on a loaded machine), and the part after the resume is short.
+SIGNALLED_EPOCHS = 20
 
 
 def test_every_script_parses():
@@ -189,11 +192,11 @@ def test_time_limit_signal_requeues_and_the_job_resumes(cluster, tmp_path):
     """USR1 (what --signal=B:USR1@300 sends before the time limit): save, requeue, resume, finish; while the
     job runs its checkpoints are copied back every DL_SYNC_INTERVAL seconds."""
     repo = copy_repo(tmp_path / "requeue repo")
-    env = job_env(DL_SMOKE="1", DL_EXTRA_ARGS="--epochs 60", DL_SYNC_INTERVAL="1")
+    env = job_env(DL_SMOKE="1", DL_EXTRA_ARGS=f"--epochs {SIGNALLED_EPOCHS}", DL_SYNC_INTERVAL="1")
     job = cluster.run(["bash", "submit_best_gpu.sh", "slurm/train_cnn_student_baseline.slurm"], cwd=repo,
                       env=env).stdout.strip()
     log = repo / "slurm/logs" / f"cnn_student-{job}.out"
-    wait_for_line(log, "epoch 3/60")
+    wait_for_line(log, f"epoch 3/{SIGNALLED_EPOCHS}")
     synced = repo / "models_saved/cnn_student_last.pth"
     deadline = time.time() + 30
     while not synced.exists() and time.time() < deadline:
@@ -206,10 +209,12 @@ def test_time_limit_signal_requeues_and_the_job_resumes(cluster, tmp_path):
     text = log.read_text()
     assert states[job] == "COMPLETED", text[-3000:]
     assert "requeueing job" in text and "resuming" in text
+    assert "cp: " not in text and "cmp: " not in text  # the copies back (every second here) are silent
+    assert list((repo / "models_saved/tensorboard/cnn_student").glob("events.*"))  # the curves came back
     import torch
 
     history = torch.load(repo / "models_saved/cnn_student_last.pth", weights_only=True)["history"]
-    assert [row["epoch"] for row in history] == list(range(1, 61))
+    assert [row["epoch"] for row in history] == list(range(1, SIGNALLED_EPOCHS + 1))
     assert list((cluster.dir / "jobtmp").rglob("distill-lab.*")) == []
 
 
@@ -312,11 +317,11 @@ def test_multi_node_job_stages_every_node_trains_data_parallel_and_resumes(clust
     """--nodes=2: one srun step per node with its own scratch copy, torchrun across the nodes; the
     time-limit signal reaches every node through srun, the job requeues and resumes."""
     repo = copy_repo(tmp_path / "two node repo")
-    env = job_env(DL_SMOKE="1", DL_EXTRA_ARGS="--epochs 40")
+    env = job_env(DL_SMOKE="1", DL_EXTRA_ARGS=f"--epochs {SIGNALLED_EPOCHS}")
     job = cluster.run(["bash", "submit_best_gpu.sh", "slurm/train_cnn_teacher.slurm", "--nodes=2"], cwd=repo,
                       env=env).stdout.strip()
     log = repo / "slurm/logs" / f"cnn_teacher-{job}.out"
-    wait_for_line(log, "epoch 3/40")
+    wait_for_line(log, f"epoch 3/{SIGNALLED_EPOCHS}")
     assert cluster.run(["scancel", "--signal=USR1", "--batch", job]).returncode == 0
     assert "Restarts=1" in release_requeued(cluster, job)
     states = cluster.wait_all([job], timeout=300)
@@ -330,7 +335,7 @@ def test_multi_node_job_stages_every_node_trains_data_parallel_and_resumes(clust
     import torch
 
     history = torch.load(repo / "models_saved/cnn_teacher_last.pth", weights_only=True)["history"]
-    assert [row["epoch"] for row in history] == list(range(1, 41))
+    assert [row["epoch"] for row in history] == list(range(1, SIGNALLED_EPOCHS + 1))
     assert list((cluster.dir / "jobtmp").rglob("distill-lab.*")) == []
 
 
@@ -379,13 +384,13 @@ def test_submitit_job_requeues_on_its_signal_and_resumes(cluster, tmp_path):
         "job = next(j for j in CHAIN if j.name == 'cnn_student')\n"
         "ex = submitit.AutoExecutor(folder=sys.argv[1])\n"
         "ex.update_parameters(slurm_partition='markov_gpu', timeout_min=30, cpus_per_task=1, mem_gb=4)\n"
-        "print(ex.submit(CliJob(), job_argv(job, True, {'epochs': 60})).job_id)\n")
+        f"print(ex.submit(CliJob(), job_argv(job, True, {{'epochs': {SIGNALLED_EPOCHS}}})).job_id)\n")
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "sub")], cwd=repo,
                           env={**cluster.env, **job_env()}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     job = proc.stdout.split()[-1]
     out = tmp_path / "sub" / f"{job}_0_log.out"
-    wait_for_line(out, "epoch 3/60")
+    wait_for_line(out, f"epoch 3/{SIGNALLED_EPOCHS}")
     assert cluster.run(["scancel", "--signal=USR2", job]).returncode == 0
     assert "Restarts=1" in release_requeued(cluster, job)
     states = cluster.wait_all([job], timeout=600)
@@ -395,7 +400,7 @@ def test_submitit_job_requeues_on_its_signal_and_resumes(cluster, tmp_path):
     import torch
 
     history = torch.load(repo / "models_saved/cnn_student_last.pth", weights_only=True)["history"]
-    assert [row["epoch"] for row in history] == list(range(1, 61))
+    assert [row["epoch"] for row in history] == list(range(1, SIGNALLED_EPOCHS + 1))
 
 
 @pytest.mark.slurm
