@@ -103,9 +103,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
         if not (Path(args.sweep) / "sweep.json").is_file():
             raise UserError(f"--sweep {args.sweep}: no sweep.json there (give the SWEEP.sweep folder a sweep wrote)")
+        given = [flag for flag, value in (("--models-dir", args.models_dir), ("--output", args.output),
+                                          ("--data-dir", args.data_dir), ("--overwrite", args.overwrite or None))
+                 if value is not None]
+        if given:
+            raise UserError(f"{given[0]} does not apply with --sweep: the table is written to "
+                            f"{Path(args.sweep) / 'table.md'} (and table.json) from the runs the sweep's plan names")
         print(write_table(Path(args.sweep)))
         return 0
-    report = write_report(args.models_dir, args.output, device=args.device, data_dir=args.data_dir,
+    report = write_report(args.models_dir or "models_saved", args.output, device=args.device, data_dir=args.data_dir,
                           overwrite=args.overwrite)
     print(json.dumps(report, indent=2))
     return 0
@@ -204,6 +210,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     """sweep: a grid of runs over seeds, trained here or on the cluster, and its table."""
     from . import sweep as sw
 
+    launcher_flags(args)
     base = resolve_config(args, "distill")
     grid = sw.parse_grid(args.grid or [], args.grid_file)
     name = args.sweep or f"{base.run_name()}_sweep"
@@ -243,6 +250,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               "rerun the same command to retry them)", file=sys.stderr)
         return 1
     return 0
+
+
+SWEEP_CLUSTER_DEFAULTS = {"max_parallel": 8, "time": "08:00:00", "partition": DEFAULT_PARTITION}
+LAUNCHER_FLAGS = {"local": ("parallel",), "slurm": ("max_parallel", "time", "partition"),
+                  "submitit": ("max_parallel", "time", "partition", "cluster")}
+
+
+def launcher_flags(args: argparse.Namespace) -> None:
+    """Refuse a launcher's flag given to another launcher (it would be ignored); fill in the defaults."""
+    for key in dict.fromkeys(k for flags in LAUNCHER_FLAGS.values() for k in flags):
+        if getattr(args, key) is not None and key not in LAUNCHER_FLAGS[args.launcher]:
+            users = [launcher for launcher, flags in LAUNCHER_FLAGS.items() if key in flags]
+            raise UserError(f"--{key.replace('_', '-')} applies to --launcher {' or '.join(users)}, not "
+                            f"{args.launcher}")
+    args.parallel = args.parallel or 1
+    for key, value in SWEEP_CLUSTER_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def minutes_of(time: str) -> int:
@@ -316,7 +341,7 @@ def add_report_parser(sub) -> None:
                                    "what it records (role, family, teacher, surgery); write report.json (the lab "
                                    "plan's keys), report_details.json, report.md, report.png and report.html (one "
                                    "self-contained page).")
-    p.add_argument("--models-dir", default="models_saved", help="where the checkpoints are")
+    p.add_argument("--models-dir", help="where the checkpoints are (default models_saved)")
     p.add_argument("--output", help="report.json path; the other files go beside it (default: report.json here for "
                    "models_saved/, MODELS_DIR/report.json for another folder)")
     p.add_argument("--overwrite", action="store_true",
@@ -361,6 +386,22 @@ def add_submit_parser(sub) -> None:
     add_config_arguments(p, skip=("model", "model_args", "name", "role", "family", "resume", "teacher",
                                   "teacher_checkpoint", "extra_teachers", "init_checkpoint", "keep_layers", "bottleneck"))
     p.set_defaults(func=cmd_submit)
+
+
+def seed_value(text: str) -> int:
+    """An argparse type: a seed, an integer in [0, 2**32 - 1]."""
+    value = at_least(0)(text)
+    if value > 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"{value} must be <= 2**32 - 1")
+    return value
+
+
+def slurm_time(text: str) -> str:
+    """An argparse type: a SLURM time limit HH:MM:SS above zero."""
+    match = re.fullmatch(r"(\d+):([0-5]\d):([0-5]\d)", text)
+    if not match or not any(int(part) for part in match.groups()):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a time limit HH:MM:SS above zero, e.g. 08:00:00")
+    return text
 
 
 def at_least(low: int):
@@ -449,18 +490,21 @@ def add_sweep_parser(sub) -> None:
     p.add_argument("--config", help="YAML config file of the runs (keys as the flags below, with underscores)")
     p.add_argument("--grid", action="append", help="KEY: [VALUES] (repeatable), e.g. 'loss: [kd, dist]'")
     p.add_argument("--grid-file", help="YAML file of KEY: [VALUES]")
-    p.add_argument("--seeds", type=at_least(0), nargs="+", default=[0, 1, 2], help="seeds of every point")
+    p.add_argument("--seeds", type=seed_value, nargs="+", default=[0, 1, 2], help="seeds of every point")
     p.add_argument("--sweep", help="the sweep's name (default: the run name + _sweep)")
     p.add_argument("--baseline", action="append", help="KEY=VALUE[,KEY=VALUE]: a point every other is paired with, "
                    "e.g. loss=kd (repeatable)")
     p.add_argument("--launcher", default="local", choices=LAUNCHERS,
                    help="local: here, one run after another (--parallel N at once); slurm: one array job; "
                         "submitit: map_array")
-    p.add_argument("--parallel", type=at_least(1), default=1, help="local: runs at once")
-    p.add_argument("--max-parallel", type=at_least(1), default=8, help="slurm, submitit: tasks at once (the %% throttle)")
-    p.add_argument("--time", default="08:00:00", help="slurm, submitit: time limit per run (HH:MM:SS)")
-    p.add_argument("--partition", default=DEFAULT_PARTITION, help="slurm, submitit: partition")
-    p.add_argument("--cluster", default=None, help="submitit: 'local' runs without SLURM")
+    # Each launcher's own flags default to None, so that one given to another launcher is refused, not ignored.
+    p.add_argument("--parallel", type=at_least(1), help="local: runs at once (default 1)")
+    p.add_argument("--max-parallel", type=at_least(1),
+                   help=f"slurm, submitit: tasks at once (the %% throttle; default {SWEEP_CLUSTER_DEFAULTS['max_parallel']})")
+    p.add_argument("--time", type=slurm_time,
+                   help=f"slurm, submitit: time limit per run (HH:MM:SS; default {SWEEP_CLUSTER_DEFAULTS['time']})")
+    p.add_argument("--partition", help=f"slurm, submitit: partition (default {DEFAULT_PARTITION})")
+    p.add_argument("--cluster", help="submitit: 'local' runs without SLURM")
     add_config_arguments(p, skip=("role", "name", "seed", "resume"), defaults=recipe_defaults("distill"))
     p.set_defaults(func=cmd_sweep)
 

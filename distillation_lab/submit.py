@@ -77,9 +77,9 @@ class CliJob(submitit.helpers.Checkpointable):
 
 
 def minutes(time: str) -> int:
-    """SLURM's HH:MM:SS in minutes."""
-    hours, mins, _ = (int(part) for part in time.split(":"))
-    return hours * 60 + mins
+    """SLURM's HH:MM:SS in whole minutes, rounded up (submitit's timeout_min)."""
+    hours, mins, secs = (int(part) for part in time.split(":"))
+    return hours * 60 + mins + (secs > 0)
 
 
 def flag_value(args: list[str], flag: str) -> Optional[str]:

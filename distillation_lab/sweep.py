@@ -35,7 +35,7 @@ from typing import Callable, Optional
 import yaml
 
 from pruning_lab.checkpoint import load_checkpoint
-from pruning_lab.config import LOSS_SHORTHANDS, Config, make_config, to_dict
+from pruning_lab.config import LOSS_SHORTHANDS, Config, UniqueKeyLoader, make_config, to_dict
 from pruning_lab.errors import UserError
 from pruning_lab.files import write_text_atomically
 from pruning_lab.inference import evaluate, open_checkpoint
@@ -59,6 +59,9 @@ METHOD_LOSSES: dict[str, dict] = {
     "crd": {"ce": {"weight": 1.0}, "crd": {"weight": 0.8}},  # RepDistiller's and mdistiller's CE + 0.8 CRD
 }
 LAUNCHERS = ("local", "slurm", "submitit")
+# Keys the sweep sets itself for every run: a grid over them would be silently replaced.
+SET_BY_SWEEP = {"seed": "give the seeds with --seeds", "name": "runs are named SWEEP__POINT_seedS",
+                "out_dir": "give the folder with --out-dir", "resume": "a rerun continues", "role": "a student"}
 
 
 @dataclass(frozen=True)
@@ -82,17 +85,24 @@ def parse_grid(texts: list[str], file: Optional[str] = None) -> dict[str, list]:
             raise UserError(f"cannot read the grid file {file}: {e}") from None
     for source, text in sources:
         try:
-            entries = yaml.safe_load(text)
+            entries = yaml.load(text, Loader=UniqueKeyLoader)
         except yaml.YAMLError as e:
             raise UserError(f"{source} is not YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(entries, dict) or not entries:
             raise UserError(f"{source} must be KEY: [VALUES], e.g. --grid 'temperature: [2, 4, 8]'")
         for key, values in entries.items():
-            values = values if isinstance(values, list) else [values]
+            if key in SET_BY_SWEEP:
+                raise UserError(f"grid key '{key}' in {source}: the sweep sets it for every run ({SET_BY_SWEEP[key]})")
+            if not isinstance(values, list):
+                raise UserError(f"grid key '{key}' in {source} must list its values: '{key}: [{values}]'")
             if key in grid:
                 raise UserError(f"grid key '{key}' is given twice ({source})")
             if not values:
                 raise UserError(f"grid key '{key}' in {source} has no values")
+            twice = next((v for i, v in enumerate(values) if slug(v) in map(slug, values[:i])), None)
+            if twice is not None:
+                raise UserError(f"grid key '{key}' in {source} has the value {twice!r} twice (or two values that "
+                                "name the same run)")
             grid[str(key)] = values
     if not grid:
         raise UserError("a sweep needs a grid: --grid 'KEY: [VALUES]' (repeatable) or --grid-file FILE")
@@ -110,6 +120,9 @@ def slug(value) -> str:
 
 def plan(grid: dict[str, list], seeds: list[int], sweep: str) -> list[Run]:
     """Every (point, seed) of the grid, points in the grid's order, seeds inside each point."""
+    twice = next((s for i, s in enumerate(seeds) if s in seeds[:i]), None)
+    if twice is not None:
+        raise UserError(f"--seeds {twice} is given twice")
     runs = []
     for combination in itertools.product(*grid.values()):
         values = dict(zip(grid, combination))
@@ -175,6 +188,19 @@ def sweep_folder(out_dir: str, sweep: str) -> Path:
     return Path(out_dir) / f"{sweep}.sweep"
 
 
+def read_plan(folder: Path) -> dict:
+    """SWEEP.sweep/sweep.json, or a one-line error naming it when it is damaged."""
+    path = folder / "sweep.json"
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read the sweep's plan {path}: {e}; run the sweep command again to rewrite it") from None
+    if not isinstance(spec, dict) or not {"sweep", "runs", "out_dir"} <= set(spec):
+        raise UserError(f"{path} is not a sweep's plan (no sweep, runs, out_dir); run the sweep command again to "
+                        "rewrite it")
+    return spec
+
+
 def write_plan(folder: Path, sweep: str, grid: dict, seeds: list[int], baselines: list[str], runs: list[Run],
                configs: list[Config]) -> None:
     """sweep.json and runs/NAME.yaml (each run's whole config, which the launchers train)."""
@@ -195,7 +221,7 @@ def run_argv(folder: Path, run: dict) -> list[str]:
 def run_local(folder: Path, parallel: int = 1, command: Optional[Callable[[list[str]], int]] = None) -> list[dict]:
     """Train every run of the plan here: one after another through `command` (main.py's entry point, in this
     process), or `parallel` at once as processes; a failure is recorded and the others go on. Returns the failures."""
-    spec = json.loads((folder / "sweep.json").read_text())
+    spec = read_plan(folder)
 
     def train(run: dict) -> Optional[dict]:
         print(f"=== {run['name']}: {run['command']}", flush=True)
@@ -241,7 +267,7 @@ def paired(diffs: list[float]) -> dict:
 
 def sweep_table(folder: Path) -> dict:
     """Per point: test accuracy over its seeds, and against the baseline point paired by seed."""
-    spec = json.loads((folder / "sweep.json").read_text())
+    spec = read_plan(folder)
     out_dir = Path(spec["out_dir"])
     points: dict[str, dict] = {}
     for run in spec["runs"]:
@@ -359,7 +385,7 @@ def check_slurm_layout(configs: list[Config]) -> None:
 
 def submit_array(folder: Path, throttle: int, time: str, partition: str, sbatch: str = "sbatch") -> tuple[str, str]:
     """Write SWEEP.sweep/sweep.slurm, submit it, then a job that writes the table once every task ended."""
-    spec = json.loads((folder / "sweep.json").read_text())
+    spec = read_plan(folder)
     script = folder / "sweep.slurm"
     write_text_atomically(script, render_array(folder, spec, throttle, time, partition))
     Path("slurm/logs").mkdir(parents=True, exist_ok=True)
@@ -383,7 +409,7 @@ def submit_submitit(folder: Path, throttle: int, timeout_min: int, partition: st
 
     from .submit import CliJob
 
-    spec = json.loads((folder / "sweep.json").read_text())
+    spec = read_plan(folder)
     executor = submitit.AutoExecutor(folder=str(folder / "submitit"), cluster=cluster)
     params = {"name": spec["sweep"], "timeout_min": timeout_min}
     if executor.cluster == "slurm":

@@ -24,7 +24,9 @@ def test_the_grid_from_flags_and_a_file_gives_one_run_per_point_and_seed(tmp_pat
                                            "s__loss-kd_temperature-4_seed0"]
     assert len(runs) == 8 and len({r.point for r in runs}) == 4
     for bad, message in (("temperature 2", r"must be KEY: \[VALUES\]"), ("a: [1, 2", "is not YAML"),
-                         ("a: []", "has no values")):
+                         ("a: []", "has no values"), ("lr: 0.1", r"must list its values: 'lr: \[0.1\]'"),
+                         ("lr: [0.1, 0.1]", "has the value 0.1 twice"), ("seed: [0, 1]", "give the seeds with --seeds"),
+                         ("out_dir: [a, b]", "give the folder with --out-dir"), ("lr: [0.1]\nlr: [0.2]", "given twice")):
         with pytest.raises(UserError, match=message):
             sw.parse_grid([bad])
     with pytest.raises(UserError, match="given twice"):
@@ -97,7 +99,13 @@ def test_bad_sweeps_are_refused_before_any_run(teacher, tmp_path, capsys):
                            (["--grid", "loss: [kd]", "--baseline", "loss=dkd"], "--baseline loss=dkd matches no point"),
                            (["--grid", "loss: [kd]", "--sweep", "../x"], "--sweep '../x' must be a plain name"),
                            (["--grid", "loss: [kd]", "--launcher", "slurm"], "add --out-dir models_saved"),
-                           ([], "a sweep needs a grid")):
+                           ([], "a sweep needs a grid"),
+                           (["--grid", "loss: [kd]", "--seeds", "0", "0"], "--seeds 0 is given twice"),
+                           (["--grid", "loss: [kd]", "--seeds", str(2**32)], "must be <= 2**32 - 1"),
+                           (["--grid", "loss: [kd]", "--max-parallel", "4"],
+                            "--max-parallel applies to --launcher slurm or submitit, not local"),
+                           (["--grid", "loss: [kd]", "--launcher", "submitit", "--time=-1:00:00"],
+                            "'-1:00:00' is not a time limit HH:MM:SS above zero")):
         assert main(base + extra) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and message in err, err
@@ -116,3 +124,16 @@ def test_each_distillation_method_is_its_own_method_in_the_report():
     assert method_of(student({"kd": {}, "rkd": {}, "sp": {}}), "student_with_kd") == "student with kd (rkd + sp)"
     assert method_of(student({"ce": {}, "kd": {}}, [{"kind": "bottleneck"}]), "student_with_kd") == \
         "student with kd + key-value bottleneck"
+
+
+def test_report_of_a_sweep_refuses_a_damaged_plan_and_flags_that_do_not_apply(tmp_path, capsys):
+    folder = tmp_path / "s.sweep"
+    folder.mkdir()
+    (folder / "sweep.json").write_text("{not json")
+    for extra, message in (([], f"cannot read the sweep's plan {folder / 'sweep.json'}"),
+                           (["--output", str(tmp_path / "r.json")], "--output does not apply with --sweep"),
+                           (["--models-dir", str(tmp_path)], "--models-dir does not apply with --sweep")):
+        assert main(["report", "--sweep", str(folder), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["s.sweep", "sweep.json"]
