@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
         summary = clos_convert(ClosConvertOptions(checkpoint=args.checkpoint, layers=args.layers,
                                                   multiplier=args.multiplier, overwrite=True,
                                                   calibration_examples=args.calibration_examples,
-                                                  fit_sweeps=args.fit_sweeps, **extra))
+                                                  fit_sweeps=None if label == "lowrank" else args.fit_sweeps,
+                                                  **extra))
         converted = [layer for layer in summary["layers"] if layer.get("structure") != "dense"]
         errors = [layer["data_aware"]["relative_error_heldout"] if "data_aware" in layer else 0.0
                   for layer in summary["layers"]]

@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         for structure in args.structures:
             summary = clos_convert(ClosConvertOptions(
                 checkpoint=args.checkpoint, layers=args.layers, multiplier=m, structure=structure,
-                fit_sweeps=args.fit_sweeps, als_iterations=args.als_iterations,
+                fit_sweeps=None if structure == "lowrank" else args.fit_sweeps,  # low-rank's fit has no sweeps
+                als_iterations=args.als_iterations,
                 calibration_examples=args.calibration_examples, finetune_epochs=args.finetune_epochs,
                 als_start=args.als_start if structure == "clos" else None,  # the others have their own start
                 finetune_lr=args.finetune_lr, device=args.device, overwrite=True))

@@ -327,9 +327,9 @@ class ClosConvertOptions:
                                       "SVD (where b2 is a multiple of bout; else random)", ("random", "svd"),
                                       shown_default="svd")
     fit: str = option("data", "data-aware (after the weight-space fit) or weight-space only", ("data", "weights"))
-    fit_sweeps: int = option(100, "Clos and Monarch: at most this many sweeps of the data-aware fit (exact least "
-                             "squares stage by stage; it stops once 5 sweeps lower the held-out error by less than a "
-                             "thousandth of it)", range=minimum(1))
+    fit_sweeps: Optional[int] = option(None, "Clos and Monarch: at most this many sweeps of the data-aware fit "
+                                       "(exact least squares stage by stage; it stops once 5 sweeps lower the held-out "
+                                       "error by less than a thousandth of it)", range=minimum(1), shown_default="100")
     als_iterations: Optional[int] = option(None, "iterations of Clos's weight-space ALS fit", range=minimum(1),
                                            shown_default="50 with --fit weights; 10 with --fit data, where it only "
                                            "starts the data-aware fit")
@@ -355,7 +355,7 @@ class ClosConvertOptions:
     def fit_budget(self) -> FitBudget:
         """The fit's iterations, start and sweeps, with the defaults that depend on --fit filled in."""
         return FitBudget(self.als_iterations or (50 if self.fit == "weights" else 10), self.als_start or "svd",
-                         self.fit_sweeps)
+                         self.fit_sweeps or 100)
 
     def output_path(self) -> Path:
         """Where the converted checkpoint goes: --output, or CHECKPOINT_clos_mM.pth beside the original."""
@@ -374,6 +374,11 @@ def clos_convert(options: ClosConvertOptions) -> dict:
     if o.structure == AUTO and o.fit != "data":
         raise UserError("--structure auto keeps, per layer, the structure with the lowest held-out error of the "
                         "data-aware fit: leave out --fit weights")
+    if o.fit_sweeps is not None and o.fit != "data":
+        raise UserError("--fit-sweeps bounds the sweeps of the data-aware fit; --fit weights has none: leave it out")
+    if o.fit_sweeps is not None and o.structure == "lowrank":
+        raise UserError("--fit-sweeps bounds the sweeps of Clos's and Monarch's data-aware fit; --structure lowrank has "
+                        "none (its fit is closed-form): leave it out")
     if o.als_start is not None and o.structure not in ("clos", AUTO):
         raise UserError(f"--als-start {o.als_start} starts the Clos fit; --structure {o.structure} has its own start: "
                         "leave it out")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Optional
 
 
@@ -30,7 +31,23 @@ def resolve_loss(cfg: Config, distilling: bool) -> Config:
     """`cfg` with `loss` set to the terms the run uses (shorthands folded in), checked; what checkpoints record."""
     spec = cfg.loss or loss_from_shorthands(cfg, distilling)
     check_loss_spec(spec, distilling)
+    check_extra_teachers(cfg, spec)
     return dataclasses.replace(cfg, loss=spec, **{k: None for k in LOSS_SHORTHANDS})
+
+
+def check_extra_teachers(cfg: Config, spec: dict) -> None:
+    """Several teachers: each checkpoint once, and a loss term that sees them (else they would be loaded for nothing)."""
+    if not cfg.extra_teachers:
+        return
+    if not any(TERMS[name].needs_teacher for name in spec if name in TERMS):
+        raise UserError(f"--extra-teachers {' '.join(cfg.extra_teachers)}: no term of the loss ({', '.join(spec)}) sees "
+                        "a teacher; add one (e.g. kd) or leave the teachers out")
+    paths = [cfg.teacher_checkpoint, *cfg.extra_teachers]
+    twice = next((p for i, p in enumerate(paths) if p and Path(p).resolve() in [Path(q).resolve() for q in paths[:i] if q]),
+                 None)
+    if twice is not None:
+        raise UserError(f"teacher checkpoint {twice} is given twice (--teacher-checkpoint, --extra-teachers): each "
+                        "teacher once")
 
 
 CLASS_TERMS = ("dkd", "dist")  # terms defined over the classes: nothing to compare with one output

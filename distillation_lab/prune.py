@@ -253,6 +253,9 @@ def prune(options: PruneOptions) -> dict:
     before the first file is written; a lock beside the output keeps a second identical prune out."""
     o = options
     o.check()
+    if o.teacher_checkpoint and not Path(o.teacher_checkpoint).is_file():
+        raise UserError(f"teacher checkpoint {o.teacher_checkpoint} " + ("is a folder: give the .pth file in it"
+                        if Path(o.teacher_checkpoint).is_dir() else "not found"))
     out = o.output_path()
     tuned = o.finetuned_path()
     outputs = [out, tuned, tuned.with_name(tuned.stem + "_last.pth"),
@@ -264,8 +267,6 @@ def prune(options: PruneOptions) -> dict:
 def prune_locked(o: PruneOptions) -> dict:
     """prune's work, its output locked."""
     out = o.output_path()
-    if o.teacher_checkpoint and not Path(o.teacher_checkpoint).is_file():
-        raise UserError(f"teacher checkpoint not found: {o.teacher_checkpoint}")
     teacher = "" if o.no_kd else (o.teacher_checkpoint or o.checkpoint)
     opened = open_checkpoint(o.checkpoint, device=o.device)
     shape = opened.input_shape

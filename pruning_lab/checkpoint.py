@@ -76,6 +76,11 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint path is not a file: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # torch.save's zip file, or the legacy pickle's protocol byte
+        raise CheckpointError(f"{path} is not a checkpoint: not a file torch.save writes (a text or other file?); "
+                              "give a .pth this tool wrote")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

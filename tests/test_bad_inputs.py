@@ -81,8 +81,12 @@ def test_numbers_names_and_model_args_are_checked_before_work(finished, capsys, 
     (["--alpha", "1.5"], "'alpha' in command line must be in [0, 1]"),
     (["--loss", "{ce: {weight: 1}, kd: {weight: -1, temperature: 4}}"], "loss term 'kd': weight must be >= 0"),
     (["--loss", "{kd: {weight: 1, temperature: 0}}"], "loss term 'kd': temperature must be > 0"),
+    (["--loss", "{kd: {weight: 1, standardize: maybe}}"], "loss term 'kd': standardize must be true or false, got 'maybe'"),
+    (["--loss", "{ce: {weight: 1}}", "--extra-teachers", "{s}"], "no term of the loss (ce) sees a teacher"),
+    (["--extra-teachers", "{s}"], "is given twice (--teacher-checkpoint, --extra-teachers): each teacher once"),
 ])
 def test_loss_numbers_are_checked_before_work(finished, capsys, flags, message):
+    flags = [flag.replace("{s}", str(finished / "s.pth")) for flag in flags]
     err = refused(capsys, ["distill", *TINY, "--teacher-checkpoint", str(finished / "s.pth"),
                            "--out-dir", str(finished), "--name", "kd", *flags], finished)
     assert message in err
@@ -99,6 +103,10 @@ def test_loss_numbers_are_checked_before_work(finished, capsys, flags, message):
      "the loss options set up the fine-tuning, but --finetune-epochs is 0"),
     (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--structure", "lowrank", "--als-start", "svd"],
      "--als-start svd starts the Clos fit; --structure lowrank has its own start"),
+    (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--structure", "lowrank", "--fit-sweeps", "5"],
+     "--fit-sweeps bounds the sweeps of Clos's and Monarch's data-aware fit; --structure lowrank has none"),
+    (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--fit", "weights", "--fit-sweeps", "5"],
+     "--fit-sweeps bounds the sweeps of the data-aware fit; --fit weights has none"),
     (["evaluate", "x.pth", "--batch-size", "0"], "0 must be >= 1"),
     (["pipeline", "--seeds", "-1"], "-1 must be >= 0"),
 ])
@@ -302,3 +310,14 @@ def test_help_shows_the_recipes_effective_defaults(capsys):
     assert "[default: [150, 225, 275]]" in text
     assert main(["distill", "--help"]) == 0
     assert "[default: cnn_student_kd]" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_refused_prune_or_conversion_leaves_no_output_folder(finished, tmp_path, capsys):
+    err = refused(capsys, ["prune", "--checkpoint", str(finished / "s.pth"), "--amount", "0.5", "--finetune-epochs", "1",
+                           "--teacher-checkpoint", str(finished), "--output", str(tmp_path / "p" / "x.pth")], finished)
+    assert f"teacher checkpoint {finished} is a folder: give the .pth file in it" in err
+    # refused inside the output's lock (the layer pattern is checked on the opened model): the folder the lock made goes
+    err = refused(capsys, ["clos-convert", "--checkpoint", str(finished / "s.pth"), "--layers", "nothing.*",
+                           "--output", str(tmp_path / "c" / "x.pth")], finished)
+    assert "nothing.*" in err
+    assert list(tmp_path.iterdir()) == []

@@ -92,7 +92,11 @@ def test_truncated_checkpoint(tmp_path, trained, capsys):
 def test_files_that_are_not_checkpoints(tmp_path, capsys):
     text = tmp_path / "notes.pth"
     text.write_text("hello")
-    assert "not a readable checkpoint" in run_error(capsys, ["evaluate", str(text)])
+    assert "is not a checkpoint: not a file torch.save writes" in run_error(capsys, ["evaluate", str(text)])
+    config = tmp_path / "grid.yaml"  # its first bytes once read as pickle opcodes: "contains pickled Python objects"
+    config.write_text("lr: [0.1, 0.1]\n")
+    err = run_error(capsys, ["evaluate", str(config)])
+    assert "is not a checkpoint: not a file torch.save writes" in err and "pickled" not in err
     bare = tmp_path / "bare.pth"
     torch.save({"fc.weight": torch.zeros(2, 2)}, bare)
     assert "not a distill-lab checkpoint" in run_error(capsys, ["evaluate", str(bare)])

@@ -87,9 +87,16 @@ def writing_outputs(source: str, given: str | None, outputs: list[Path], overwri
     lock beside the first while the work runs, and check again once it is held (an identical command may have
     ended meanwhile)."""
     check_outputs(source, given, outputs, overwrite, what)
-    with RunLock.for_output(outputs[0]):
-        check_outputs(source, given, outputs, overwrite, what)
-        yield
+    folder = outputs[0].parent
+    made = not folder.exists()  # the lock makes it; a refusal inside must not leave it behind, empty
+    try:
+        with RunLock.for_output(outputs[0]):
+            check_outputs(source, given, outputs, overwrite, what)
+            yield
+    except BaseException:
+        if made and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
 
 
 def check_run_folder(cfg: Config) -> RunPaths:

@@ -71,7 +71,11 @@ def term_list() -> str:
 
 
 def check_term_value(spec: TermSpec, key: str, value: Any) -> None:
-    """A number outside the parameter's range is an error naming the term and what is allowed."""
+    """A number outside the parameter's range, or a switch that is not true/false, is an error naming the term and
+    what is allowed."""
+    default = inspect.signature(spec.cls.__init__).parameters.get(key)
+    if default is not None and isinstance(default.default, bool) and not isinstance(value, bool):
+        raise UserError(f"loss term '{spec.name}': {key} must be true or false, got {value!r}")
     allowed = spec.ranges.get(key) or PARAMETER_RANGES.get(key)
     if allowed is None:
         return
