@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     for label, extra in runs:
         start = time.perf_counter()
         summary = clos_convert(ClosConvertOptions(checkpoint=args.checkpoint, layers=args.layers,
-                                                  multiplier=args.multiplier, overwrite=True,
+                                                  multiplier=None if "budget" in extra else args.multiplier,
+                                                  overwrite=True,
                                                   calibration_examples=args.calibration_examples,
                                                   fit_sweeps=None if label == "lowrank" else args.fit_sweeps,
                                                   **extra))

@@ -306,6 +306,9 @@ def fit_structure(dense: nn.Linear, structure: str, multiplier: int, data: Optio
     return layer, result
 
 
+DEFAULT_MULTIPLIER = 4  # --multiplier when neither it nor --budget is given
+
+
 @dataclass
 class ClosConvertOptions:
     """What `clos-convert` does: which layers, the Clos size, the fit budget, and the KD fine-tuning."""
@@ -313,8 +316,9 @@ class ClosConvertOptions:
     checkpoint: str = option(REQUIRED, "the trained model (.pth)")
     layers: str = option(REQUIRED, "e.g. fc1 (MLP), 'vit.blocks.*.attn.qkv,vit.blocks.*.mlp.fc*' (ViT) or "
                          "'*.attention.*' (BERT)")
-    multiplier: int = option(4, "Clos's middle-stage multiplier m (b2 = m * bin); with --structure lowrank or monarch, "
-                             "the layer gets the parameters of this Clos layer", range=minimum(1))
+    multiplier: Optional[int] = option(None, "Clos's middle-stage multiplier m (b2 = m * bin); with --structure lowrank "
+                                       "or monarch, the layer gets the parameters of this Clos layer", range=minimum(1),
+                                       shown_default=str(DEFAULT_MULTIPLIER))
     structure: str = option("clos", "the compact layer: clos, lowrank (truncated SVD, then the closed-form fit to the "
                             "layer's outputs), monarch (per-block SVD, then least-squares sweeps as Clos), or auto: per layer each of them at the same parameters, keeping the one "
                             "with the lowest held-out error", lambda: (*STRUCTURES, AUTO))
@@ -359,7 +363,7 @@ class ClosConvertOptions:
 
     def output_path(self) -> Path:
         """Where the converted checkpoint goes: --output, or CHECKPOINT_clos_mM.pth beside the original."""
-        size = f"budget{self.budget:g}" if self.budget is not None else f"m{self.multiplier}"
+        size = f"budget{self.budget:g}" if self.budget is not None else f"m{self.multiplier or DEFAULT_MULTIPLIER}"
         stem = Path(self.checkpoint).stem + f"_{self.structure}_{size}"
         return Path(self.output or Path(self.checkpoint).with_name(stem + ".pth"))
 
@@ -374,6 +378,10 @@ def clos_convert(options: ClosConvertOptions) -> dict:
     if o.structure == AUTO and o.fit != "data":
         raise UserError("--structure auto keeps, per layer, the structure with the lowest held-out error of the "
                         "data-aware fit: leave out --fit weights")
+    if o.budget is not None and o.multiplier is not None:
+        raise UserError(f"--multiplier {o.multiplier} sets one size for every layer; --budget chooses each layer's "
+                        "structure and size: give one of them")
+    o = dataclasses.replace(o, multiplier=o.multiplier or DEFAULT_MULTIPLIER)
     if o.fit_sweeps is not None and o.fit != "data":
         raise UserError("--fit-sweeps bounds the sweeps of the data-aware fit; --fit weights has none: leave it out")
     if o.fit_sweeps is not None and o.structure == "lowrank":

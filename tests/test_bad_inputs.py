@@ -107,6 +107,10 @@ def test_loss_numbers_are_checked_before_work(finished, capsys, flags, message):
      "--fit-sweeps bounds the sweeps of Clos's and Monarch's data-aware fit; --structure lowrank has none"),
     (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--fit", "weights", "--fit-sweeps", "5"],
      "--fit-sweeps bounds the sweeps of the data-aware fit; --fit weights has none"),
+    (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--multiplier", "2", "--params-like", "clos:8"],
+     "--params-like clos:8 and --multiplier 2 both set the size: give one"),
+    (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--multiplier", "2", "--budget", "0.5"],
+     "--multiplier 2 sets one size for every layer; --budget chooses each layer's structure and size"),
     (["evaluate", "x.pth", "--batch-size", "0"], "0 must be >= 1"),
     (["pipeline", "--seeds", "-1"], "-1 must be >= 0"),
 ])
