@@ -143,11 +143,9 @@ def cmd_clos_convert(args: argparse.Namespace) -> int:
 
     loss = {k: v for k, v in vars(args).items() if k in ("loss", *LOSS_SHORTHANDS)}
     make_config(loss, "command line")  # a loss given twice is refused before any work
-    if args.params_like is not None:  # another name for the multiplier, which the structure's size follows
-        if getattr(args, "multiplier", None) is not None:  # (flags not given are left out of args)
-            raise UserError(f"--params-like clos:{args.params_like} and --multiplier {args.multiplier} both set the "
-                            "size: give one")
-        args.multiplier = args.params_like
+    like = vars(args).pop("params_like", None)
+    if like is not None and args.multiplier != like:  # --multiplier after --params-like (before: ParamsLike refuses)
+        raise UserError(f"--params-like clos:{like} and --multiplier {args.multiplier} both set the size: give one")
     summary = clos_convert(options_from_args(ClosConvertOptions, args, loss=loss))
     for layer in summary["layers"]:
         if layer["structure"] == "dense":  # --budget kept it
@@ -422,6 +420,16 @@ def at_least(low: int):
     return parse
 
 
+class ParamsLike(argparse.Action):
+    """--params-like clos:M sets the multiplier, as --multiplier does: refused beside it (it would be ignored)."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        if getattr(namespace, "multiplier", None) is not None:
+            raise UserError(f"--params-like clos:{value} and --multiplier {namespace.multiplier} both set the size: "
+                            "give one")
+        namespace.multiplier = namespace.params_like = value
+
+
 def params_like(value: str) -> int:
     """--params-like clos:M -> M (checked as --multiplier is, under the name --params-like)."""
     from .clos_convert import ClosConvertOptions
@@ -442,7 +450,8 @@ def add_clos_convert_parser(sub) -> None:
                                    "layer's real inputs; evaluate; save a checkpoint recording the conversion; "
                                    "optionally fine-tune with KD from the original model.")
     add_dataclass_arguments(p, ClosConvertOptions, skip=("loss",), negatable=False)
-    p.add_argument("--params-like", metavar="clos:M", type=params_like,
+    p.add_argument("--params-like", metavar="clos:M", type=params_like, dest="multiplier", action=ParamsLike,
+                   default=argparse.SUPPRESS,
                    help="the same as --multiplier M: give each layer the parameters of the Clos layer at m = M")
     add_config_arguments(p, only=("loss", *LOSS_SHORTHANDS),
                          title="the KD fine-tuning's loss (as for distill; default alpha 0.5, temperature 4)")

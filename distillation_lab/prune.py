@@ -4,6 +4,7 @@ fine-tuning through the training loop, by default distilling from the unpruned m
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -58,6 +59,9 @@ def _is_target(value: str) -> bool:
 TARGET = ("a count (e.g. 19226) or a reduction like 2x (more than 1x)", _is_target)
 
 
+DEFAULT_ROUND_TO, DEFAULT_CALIBRATION = 8, 512  # --round-to, --calibration-examples when not given
+
+
 @dataclass
 class PruneOptions:
     """What `prune` does: the method and how much, the schedule, the fine-tuning and where it writes."""
@@ -76,8 +80,9 @@ class PruneOptions:
                                         "(e.g. 2x)", range=TARGET)
     steps: int = option(1, "gradual pruning: K steps, each removing the same share of what is left and followed by "
                         "fine-tuning", range=minimum(1))
-    round_to: int = option(8, "structured: channel counts become multiples of this (aligned widths run faster on "
-                           "GPUs; 1 for exact ratios on tiny models)", range=minimum(1))
+    round_to: Optional[int] = option(None, "structured: channel counts become multiples of this (aligned widths run "
+                                     "faster on GPUs; 1 for exact ratios on tiny models)", range=minimum(1),
+                                     shown_default=str(DEFAULT_ROUND_TO))
     finetune_epochs: int = option(0, "fine-tuning epochs in all, spread over the steps", range=minimum(0))
     finetune_lr: float = option(1e-3, "Adam learning rate of the fine-tuning", range=POSITIVE)
     teacher_checkpoint: str = option("", "distil from this model while fine-tuning",
@@ -85,8 +90,9 @@ class PruneOptions:
     no_kd: bool = option(False, "fine-tune on the labels alone (the baseline for the KD fine-tuning)")
     # The fine-tuning loss: config keys loss / alpha / temperature / ..., whose flags are Config's.
     loss: dict = option({}, "the fine-tuning loss: Config's loss keys (loss, alpha, temperature, ...)")
-    calibration_examples: int = option(512, "training examples whose gradients rank channels for --importance "
-                                       "taylor", range=minimum(1))
+    calibration_examples: Optional[int] = option(None, "training examples whose gradients rank channels for "
+                                                 "--importance taylor", range=minimum(1),
+                                                 shown_default=str(DEFAULT_CALIBRATION))
     output: Optional[str] = option(None, "pruned checkpoint path", shown_default="CHECKPOINT_TAG.pth beside it: "
                                    "pruned50, pruned_p19226, pruned_macs2x, sparse70")
     device: str = option("auto", "device", DEVICES)
@@ -125,6 +131,11 @@ class PruneOptions:
                                 "--target-parameters and --target-macs are for --method structured")
             if self.importance is not None:
                 raise UserError("unstructured pruning ranks weights by magnitude; --importance is for --method structured")
+            if self.round_to is not None:
+                raise UserError("unstructured pruning zeroes single weights; --round-to is for --method structured")
+        if self.calibration_examples is not None and self.importance != "taylor":
+            raise UserError(f"--calibration-examples ranks channels for --importance taylor; the importance here is "
+                            f"{self.importance or 'l2'}: leave it out")
         if self.no_kd and self.teacher_checkpoint:
             raise UserError("--no-kd fine-tunes without a teacher, but --teacher-checkpoint names one: give one of them")
         if self.no_kd and self.loss:
@@ -253,6 +264,8 @@ def prune(options: PruneOptions) -> dict:
     before the first file is written; a lock beside the output keeps a second identical prune out."""
     o = options
     o.check()
+    o = dataclasses.replace(o, round_to=o.round_to or DEFAULT_ROUND_TO,
+                            calibration_examples=o.calibration_examples or DEFAULT_CALIBRATION)
     if o.teacher_checkpoint and not Path(o.teacher_checkpoint).is_file():
         raise UserError(f"teacher checkpoint {o.teacher_checkpoint} " + ("is a folder: give the .pth file in it"
                         if Path(o.teacher_checkpoint).is_dir() else "not found"))

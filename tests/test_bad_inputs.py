@@ -111,6 +111,10 @@ def test_loss_numbers_are_checked_before_work(finished, capsys, flags, message):
      "--params-like clos:8 and --multiplier 2 both set the size: give one"),
     (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--multiplier", "2", "--budget", "0.5"],
      "--multiplier 2 sets one size for every layer; --budget chooses each layer's structure and size"),
+    (["prune", "--checkpoint", "x.pth", "--method", "unstructured", "--amount", "0.5", "--round-to", "4"],
+     "unstructured pruning zeroes single weights; --round-to is for --method structured"),
+    (["prune", "--checkpoint", "x.pth", "--amount", "0.5", "--calibration-examples", "64"],
+     "--calibration-examples ranks channels for --importance taylor; the importance here is l2"),
     (["evaluate", "x.pth", "--batch-size", "0"], "0 must be >= 1"),
     (["pipeline", "--seeds", "-1"], "-1 must be >= 0"),
 ])
