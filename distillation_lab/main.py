@@ -189,7 +189,18 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     from pruning_lab.data import download, load_splits
 
     if args.download:
-        download(args.dataset, args.data_dir)
+        folder = Path(args.data_dir)
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--data-dir {folder} is a file: give a folder for the dataset")
+        made = not folder.exists()
+        try:
+            download(args.dataset, args.data_dir)
+        except OSError as e:  # urllib's URLError included: no internet (a compute node), a proxy, a full disk
+            if made and folder.is_dir() and not any(folder.rglob("*")):
+                folder.rmdir()
+            reason = getattr(e, "reason", None) or e.strerror or e
+            raise UserError(f"prepare-data --download {args.dataset}: cannot fetch it ({reason}); download on a "
+                            f"machine with internet access (a login node) and copy {args.data_dir} here") from None
     spec, train_split, val_split, test_split = load_splits(args.dataset, args.data_dir, args.val_size)
     shape = (f"{spec.input_size} tokens" if spec.kind == "tokens"
              else f"{spec.channels}x{spec.input_size}x{spec.input_size}")

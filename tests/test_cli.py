@@ -163,3 +163,21 @@ def test_sigterm_saves_and_exits_for_requeue(tmp_path):
     done = subprocess.run([*args[:-4], "--epochs", "2", "--out-dir", str(tmp_path), "--name", "r", "--resume"],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0 and "resuming" in done.stdout
+
+
+def test_a_download_without_internet_is_one_line_and_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    import urllib.error
+
+    import pruning_lab.data
+
+    def offline(dataset, data_dir):
+        Path(data_dir).mkdir(parents=True, exist_ok=True)  # as torchvision does before it fetches
+        raise urllib.error.URLError(OSError(-2, "Name or service not known"))
+
+    monkeypatch.setattr(pruning_lab.data, "download", offline)
+    err = run_error(capsys, ["prepare-data", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--download"])
+    assert "cannot fetch it" in err and "Name or service not known" in err and "login node" in err
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "afile").write_text("")
+    err = run_error(capsys, ["prepare-data", "--dataset", "cifar10", "--data-dir", str(tmp_path / "afile"), "--download"])
+    assert f"--data-dir {tmp_path / 'afile'} is a file" in err
