@@ -543,7 +543,7 @@ def add_pipeline_parser(sub) -> None:
                                    "apply to every job (--model-args to every model; the loss options to the "
                                    "distillation jobs only).")
     p.add_argument("--preset", default="demo", help="demo (embedded MNIST, CPU, minutes) or cifar10 (a GPU)")
-    p.add_argument("--seeds", type=at_least(0), nargs="+", help="student seeds (default: 0 1 2 for demo, 0 for cifar10)")
+    p.add_argument("--seeds", type=seed_value, nargs="+", help="student seeds (default: 0 1 2 for demo, 0 for cifar10)")
     add_config_arguments(p, skip=("model", "name", "role", "family", "resume", "seed", "teacher",
                                   "teacher_checkpoint", "extra_teachers", "init_checkpoint", "keep_layers", "bottleneck",
                                   "labelled_subset"))

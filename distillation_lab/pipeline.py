@@ -12,7 +12,7 @@ from pruning_lab.errors import UserError
 from .chain import CHAIN, DEMO, Job
 from .recipes import recipe_config
 from .report import default_report_path, write_report
-from .runs import run_training
+from .runs import check_run, run_training
 
 PRESETS = {"demo": [0, 1, 2], "cifar10": [0]}  # preset -> default seeds
 
@@ -45,6 +45,9 @@ def preset_configs(preset: str, overrides: dict, seeds: Sequence[int] | None = N
     """The configs a preset runs, in order: jobs that wait for none once, the others once per seed."""
     jobs = preset_jobs(preset)
     seeds = list(seeds or PRESETS[preset])
+    twice = next((s for i, s in enumerate(seeds) if s in seeds[:i]), None)
+    if twice is not None:
+        raise UserError(f"--seeds {twice} is given twice")
     first = [job_config(job, overrides) for job in jobs if not job.after]
     per_seed = [job_config(job, overrides, seed, seed_in_name=len(seeds) > 1)
                 for seed in seeds for job in jobs if job.after]
@@ -54,6 +57,8 @@ def preset_configs(preset: str, overrides: dict, seeds: Sequence[int] | None = N
 def run_pipeline(preset: str, overrides: dict, seeds: Sequence[int] | None = None) -> tuple[list[dict], Path]:
     """Train a preset's jobs, then write the report; return the runs' summaries and the report path."""
     configs = preset_configs(preset, overrides, seeds)
+    for cfg in configs:  # every job's settings before the first trains (a student's must not fail after the teacher)
+        check_run(cfg, bool(cfg.teacher_checkpoint))
     rows = []
     for cfg in configs:
         print(f"\n=== {cfg.run_name()}: {cfg.model} on {cfg.dataset}, {cfg.epochs} epochs, seed {cfg.seed}", flush=True)

@@ -117,6 +117,7 @@ def test_loss_numbers_are_checked_before_work(finished, capsys, flags, message):
      "--calibration-examples ranks channels for --importance taylor; the importance here is l2"),
     (["evaluate", "x.pth", "--batch-size", "0"], "0 must be >= 1"),
     (["pipeline", "--seeds", "-1"], "-1 must be >= 0"),
+    (["pipeline", "--seeds", "0", "0"], "--seeds 0 is given twice"),
 ])
 def test_command_options_are_checked_before_work(capsys, argv, message):
     assert message in refused(capsys, argv)
@@ -329,3 +330,11 @@ def test_a_refused_prune_or_conversion_leaves_no_output_folder(finished, tmp_pat
                            "--output", str(tmp_path / "c" / "x.pth")], finished)
     assert "nothing.*" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pipeline_checks_every_job_before_the_first_trains(tmp_path, capsys):
+    """The demo's students take 500 labelled examples: with --train-subset 128 they fail, before the teacher trains."""
+    err = refused(capsys, ["pipeline", "--train-subset", "128", "--epochs", "1", "--no-progress",
+                           "--out-dir", str(tmp_path / "models")])
+    assert "labelled_subset 500 is more than train_subset 128" in err
+    assert not (tmp_path / "models").exists()
