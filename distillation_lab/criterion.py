@@ -46,8 +46,8 @@ def check_extra_teachers(cfg: Config, spec: dict) -> None:
     twice = next((p for i, p in enumerate(paths) if p and Path(p).resolve() in [Path(q).resolve() for q in paths[:i] if q]),
                  None)
     if twice is not None:
-        raise UserError(f"teacher checkpoint {twice} is given twice (--teacher-checkpoint, --extra-teachers): each "
-                        "teacher once")
+        where = "in --extra-teachers" if cfg.extra_teachers.count(twice) > 1 else "(--teacher-checkpoint, --extra-teachers)"
+        raise UserError(f"teacher checkpoint {twice} is given twice {where}: each teacher once")
 
 
 CLASS_TERMS = ("dkd", "dist")  # terms defined over the classes: nothing to compare with one output

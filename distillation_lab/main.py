@@ -121,6 +121,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """submit: the lab chain through submitit (SLURM, or --cluster local)."""
     from .submit import submit_chain
 
+    twice = next((j for i, j in enumerate(args.jobs or []) if j in args.jobs[:i]), None)
+    if twice is not None:
+        raise UserError(f"--jobs {twice} is given twice")
+    if Path(args.folder).exists() and not Path(args.folder).is_dir():
+        raise UserError(f"--folder {args.folder} is a file: give a folder for submitit's job files and logs")
     jobs = submit_chain(args.folder, smoke=args.smoke, partition=args.partition, gpus=args.gpus,
                         timeout_min=args.timeout_min, overrides=config_overrides(args), cluster=args.cluster,
                         only=args.jobs)
@@ -390,8 +395,8 @@ def add_submit_parser(sub) -> None:
     p.add_argument("--folder", default="slurm/submitit", help="submitit's folder for job files and logs")
     p.add_argument("--smoke", action="store_true", help="embedded data, tiny models, a few steps, CPU")
     p.add_argument("--partition", default=DEFAULT_PARTITION, help="SLURM partition")
-    p.add_argument("--gpus", type=int, help="GPUs per job (more than 1: data-parallel) [default: the job table's]")
-    p.add_argument("--timeout-min", type=int, help="time limit of every job in minutes [default: the job table's]")
+    p.add_argument("--gpus", type=at_least(0), help="GPUs per job (more than 1: data-parallel) [default: the job table's]")
+    p.add_argument("--timeout-min", type=at_least(1), help="time limit of every job in minutes [default: the job table's]")
     p.add_argument("--cluster", choices=("slurm", "local"), help="force submitit's executor (default: detect)")
     p.add_argument("--wait", action="store_true", help="wait for every job and fail if one fails")
     p.add_argument("--jobs", nargs="+", metavar="NAME", help="submit only these jobs of the table (e.g. to resubmit "

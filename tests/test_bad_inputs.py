@@ -118,6 +118,8 @@ def test_loss_numbers_are_checked_before_work(finished, capsys, flags, message):
     (["evaluate", "x.pth", "--batch-size", "0"], "0 must be >= 1"),
     (["pipeline", "--seeds", "-1"], "-1 must be >= 0"),
     (["pipeline", "--seeds", "0", "0"], "--seeds 0 is given twice"),
+    (["submit", "--cluster", "local", "--smoke", "--jobs", "cnn_teacher", "cnn_teacher"], "--jobs cnn_teacher is given twice"),
+    (["submit", "--cluster", "local", "--smoke", "--timeout-min", "0"], "0 must be >= 1"),
 ])
 def test_command_options_are_checked_before_work(capsys, argv, message):
     assert message in refused(capsys, argv)
@@ -338,3 +340,10 @@ def test_a_pipeline_checks_every_job_before_the_first_trains(tmp_path, capsys):
                            "--out-dir", str(tmp_path / "models")])
     assert "labelled_subset 500 is more than train_subset 128" in err
     assert not (tmp_path / "models").exists()
+
+
+def test_submit_into_a_folder_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    err = refused(capsys, ["submit", "--cluster", "local", "--smoke", "--folder", str(tmp_path / "afile")])
+    assert f"--folder {tmp_path / 'afile'} is a file" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
