@@ -331,6 +331,11 @@ def test_a_refused_prune_or_conversion_leaves_no_output_folder(finished, tmp_pat
     err = refused(capsys, ["clos-convert", "--checkpoint", str(finished / "s.pth"), "--layers", "nothing.*",
                            "--output", str(tmp_path / "c" / "x.pth")], finished)
     assert "nothing.*" in err
+    for layers, message in (("fc,bn1", "'bn1' in --layers 'fc,bn1' matches no linear layer"),  # a norm layer
+                            ("fc,fc", "'fc' is given twice in --layers 'fc,fc'")):
+        err = refused(capsys, ["clos-convert", "--checkpoint", str(finished / "s.pth"), "--layers", layers,
+                               "--allow-more-parameters", "--output", str(tmp_path / "c" / "x.pth")], finished)
+        assert message in err
     assert list(tmp_path.iterdir()) == []
 
 
