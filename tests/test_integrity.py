@@ -306,7 +306,7 @@ def test_prune_of_a_model_with_the_bottleneck_is_refused_naming_the_order(traine
                  "--epochs", "1", "--max-steps-per-epoch", "1", "--out-dir", str(tmp_path), "--name", "kvb"]) == 0
     for method in ("structured", "unstructured"):
         assert main(["prune", "--checkpoint", str(tmp_path / "kvb.pth"), "--method", method, "--amount", "0.5",
-                     "--round-to", "1"]) == 2
+                     *(["--round-to", "1"] if method == "structured" else [])]) == 2
         assert "prune the model before adding the bottleneck" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kvb.pth", "kvb_last.pth", "kvb_log.csv", "tensorboard"]
 
