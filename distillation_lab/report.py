@@ -432,7 +432,8 @@ def write_report(models_dir: str, output: Optional[str] = None, device: str = "a
     where default_report_path puts them); return report.json."""
     models = Path(models_dir)
     if not models.is_dir():
-        raise UserError(f"models directory not found: {models}")
+        raise UserError(f"--models-dir {models} is a file: give the folder of the checkpoints" if models.exists()
+                        else f"models directory not found: {models}")
     out = Path(output) if output else default_report_path(models)
     if out.is_dir() or str(output or "").endswith(("/", os.sep)):
         raise UserError(f"--output {output} is a folder: give the path of report.json (the other files go beside it)")

@@ -347,8 +347,10 @@ def test_a_pipeline_checks_every_job_before_the_first_trains(tmp_path, capsys):
     assert not (tmp_path / "models").exists()
 
 
-def test_submit_into_a_folder_that_is_a_file_is_refused(tmp_path, capsys):
+def test_submit_into_a_folder_or_a_report_of_a_folder_that_is_a_file_is_refused(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     err = refused(capsys, ["submit", "--cluster", "local", "--smoke", "--folder", str(tmp_path / "afile")])
     assert f"--folder {tmp_path / 'afile'} is a file" in err
+    err = refused(capsys, ["report", "--models-dir", str(tmp_path / "afile"), "--output", str(tmp_path / "r.json")])
+    assert f"--models-dir {tmp_path / 'afile'} is a file" in err
     assert [p.name for p in tmp_path.iterdir()] == ["afile"]
