@@ -68,7 +68,9 @@ def test_bad_bottleneck_settings_are_one_line_errors(tmp_path, capsys):
     for setting, message in (("{codebooks: 5}", "codebooks 5 must divide the encoder's output width 32"),
                              ("{books: 2}", "unknown bottleneck option(s) books"),
                              ("{keys: 0}", "codebooks and keys must be integers >= 1"),
-                             ("{decay: 0.9}", "bottleneck decay no longer applies")):
+                             ("{decay: 0.9}", "bottleneck decay no longer applies"),
+                             ("{keys: 100000}", "bottleneck keys 100000: their k-means fit sees one encoder output per "
+                                                "training example")):
         assert main(["train-student", *TINY, "--bottleneck", setting, "--out-dir", str(out), "--name", "b"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and message in err, err

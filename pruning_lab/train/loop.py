@@ -183,6 +183,10 @@ def build_parts(cfg: Config) -> RunParts:
             outputs = encoder_outputs(model, loader(train_split), EXAMPLES_PER_KEY * bottleneck.config["keys"])
             record_key_usage(model, bottleneck.key_usage(outputs))
         else:
+            if bottleneck.config["keys"] > len(train_split):  # k-means would repeat outputs: keys that never differ
+                raise UserError(f"bottleneck keys {bottleneck.config['keys']}: their k-means fit sees one encoder "
+                                f"output per training example, here {len(train_split)}; give keys <= "
+                                f"{len(train_split)} or more training examples")
             record_key_usage(model, init_keys(model, loader(train_split)))
     data = {"dataset": cfg.dataset, **vars(spec), "mean": list(spec.mean), "std": list(spec.std),
             "fingerprint": fingerprint(train_split, val_split, test_split)}
