@@ -7,7 +7,7 @@ from typing import Optional
 
 
 from pruning_lab.config import LOSS_SHORTHANDS, Config
-from pruning_lab.errors import UserError
+from pruning_lab.errors import UserError, given_twice
 from pruning_lab.train.criterion import Criterion
 from pruning_lab.train.terms import TERMS, build_term, check_loss_spec
 
@@ -43,8 +43,7 @@ def check_extra_teachers(cfg: Config, spec: dict) -> None:
         raise UserError(f"--extra-teachers {' '.join(cfg.extra_teachers)}: no term of the loss ({', '.join(spec)}) sees "
                         "a teacher; add one (e.g. kd) or leave the teachers out")
     paths = [cfg.teacher_checkpoint, *cfg.extra_teachers]
-    twice = next((p for i, p in enumerate(paths) if p and Path(p).resolve() in [Path(q).resolve() for q in paths[:i] if q]),
-                 None)
+    twice = given_twice((p for p in paths if p), key=lambda p: Path(p).resolve())
     if twice is not None:
         where = "in --extra-teachers" if cfg.extra_teachers.count(twice) > 1 else "(--teacher-checkpoint, --extra-teachers)"
         raise UserError(f"teacher checkpoint {twice} is given twice {where}: each teacher once")

@@ -17,7 +17,7 @@ from typing import Optional
 
 from pruning_lab.config import (FIELDS, LOSS_SHORTHANDS, Config, add_config_arguments, add_dataclass_arguments,
                                  check_field, config_from_args, make_config)
-from pruning_lab.errors import UserError
+from pruning_lab.errors import UserError, given_twice
 from pruning_lab.models import MODELS
 from pruning_lab.train.loop import INTERRUPTED_EXIT_CODE, TrainingInterrupted
 from pruning_lab.train.terms import term_list
@@ -121,7 +121,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """submit: the lab chain through submitit (SLURM, or --cluster local)."""
     from .submit import submit_chain
 
-    twice = next((j for i, j in enumerate(args.jobs or []) if j in args.jobs[:i]), None)
+    twice = given_twice(args.jobs or [])
     if twice is not None:
         raise UserError(f"--jobs {twice} is given twice")
     if Path(args.folder).exists() and not Path(args.folder).is_dir():

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pruning_lab.config import LOSS_SHORTHANDS, Config
-from pruning_lab.errors import UserError
+from pruning_lab.errors import UserError, given_twice
 
 from .chain import CHAIN, DEMO, Job
 from .recipes import recipe_config
@@ -45,7 +45,7 @@ def preset_configs(preset: str, overrides: dict, seeds: Sequence[int] | None = N
     """The configs a preset runs, in order: jobs that wait for none once, the others once per seed."""
     jobs = preset_jobs(preset)
     seeds = list(seeds or PRESETS[preset])
-    twice = next((s for i, s in enumerate(seeds) if s in seeds[:i]), None)
+    twice = given_twice(seeds)
     if twice is not None:
         raise UserError(f"--seeds {twice} is given twice")
     first = [job_config(job, overrides) for job in jobs if not job.after]

@@ -36,7 +36,7 @@ import yaml
 
 from pruning_lab.checkpoint import load_checkpoint
 from pruning_lab.config import LOSS_SHORTHANDS, Config, UniqueKeyLoader, make_config, to_dict
-from pruning_lab.errors import UserError
+from pruning_lab.errors import UserError, given_twice
 from pruning_lab.files import write_text_atomically
 from pruning_lab.inference import evaluate, open_checkpoint
 from pruning_lab.train.terms import TERMS
@@ -99,7 +99,7 @@ def parse_grid(texts: list[str], file: Optional[str] = None) -> dict[str, list]:
                 raise UserError(f"grid key '{key}' is given twice ({source})")
             if not values:
                 raise UserError(f"grid key '{key}' in {source} has no values")
-            twice = next((v for i, v in enumerate(values) if slug(v) in map(slug, values[:i])), None)
+            twice = given_twice(values, key=slug)
             if twice is not None:
                 raise UserError(f"grid key '{key}' in {source} has the value {twice!r} twice (or two values that "
                                 "name the same run)")
@@ -120,7 +120,7 @@ def slug(value) -> str:
 
 def plan(grid: dict[str, list], seeds: list[int], sweep: str) -> list[Run]:
     """Every (point, seed) of the grid, points in the grid's order, seeds inside each point."""
-    twice = next((s for i, s in enumerate(seeds) if s in seeds[:i]), None)
+    twice = given_twice(seeds)
     if twice is not None:
         raise UserError(f"--seeds {twice} is given twice")
     runs = []

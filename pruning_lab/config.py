@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, given_twice
 
 
 # The datasets, named once here (the data package reads them from here).
@@ -283,7 +283,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node, deep=False):
         keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
-        twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+        twice = given_twice(keys)
         if twice is not None:
             raise yaml.constructor.ConstructorError(None, None, f"key '{twice}' is given twice", node.start_mark)
         return super().construct_mapping(node, deep)

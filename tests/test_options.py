@@ -104,3 +104,11 @@ def test_config_flags_are_checked_while_parsing_with_the_message_of_the_config(c
     with pytest.raises(UserError) as parsed:
         build_parser().parse_args(["train-student", "--lr", "-1"])
     assert str(parsed.value) == str(built.value) == "config key 'lr' in command line must be > 0, got -1.0"
+
+
+def test_given_twice_names_the_first_repeat_by_its_key():
+    from pruning_lab.errors import given_twice
+
+    assert given_twice([0, 1, 2]) is None and given_twice([]) is None
+    assert given_twice(["a", "b", "a", "b"]) == "a"
+    assert given_twice(["x/t.pth", "x/./t.pth"], key=lambda p: p.replace("./", "")) == "x/./t.pth"

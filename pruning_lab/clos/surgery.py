@@ -5,7 +5,7 @@ import fnmatch
 
 import torch.nn as nn
 
-from ..errors import UserError
+from ..errors import UserError, given_twice
 
 
 def matching_linears(model: nn.Module, pattern: str) -> list[str]:
@@ -20,7 +20,7 @@ def matching_linears(model: nn.Module, pattern: str) -> list[str]:
     if unmatched is not None:
         raise UserError(f"'{unmatched}' in --layers '{pattern}' matches no linear layer; the model's linear layers: "
                         f"{', '.join(linears)}")
-    twice = next((p for i, p in enumerate(patterns) if p in patterns[:i]), None)
+    twice = given_twice(patterns)
     if twice is not None:
         raise UserError(f"'{twice}' is given twice in --layers '{pattern}'")
     return names
