@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="also write the rows here")
     add_results_flag(parser)
     args = parser.parse_args(argv)
-    out = Results("clos_peers", argv, f"clos_peers_{Path(args.checkpoint).stem}")  # one table per model
+    # One table per model; a run without the default budget m = 4 (e.g. --multipliers 2) writes its own file.
+    suffix = "" if 4 in args.multipliers else "_m" + "_".join(map(str, args.multipliers))
+    out = Results("clos_peers", argv, f"clos_peers_{Path(args.checkpoint).stem}{suffix}")
     opened = open_checkpoint(args.checkpoint, device=args.device)
     names = matching_linears(opened.model, args.layers)
     ckpt = load_checkpoint(args.checkpoint)
