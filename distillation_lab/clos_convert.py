@@ -323,10 +323,11 @@ class ClosConvertOptions:
                             "layer's outputs), monarch (per-block SVD, then least-squares sweeps as Clos), or auto: per layer each of them at the same parameters, keeping the one "
                             "with the lowest held-out error", lambda: (*STRUCTURES, AUTO))
     budget: Optional[float] = option(None, "instead of one multiplier for every layer: spend at most this share "
-                                     "(0, 1] of the layers' dense parameters, per layer choosing the structure (of "
+                                     "(0, 1) of the layers' dense parameters, per layer choosing the structure (of "
                                      "--structure; auto: any) and multiplier, or keeping it dense, where it lowers "
                                      "the summed held-out error most per parameter (greedy)",
-                                     range=("in (0, 1]", lambda v: 0 < v <= 1), metavar="SHARE")
+                                     range=("in (0, 1) (at 1 every layer stays dense)", lambda v: 0 < v < 1),
+                                     metavar="SHARE")
     als_start: Optional[str] = option(None, "Clos: start the weight-space ALS at random or at the closed-form grouped "
                                       "SVD (where b2 is a multiple of bout; else random)", ("random", "svd"),
                                       shown_default="svd")

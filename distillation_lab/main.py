@@ -126,7 +126,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise UserError(f"--jobs {twice} is given twice")
     if Path(args.folder).exists() and not Path(args.folder).is_dir():
         raise UserError(f"--folder {args.folder} is a file: give a folder for submitit's job files and logs")
-    jobs = submit_chain(args.folder, smoke=args.smoke, partition=args.partition, gpus=args.gpus,
+    if args.cluster == "local" and args.partition is not None:  # submitit's local executor has no partitions
+        raise UserError(f"--partition {args.partition} is for SLURM: --cluster local runs the jobs here, leave it out")
+    jobs = submit_chain(args.folder, smoke=args.smoke, partition=args.partition or DEFAULT_PARTITION, gpus=args.gpus,
                         timeout_min=args.timeout_min, overrides=config_overrides(args), cluster=args.cluster,
                         only=args.jobs)
     print("submitted: " + " ".join(f"{name}={job.job_id}" for name, job in jobs.items()), flush=True)
@@ -394,7 +396,7 @@ def add_submit_parser(sub) -> None:
                                    "staging.")
     p.add_argument("--folder", default="slurm/submitit", help="submitit's folder for job files and logs")
     p.add_argument("--smoke", action="store_true", help="embedded data, tiny models, a few steps, CPU")
-    p.add_argument("--partition", default=DEFAULT_PARTITION, help="SLURM partition")
+    p.add_argument("--partition", help=f"SLURM partition (default {DEFAULT_PARTITION})")
     p.add_argument("--gpus", type=at_least(0), help="GPUs per job (more than 1: data-parallel) [default: the job table's]")
     p.add_argument("--timeout-min", type=at_least(1), help="time limit of every job in minutes [default: the job table's]")
     p.add_argument("--cluster", choices=("slurm", "local"), help="force submitit's executor (default: detect)")

@@ -120,6 +120,10 @@ def test_loss_numbers_are_checked_before_work(finished, capsys, flags, message):
     (["pipeline", "--seeds", "0", "0"], "--seeds 0 is given twice"),
     (["submit", "--cluster", "local", "--smoke", "--jobs", "cnn_teacher", "cnn_teacher"], "--jobs cnn_teacher is given twice"),
     (["submit", "--cluster", "local", "--smoke", "--timeout-min", "0"], "0 must be >= 1"),
+    (["submit", "--cluster", "local", "--smoke", "--partition", "gpu"],
+     "--partition gpu is for SLURM: --cluster local runs the jobs here"),
+    (["clos-convert", "--checkpoint", "x.pth", "--layers", "fc1", "--budget", "1"],
+     "in (0, 1) (at 1 every layer stays dense)"),
 ])
 def test_command_options_are_checked_before_work(capsys, argv, message):
     assert message in refused(capsys, argv)
