@@ -15,6 +15,8 @@ control is the original model given the same KD fine-tuning. Then the Clos fit's
 closed-form grouped SVD against random) on the first layer: weight error after the ALS, held-out
 output error after the data-aware fit, and seconds, beside low-rank's error and seconds on the same
 rows and the sweep (and second) at which Clos's fit first goes below low-rank's error.
+With --write-results: results/clos_peers_MODEL.md, or results/clos_peers_MODEL_m2.md for a run without
+m = 4 (--multipliers 2), so that it does not replace the m = 4 table.
 """
 from __future__ import annotations
 
