@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.results import Results, add_results_flag
 from distillation_lab.clos_convert import AUTO, LayerExamples, convert_layer, embedding_cosine
-from pruning_lab.clos.structures import STRUCTURES, FitBudget
+from pruning_lab.clos.structures import DEFAULT_FIT_SWEEPS, STRUCTURES, FitBudget
 from pruning_lab.clos.surgery import matching_linears
 from pruning_lab.data import BatchLoader, load_splits
 from pruning_lab.inference import count_parameters
@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="training tweets whose layer inputs are fitted (and at most as many validation tweets "
                              "for the held-out error)")
     parser.add_argument("--als-iterations", type=int, default=10, help="Clos's weight-space ALS (the fit's start)")
-    parser.add_argument("--fit-sweeps", type=int, default=100, help="Clos: at most this many least-squares sweeps")
+    parser.add_argument("--fit-sweeps", type=int, default=DEFAULT_FIT_SWEEPS,
+                        help="Clos: at most this many least-squares sweeps")
     parser.add_argument("--targets", choices=["original", "layer"], default="original",
                         help="fit each layer to the original model's outputs of it (undoing the error of the "
                              "layers converted before it), or to the layer's own outputs on its converted inputs")
@@ -65,9 +66,11 @@ def main(argv: list[str] | None = None) -> None:
                              "per layer the one of them with the lowest held-out error")
     add_results_flag(parser)
     args = parser.parse_args(argv)
-    # One table per budget and layer set: results/clos_bert_m4_attention.md
+    # One table per budget and layer set (results/clos_bert_m4_attention.md), and per sweep cap where it is not
+    # clos-convert's default (results/clos_bert_m4_attention_sweeps30.md).
+    sweeps = [] if args.fit_sweeps == DEFAULT_FIT_SWEEPS else [f"sweeps{args.fit_sweeps}"]
     out = Results("clos_bert", argv, "_".join(["clos_bert_m" + "_".join(map(str, args.multipliers)),
-                                               *(FILE_NAMES[label] for label in args.layer_sets)]))
+                                               *(FILE_NAMES[label] for label in args.layer_sets), *sweeps]))
     torch.manual_seed(0)
     spec, train, val, test = load_splits("tweets", "data")
     loader = lambda split: BatchLoader(split, spec, 128, "cpu")  # noqa: E731

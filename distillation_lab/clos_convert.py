@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pruning_lab.clos.fit import LayerData
-from pruning_lab.clos.structures import STRUCTURES, FitBudget, clos_for
+from pruning_lab.clos.structures import DEFAULT_FIT_SWEEPS, STRUCTURES, FitBudget, clos_for
 from pruning_lab.clos.surgery import matching_linears
 from pruning_lab.surgery import record_surgery, replace_module
 from pruning_lab.checkpoint import build_model, load_checkpoint, save_derived
@@ -334,7 +334,8 @@ class ClosConvertOptions:
     fit: str = option("data", "data-aware (after the weight-space fit) or weight-space only", ("data", "weights"))
     fit_sweeps: Optional[int] = option(None, "Clos and Monarch: at most this many sweeps of the data-aware fit "
                                        "(exact least squares stage by stage; it stops once 5 sweeps lower the held-out "
-                                       "error by less than a thousandth of it)", range=minimum(1), shown_default="100")
+                                       "error by less than a thousandth of it)", range=minimum(1),
+                                       shown_default=str(DEFAULT_FIT_SWEEPS))
     als_iterations: Optional[int] = option(None, "iterations of Clos's weight-space ALS fit", range=minimum(1),
                                            shown_default="50 with --fit weights; 10 with --fit data, where it only "
                                            "starts the data-aware fit")
@@ -360,7 +361,7 @@ class ClosConvertOptions:
     def fit_budget(self) -> FitBudget:
         """The fit's iterations, start and sweeps, with the defaults that depend on --fit filled in."""
         return FitBudget(self.als_iterations or (50 if self.fit == "weights" else 10), self.als_start or "svd",
-                         self.fit_sweeps or 100)
+                         self.fit_sweeps or DEFAULT_FIT_SWEEPS)
 
     def output_path(self) -> Path:
         """Where the converted checkpoint goes: --output, or CHECKPOINT_clos_mM.pth beside the original."""

@@ -29,13 +29,16 @@ from .peers import (LowRank, Monarch, fit_lowrank_to_outputs, lowrank_rank_for, 
 Make = Callable[[nn.Linear, int], nn.Module]
 
 
+DEFAULT_FIT_SWEEPS = 100  # clos-convert's --fit-sweeps
+
+
 @dataclass(frozen=True)
 class FitBudget:
     """How much fitting a conversion gets (clos-convert's --als-iterations, --als-start, --fit-sweeps)."""
 
     als_iterations: int = 50  # Clos's weight-space ALS
     als_start: str = "svd"  # Clos's weight-space ALS from the closed-form grouped SVD (where the shapes allow) or random
-    sweeps: int = 100  # at most this many least-squares sweeps of Clos's and Monarch's data-aware fits
+    sweeps: int = DEFAULT_FIT_SWEEPS  # at most this many least-squares sweeps of Clos's and Monarch's data-aware fits
 
 
 @dataclass(frozen=True)
