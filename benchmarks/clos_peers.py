@@ -16,7 +16,7 @@ closed-form grouped SVD against random) on the first layer: weight error after t
 output error after the data-aware fit, and seconds, beside low-rank's error and seconds on the same
 rows and the sweep (and second) at which Clos's fit first goes below low-rank's error.
 With --write-results: results/clos_peers_MODEL.md, or results/clos_peers_MODEL_m2.md for a run without
-m = 4 (--multipliers 2), so that it does not replace the m = 4 table.
+m = 4 (--multipliers 2), so that it does not replace the m = 4 table; a run of one structure adds _STRUCTURE.
 """
 from __future__ import annotations
 
@@ -98,8 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="also write the rows here")
     add_results_flag(parser)
     args = parser.parse_args(argv)
-    # One table per model; a run without the default budget m = 4 (e.g. --multipliers 2) writes its own file.
+    # One table per model; a run without the default budget m = 4 (e.g. --multipliers 2) writes its own file, and so
+    # does a run of one structure (a row added to a table: results/clos_peers_vit_mnist_m2_monarch.md).
     suffix = "" if 4 in args.multipliers else "_m" + "_".join(map(str, args.multipliers))
+    suffix += f"_{args.structures[0]}" if len(args.structures) == 1 else ""
     out = Results("clos_peers", argv, f"clos_peers_{Path(args.checkpoint).stem}{suffix}")
     opened = open_checkpoint(args.checkpoint, device=args.device)
     names = matching_linears(opened.model, args.layers)
