@@ -20,7 +20,7 @@ from collections import Counter
 from benchmarks.results import Results, add_results_flag
 from distillation_lab.clos_convert import ClosConvertOptions, clos_convert
 from pruning_lab.checkpoint import build_model, load_checkpoint
-from pruning_lab.clos.structures import STRUCTURES, clos_for
+from pruning_lab.clos.structures import DEFAULT_FIT_SWEEPS, STRUCTURES, clos_for
 from pruning_lab.clos.surgery import matching_linears
 from pruning_lab.inference import count_parameters
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="default: a layer where Clos fits best and one where low-rank does (benchmarks.clos_layers)")
     parser.add_argument("--multiplier", type=int, default=4)
     parser.add_argument("--calibration-examples", type=int, default=4096, help="clos-convert's default")
-    parser.add_argument("--fit-sweeps", type=int, default=100, help="clos-convert's default")
+    parser.add_argument("--fit-sweeps", type=int, default=DEFAULT_FIT_SWEEPS, help="clos-convert's default")
     add_results_flag(parser)
     args = parser.parse_args(argv)
     out = Results("clos_auto", argv)

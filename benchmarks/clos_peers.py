@@ -35,7 +35,7 @@ from pruning_lab.checkpoint import load_checkpoint
 from pruning_lab.clos import Clos
 from pruning_lab.clos.cost import time_step
 from pruning_lab.clos.fit import LayerData, fit_clos_als, fit_to_dense
-from pruning_lab.clos.structures import STRUCTURES
+from pruning_lab.clos.structures import DEFAULT_FIT_SWEEPS, STRUCTURES
 from pruning_lab.clos.surgery import matching_linears
 from pruning_lab.config import from_dict
 from pruning_lab.inference import count_parameters, open_checkpoint
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="auto: per layer the structure with the lowest held-out error (its speed is not timed)")
     parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--finetune-lr", type=float, default=1e-3)
-    parser.add_argument("--fit-sweeps", type=int, default=100, help="Clos's least-squares sweeps at most")
+    parser.add_argument("--fit-sweeps", type=int, default=DEFAULT_FIT_SWEEPS, help="Clos's least-squares sweeps at most")
     parser.add_argument("--als-iterations", type=int, default=10, help="Clos's weight-space ALS (the fit's start)")
     parser.add_argument("--als-start", choices=("random", "svd"), default="svd", help="the Clos ALS start of the table")
     parser.add_argument("--calibration-examples", type=int, default=4096)
