@@ -85,15 +85,15 @@ def default_fit(dense: torch.nn.Module, structure: str, m: int, examples) -> dic
             "sweeps": data.get("sweeps"), "parameters": result["parameters"], "budget": result["clos_parameters"]}
 
 
-def sweep_curve(dense: torch.nn.Module, m: int, examples, sweeps: int) -> list[tuple[float, float]]:
+def sweep_curve(dense: torch.nn.Module, m: int, examples, sweeps: int, accel: str = "line") -> list[tuple[float, float]]:
     """Clos's held-out error (the map before its biases) and seconds (weight-space start and statistics included)
-    after each sweep 0..`sweeps`, from one fit that does not stop."""
+    after each sweep 0..`sweeps`, from one fit that does not stop (`accel`: what follows each sweep)."""
     torch.manual_seed(0)
     layer = STRUCTURES["clos"].make(dense, m)
     began = time.perf_counter()
     fit_to_dense(layer, dense, 10, "svd")
     started = time.perf_counter() - began
-    fit = fit_clos_als(layer, LayerData(*examples), sweeps, patience=sweeps + 1)
+    fit = fit_clos_als(layer, LayerData(*examples), sweeps, patience=sweeps + 1, accel=accel)
     return [(error, started + seconds) for error, seconds in zip(fit["heldout_by_sweep"], fit["seconds_by_sweep"])]
 
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pruning_lab.clos.fit import LayerData
+from pruning_lab.clos.fit import ACCELERATIONS, LayerData
 from pruning_lab.clos.structures import DEFAULT_FIT_SWEEPS, STRUCTURES, FitBudget, clos_for
 from pruning_lab.clos.surgery import matching_linears
 from pruning_lab.surgery import record_surgery, replace_module
@@ -336,6 +336,10 @@ class ClosConvertOptions:
                                        "(exact least squares stage by stage; it stops once 5 sweeps lower the held-out "
                                        "error by less than a thousandth of it)", range=minimum(1),
                                        shown_default=str(DEFAULT_FIT_SWEEPS))
+    fit_accel: Optional[str] = option(None, "Clos and Monarch: after each sweep of the data-aware fit, a longer step "
+                                      "along its change (line) or Anderson acceleration over the last 8 sweeps "
+                                      "(anderson; the longer step where its point does not lower the error)",
+                                      ACCELERATIONS, shown_default="line")
     als_iterations: Optional[int] = option(None, "iterations of Clos's weight-space ALS fit", range=minimum(1),
                                            shown_default="50 with --fit weights; 10 with --fit data, where it only "
                                            "starts the data-aware fit")
@@ -361,7 +365,7 @@ class ClosConvertOptions:
     def fit_budget(self) -> FitBudget:
         """The fit's iterations, start and sweeps, with the defaults that depend on --fit filled in."""
         return FitBudget(self.als_iterations or (50 if self.fit == "weights" else 10), self.als_start or "svd",
-                         self.fit_sweeps or DEFAULT_FIT_SWEEPS)
+                         self.fit_sweeps or DEFAULT_FIT_SWEEPS, self.fit_accel or "line")
 
     def output_path(self) -> Path:
         """Where the converted checkpoint goes: --output, or CHECKPOINT_clos_mM.pth beside the original."""
@@ -384,11 +388,12 @@ def clos_convert(options: ClosConvertOptions) -> dict:
         raise UserError(f"--multiplier {o.multiplier} sets one size for every layer; --budget chooses each layer's "
                         "structure and size: give one of them")
     o = dataclasses.replace(o, multiplier=o.multiplier or DEFAULT_MULTIPLIER)
-    if o.fit_sweeps is not None and o.fit != "data":
-        raise UserError("--fit-sweeps bounds the sweeps of the data-aware fit; --fit weights has none: leave it out")
-    if o.fit_sweeps is not None and o.structure == "lowrank":
-        raise UserError("--fit-sweeps bounds the sweeps of Clos's and Monarch's data-aware fit; --structure lowrank has "
-                        "none (its fit is closed-form): leave it out")
+    for flag, value in (("--fit-sweeps", o.fit_sweeps), ("--fit-accel", o.fit_accel)):
+        if value is not None and o.fit != "data":
+            raise UserError(f"{flag} {value} sets the sweeps of the data-aware fit; --fit weights has none: leave it out")
+        if value is not None and o.structure == "lowrank":
+            raise UserError(f"{flag} {value} sets the sweeps of Clos's and Monarch's data-aware fit; --structure "
+                            "lowrank has none (its fit is closed-form): leave it out")
     if o.als_start is not None and o.structure not in ("clos", AUTO):
         raise UserError(f"--als-start {o.als_start} starts the Clos fit; --structure {o.structure} has its own start: "
                         "leave it out")

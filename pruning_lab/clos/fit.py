@@ -394,6 +394,47 @@ def extrapolate(f, previous: tuple[torch.Tensor, ...], step: float, stats: dict,
         f.restore(swept)
 
 
+ACCELERATIONS = ("line", "anderson")  # clos-convert's --fit-accel
+
+
+class Anderson:
+    """Anderson acceleration of the sweeps, a fixed-point map x -> sweep(x) on the flattened factors: the next point
+    mixes the last `depth` sweeps' outputs with the weights that best cancel their changes (x - sweep(x)) in least
+    squares (Walker and Ni 2011, type II; De Sterck 2012 accelerates ALS for tensor factorisations with this idea)."""
+
+    def __init__(self, depth: int = 8, ridge: float = 1e-4) -> None:
+        self.depth, self.ridge = depth, ridge
+        self.changes: list[torch.Tensor] = []  # differences of consecutive sweeps' changes sweep(x) - x
+        self.outputs: list[torch.Tensor] = []  # differences of consecutive sweeps' outputs
+        self.last: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # the last sweep's (change, output)
+
+    def point(self, before: torch.Tensor, after: torch.Tensor) -> Optional[torch.Tensor]:
+        """The accelerated point after a sweep from `before` to `after` (flat), or None while there is no history."""
+        change = after - before
+        if self.last is not None:
+            self.changes = (self.changes + [change - self.last[0]])[-self.depth:]
+            self.outputs = (self.outputs + [after - self.last[1]])[-self.depth:]
+        self.last = change, after
+        if not self.changes:
+            return None
+        changes = torch.stack(self.changes, 1)
+        weights = ridge_solve(changes.T @ changes, (changes.T @ change)[:, None], self.ridge)[:, 0]
+        return after - torch.stack(self.outputs, 1) @ weights
+
+    def forget(self) -> None:
+        """Drop the history (after a rejected point: the mixing came from a region the fit has left)."""
+        self.changes, self.outputs = [], []
+
+
+def _flat(state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in state])
+
+
+def _unflat(flat: torch.Tensor, like: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    sizes = [t.numel() for t in like]
+    return tuple(part.view_as(t) for part, t in zip(flat.split(sizes), like))
+
+
 def stopping_sweep(errors: list[float], patience: int, tolerance: float) -> int | None:
     """The sweep (1-based) after which the data-aware fit stops: the first whose held-out error is less than
     `tolerance` (relative) below the best error of `patience` sweeps before; None while it keeps falling."""
@@ -420,19 +461,36 @@ def finish_biases(f: ClosFactors, stats: dict, ridge: float) -> None:
 
 
 def sweep_until_stalled(f, sweep: Callable[[], float], stats: dict, heldout: Callable[[], float], sweeps: int,
-                        patience: int, tolerance: float, start: float) -> tuple[list[float], list[float]]:
+                        patience: int, tolerance: float, start: float, accel: str = "line") -> tuple[list[float], list[float]]:
     """Run `sweep` (exact least squares, stage by stage, on the factors `f`) until the held-out error has fallen by
-    less than `tolerance` (relative) in `patience` sweeps or `sweeps` ran, each followed by a longer step along its
-    change where that lowers the training error on `stats`; leaves the factors at the sweep with the lowest held-out
-    error. `sweep` returns the training error it leaves. Returns the held-out error and the seconds since `start`
-    before the first sweep and after each."""
+    less than `tolerance` (relative) in `patience` sweeps or `sweeps` ran; leaves the factors at the sweep with the
+    lowest held-out error. `sweep` returns the training error it leaves. After each sweep, `accel` "line" takes a
+    longer step along its change where that lowers the training error on `stats`; "anderson" moves to the Anderson
+    point of the last sweeps where that lowers it, else takes the longer step (and forgets the history). Returns the
+    held-out error and the seconds since `start` before the first sweep and after each."""
+    if accel not in ACCELERATIONS:
+        raise ValueError(f"accel must be one of {ACCELERATIONS}, got {accel!r}")
     errors, elapsed = [heldout()], [time.perf_counter() - start]
     best_state = previous = f.state()
+    anderson = Anderson() if accel == "anderson" else None
+    last_output = previous  # the last sweep's output, before any acceleration
     for done in range(1, sweeps + 1):
         error = sweep()
-        if done > 2:
-            extrapolate(f, previous, done ** (1 / 3), stats, error)
-        previous = f.state()
+        output = f.state()
+        accepted = False
+        if anderson is not None:
+            point = anderson.point(_flat(previous), _flat(output))
+            if point is not None:
+                f.restore(_unflat(point, output))
+                accepted = factors_error(f, stats) < error
+                if not accepted:
+                    f.restore(output)
+                    anderson.forget()
+        if not accepted and done > 2:
+            # The longer step: along this sweep's change ("line"), or along the change between the last two sweeps'
+            # outputs where an Anderson point came between them.
+            extrapolate(f, previous if anderson is None else last_output, done ** (1 / 3), stats, error)
+        last_output, previous = output, f.state()
         errors.append(heldout())
         elapsed.append(time.perf_counter() - start)
         if errors[-1] <= min(errors[:-1]):
@@ -454,7 +512,7 @@ def sweep_summary(layer: nn.Module, data: "LayerData", errors: list[float], elap
 
 @torch.no_grad()
 def fit_clos_als(clos: Clos, data: LayerData, sweeps: int = 100, ridge: float = 1e-6, patience: int = 5,
-                 tolerance: float = 1e-3) -> dict:
+                 tolerance: float = 1e-3, accel: str = "line") -> dict:
     """Data-aware fit by exact alternating least squares on the calibration rows' statistics, from the layer's
     current stages (the weight-space fit): each sweep solves every stage given the others (then tries a longer step
     along the sweep's change). It stops once the held-out error has fallen by less than `tolerance` (relative) in
@@ -467,7 +525,7 @@ def fit_clos_als(clos: Clos, data: LayerData, sweeps: int = 100, ridge: float = 
         bias.zero_()  # the sweeps fit the map alone; the biases come last, on what it leaves of the means
     f = ClosFactors(clos)
     errors, elapsed = sweep_until_stalled(f, lambda: als_sweep(f, stats, ridge), stats,
-                                          lambda: factors_error(f, val), sweeps, patience, tolerance, start)
+                                          lambda: factors_error(f, val), sweeps, patience, tolerance, start, accel)
     finish_biases(f, stats, ridge)
     return sweep_summary(clos, data, errors, elapsed, start)
 
@@ -555,7 +613,7 @@ def monarch_sweep(f: MonarchFactors, stats: dict, ridge: float) -> float:
 
 @torch.no_grad()
 def fit_monarch_als(layer: Monarch, data: LayerData, sweeps: int = 100, ridge: float = 1e-6, patience: int = 5,
-                    tolerance: float = 1e-3) -> dict:
+                    tolerance: float = 1e-3, accel: str = "line") -> dict:
     """Monarch's data-aware fit by exact alternating least squares on the centred statistics, from its current stages
     (the weight-space projection), stopped as Clos's (`sweep_until_stalled`); the bias is then the output mean less
     the map of the input mean. Returns what `fit_clos_als` returns."""
@@ -570,6 +628,6 @@ def fit_monarch_als(layer: Monarch, data: LayerData, sweeps: int = 100, ridge: f
 
     errors, elapsed = sweep_until_stalled(f, lambda: monarch_sweep(f, train, ridge), train,
                                           lambda: stats_error(affine(), val_wide), sweeps, patience, tolerance,
-                                          start)
+                                          start, accel)
     f.write(affine()[:, -1])
     return sweep_summary(layer, data, errors, elapsed, start)

@@ -34,11 +34,12 @@ DEFAULT_FIT_SWEEPS = 100  # clos-convert's --fit-sweeps
 
 @dataclass(frozen=True)
 class FitBudget:
-    """How much fitting a conversion gets (clos-convert's --als-iterations, --als-start, --fit-sweeps)."""
+    """How much fitting a conversion gets (clos-convert's --als-iterations, --als-start, --fit-sweeps, --fit-accel)."""
 
     als_iterations: int = 50  # Clos's weight-space ALS
     als_start: str = "svd"  # Clos's weight-space ALS from the closed-form grouped SVD (where the shapes allow) or random
     sweeps: int = DEFAULT_FIT_SWEEPS  # at most this many least-squares sweeps of Clos's and Monarch's data-aware fits
+    accel: str = "line"  # after each sweep: a longer step along its change, or the Anderson point ("anderson")
 
 
 @dataclass(frozen=True)
@@ -81,12 +82,12 @@ def clos_for(dense: nn.Linear, multiplier: int) -> Clos:
 
 def fit_by_least_squares(layer: Clos, data: LayerData, budget: FitBudget) -> dict:
     """Clos: sweeps of exact least squares stage by stage on the outputs, until the held-out error stops falling."""
-    return fit_clos_als(layer, data, budget.sweeps)
+    return fit_clos_als(layer, data, budget.sweeps, accel=budget.accel)
 
 
 def fit_monarch_data(layer: Monarch, data: LayerData, budget: FitBudget) -> dict:
     """Monarch: sweeps of exact least squares stage by stage on the centred outputs, stopped as Clos's."""
-    return fit_monarch_als(layer, data, budget.sweeps)
+    return fit_monarch_als(layer, data, budget.sweeps, accel=budget.accel)
 
 
 def fit_clos_weights(layer: Clos, dense: nn.Linear, budget: FitBudget) -> dict:
