@@ -421,6 +421,7 @@ def convert_locked(o: ClosConvertOptions) -> dict:
     original = build_model(ckpt, source=o.checkpoint).to(opened.device).eval()
     test_acc = lambda: evaluate(model, opened.loader("test"))["acc"]  # noqa: E731
     summary = {"checkpoint": o.checkpoint, "structure": o.structure, "multiplier": o.multiplier, "fit": o.fit,
+               "fit_budget": dataclasses.asdict(o.fit_budget()),  # iterations, start, sweeps, acceleration
                "parameters_before": count_parameters(model), "test_accuracy_before": test_acc(), "layers": []}
     if o.budget is not None:
         summary.update(budget_share=o.budget, layers=convert_within_budget(model, original, names, opened, o))

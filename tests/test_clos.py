@@ -345,8 +345,8 @@ def test_clos_convert_records_surgery_and_replays_it(tmp_path, capsys):
                  "mnist_embedded", "--epochs", "2", "--optimizer", "adam", "--lr", "1e-3", "--train-subset", "1024",
                  "--val-size", "200", "--out-dir", str(out), "--name", "mlp", "--no-progress"]) == 0
     assert main(["clos-convert", "--checkpoint", str(out / "mlp.pth"), "--layers", "fc1", "--multiplier", "2",
-                 "--fit-sweeps", "10", "--als-iterations", "5", "--calibration-images", "512",
-                 "--finetune-epochs", "1", "--temperature", "2"]) == 0
+                 "--fit-sweeps", "10", "--fit-accel", "anderson", "--als-iterations", "5", "--calibration-images",
+                 "512", "--finetune-epochs", "1", "--temperature", "2"]) == 0
     text = capsys.readouterr().out
     assert "fc1: 615,440 -> 131,824 parameters" in text and "after KD fine-tuning" in text
     ckpt = load_checkpoint(out / "mlp_clos_m2.pth")
@@ -355,6 +355,8 @@ def test_clos_convert_records_surgery_and_replays_it(tmp_path, capsys):
     model = build_model(ckpt)
     assert isinstance(model.fc1, Clos)
     summary = ckpt["clos"]
+    assert summary["fit_budget"] == {"als_iterations": 5, "als_start": "svd", "sweeps": 10, "accel": "anderson"}
+    assert summary["layers"][0]["data_aware"]["sweeps"] <= 10
     assert summary["parameters_after"] == sum(p.numel() for p in model.parameters()) < summary["parameters_before"]
     tuned = load_checkpoint(out / "mlp_clos_m2_kd.pth")
     assert tuned["surgery"] == ckpt["surgery"] and isinstance(build_model(tuned).fc1, Clos)
