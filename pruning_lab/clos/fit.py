@@ -461,7 +461,8 @@ def finish_biases(f: ClosFactors, stats: dict, ridge: float) -> None:
 
 
 def sweep_until_stalled(f, sweep: Callable[[], float], stats: dict, heldout: Callable[[], float], sweeps: int,
-                        patience: int, tolerance: float, start: float, accel: str = "line") -> tuple[list[float], list[float]]:
+                        patience: int, tolerance: float, start: float,
+                        accel: str = "line") -> tuple[list[float], list[float]]:
     """Run `sweep` (exact least squares, stage by stage, on the factors `f`) until the held-out error has fallen by
     less than `tolerance` (relative) in `patience` sweeps or `sweeps` ran; leaves the factors at the sweep with the
     lowest held-out error. `sweep` returns the training error it leaves. After each sweep, `accel` "line" takes a
@@ -515,8 +516,8 @@ def fit_clos_als(clos: Clos, data: LayerData, sweeps: int = 100, ridge: float = 
                  tolerance: float = 1e-3, accel: str = "line") -> dict:
     """Data-aware fit by exact alternating least squares on the calibration rows' statistics, from the layer's
     current stages (the weight-space fit): each sweep solves every stage given the others (then tries a longer step
-    along the sweep's change). It stops once the held-out error has fallen by less than `tolerance` (relative) in
-    `patience` sweeps, and keeps the sweep with the lowest. The biases and a last exact solve of the egress stage for
+    along the sweep's change, or the Anderson point with `accel` "anderson"). It stops once the held-out error has
+    fallen by less than `tolerance` (relative) in `patience` sweeps, and keeps the sweep with the lowest. The biases and a last exact solve of the egress stage for
     the affine map finish it. Returns the errors, the held-out error and the seconds after each sweep (the
     statistics' time included where this fit computed them), the sweeps run and seconds."""
     start = time.perf_counter()
